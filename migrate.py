@@ -218,11 +218,12 @@ def migrate():
 
 def failure(exc):
     """One line for a database error raised while migrating."""
-    pgcode = getattr(exc.__cause__ or exc, "pgcode", None) or getattr(
-        exc, "pgcode", None
-    )
+    original = getattr(exc, "orig", exc)  # Peewee keeps psycopg2's error here
+    pgcode = getattr(original, "pgcode", None)
     detail = (
-        str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        str(original).strip().splitlines()[0]
+        if str(original).strip()
+        else type(exc).__name__
     )
     if pgcode == "42501":
         return f"permission denied ({detail}): run as the database owner or GRANT CREATE ON SCHEMA public"
