@@ -73,9 +73,7 @@ def ensure_database_exists(url):
     maintenance = psycopg2.connect(make_dsn(**{**params, "dbname": "postgres"}))
     maintenance.autocommit = True
     with maintenance.cursor() as cursor:
-        cursor.execute(
-            "SELECT 1 FROM pg_database WHERE datname = %s", (params["dbname"],)
-        )
+        cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (params["dbname"],))
         if cursor.fetchone() is None:
             cursor.execute(f'CREATE DATABASE "{params["dbname"]}"')
     maintenance.close()
@@ -179,9 +177,7 @@ def catalog(db):
 
 
 def find_postgres_binary(name):
-    found = shutil.which(name) or sorted(
-        Path("/usr/lib/postgresql").glob(f"*/bin/{name}")
-    )
+    found = shutil.which(name) or sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
     if not found:
         raise RuntimeError(f"{name} not found: install the PostgreSQL server package")
     return str(found if isinstance(found, str) else found[-1])
@@ -217,9 +213,7 @@ class ThrowawayServer:
 
     def _as_server_user(self, *command):
         prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        subprocess.run(
-            [*prefix, *command], check=True, capture_output=True, timeout=120
-        )
+        subprocess.run([*prefix, *command], check=True, capture_output=True, timeout=120)
 
     def url(self, **changes):
         params = {"host": self.directory, "port": str(self.PORT), "user": "postgres"}

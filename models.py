@@ -125,11 +125,7 @@ class GormModel(Model):
 
     def _set_deleted_at(self, value):
         cls = type(self)
-        return (
-            cls.update(deleted_at=value)
-            .where(cls._meta.primary_key == self._pk)
-            .execute()
-        )
+        return cls.update(deleted_at=value).where(cls._meta.primary_key == self._pk).execute()
 
 
 class User(GormModel):
@@ -148,9 +144,7 @@ class User(GormModel):
 
 
 class ApiKey(GormModel):
-    user = ForeignKeyField(
-        User, constraint_name="fk_api_keys_user", backref="api_keys", index=True
-    )
+    user = ForeignKeyField(User, constraint_name="fk_api_keys_user", backref="api_keys", index=True)
     key = CharField(max_length=255, unique=True)
     name = CharField(max_length=255)
     is_active = BooleanField(**server_default(True))
@@ -232,9 +226,7 @@ MODELS = (User, ApiKey, ApiConfig, LoadBalancerConfig, RequestLog, SignInRecord)
 
 PERFORMANCE_INDEXES = (
     User.index(User.status, name="idx_users_status", where=User.deleted_at.is_null()),
-    User.index(
-        User.is_admin, name="idx_users_is_admin", where=User.deleted_at.is_null()
-    ),
+    User.index(User.is_admin, name="idx_users_is_admin", where=User.deleted_at.is_null()),
     ApiKey.index(
         ApiKey.user,
         ApiKey.is_active,

@@ -219,9 +219,7 @@ def record_ddl(db):
         BEGIN INSERT INTO audit.ddl_log VALUES (tg_tag); END $$
         """
     )
-    db.rows(
-        "CREATE EVENT TRIGGER record_ddl ON ddl_command_start EXECUTE FUNCTION audit.log_ddl()"
-    )
+    db.rows("CREATE EVENT TRIGGER record_ddl ON ddl_command_start EXECUTE FUNCTION audit.log_ddl()")
 
 
 def error_line(result):
@@ -304,9 +302,7 @@ def test_failure_midway_leaves_the_database_empty(empty_db):
     result = run_migrate(empty_db.url)
     assert_clean_failure(result, "nothing was changed")
     assert empty_db.tables() == []
-    assert (
-        empty_db.value("SELECT count(*) FROM pg_class WHERE relname LIKE 'idx_%%'") == 0
-    )
+    assert empty_db.value("SELECT count(*) FROM pg_class WHERE relname LIKE 'idx_%%'") == 0
 
 
 # --- Re-runs on a live database ----------------------------------------------
@@ -330,9 +326,7 @@ def test_no_op_run_finishes_while_a_write_transaction_is_open_on_request_logs(
         cursor.execute(
             "INSERT INTO users (username, email, password_hash) VALUES ('w', 'w@x', 'h')"
         )
-        cursor.execute(
-            "INSERT INTO api_keys (user_id, key, name) SELECT id, 'k', 'n' FROM users"
-        )
+        cursor.execute("INSERT INTO api_keys (user_id, key, name) SELECT id, 'k', 'n' FROM users")
         cursor.execute(
             "INSERT INTO request_logs (user_id, api_key_id, api_config_id, model, method, path,"
             " status_code, response_time) SELECT user_id, id, 1, 'm', 'GET', '/', 200, 5 FROM api_keys"
@@ -387,9 +381,7 @@ def test_unparsable_database_url_is_refused_without_echoing_it():
 
 
 def test_unreachable_server_suggests_starting_it_or_waiting():
-    result = run_migrate(
-        f"host=127.0.0.1 port=1 user=postgres password={PASSWORD} dbname=x"
-    )
+    result = run_migrate(f"host=127.0.0.1 port=1 user=postgres password={PASSWORD} dbname=x")
     assert_clean_failure(result, "cannot reach the server at host=127.0.0.1 port=1")
     assert "--wait" in error_line(result)
 
@@ -437,9 +429,7 @@ def test_pgpassword_is_used_and_never_printed(throwaway_server):
 
 
 def test_missing_database_suggests_createdb(empty_db):
-    result = run_migrate(
-        empty_db.url_with(dbname="no_such_db_for_migrate", password=PASSWORD)
-    )
+    result = run_migrate(empty_db.url_with(dbname="no_such_db_for_migrate", password=PASSWORD))
     assert_clean_failure(result, 'database "no_such_db_for_migrate" does not exist')
     assert "createdb no_such_db_for_migrate" in error_line(result)
 
@@ -453,9 +443,7 @@ def test_permission_denied_is_reported_and_nothing_is_created(empty_db):
 
 
 def test_read_only_server_is_reported_and_nothing_is_created(empty_db):
-    url = empty_db.url_with(
-        options="-c default_transaction_read_only=on", password=PASSWORD
-    )
+    url = empty_db.url_with(options="-c default_transaction_read_only=on", password=PASSWORD)
     result = run_migrate(url)
     assert_clean_failure(result, "the server is read-only")
     assert empty_db.tables() == []
@@ -464,8 +452,18 @@ def test_read_only_server_is_reported_and_nothing_is_created(empty_db):
 def test_help_documents_the_flags_and_exit_codes():
     result = run_migrate(None, "--help")
     assert result.returncode == 0
-    for text in ("--wait SECONDS", "--sql", "DATABASE_URL", "0 success, 2 error"):
-        assert text in result.stdout
+    text = " ".join(result.stdout.split())
+    for flag in (
+        "--wait SECONDS",
+        "--lock-timeout SECONDS",
+        "--concurrently",
+        "--dry-run",
+        "--check",
+        "--sql",
+    ):
+        assert flag in text
+    assert "Exit codes: 0 success" in text
+    assert "1 --check found pending changes or drift, 2 error" in text
 
 
 # --- schema.sql ---------------------------------------------------------------

@@ -146,12 +146,8 @@ RAW_INSERTS = {
 
 @pytest.mark.parametrize("table", list(RAW_INSERTS))
 def test_raw_insert_omitting_columns_gets_the_contract_defaults(migrated_db, table):
-    migrated_db.rows(
-        "INSERT INTO users (username, email, password_hash) VALUES ('o', 'o@x', 'h')"
-    )
-    migrated_db.rows(
-        "INSERT INTO api_keys (user_id, key, name) SELECT id, 'ko', 'n' FROM users"
-    )
+    migrated_db.rows("INSERT INTO users (username, email, password_hash) VALUES ('o', 'o@x', 'h')")
+    migrated_db.rows("INSERT INTO api_keys (user_id, key, name) SELECT id, 'ko', 'n' FROM users")
     insert, expected = RAW_INSERTS[table]
     migrated_db.rows(insert)
     columns = ", ".join(expected)
@@ -190,9 +186,7 @@ def test_models_and_headers_round_trip_as_list_and_dict(migrated_db):
     assert stored.models == models
     assert stored.headers == headers
     assert (
-        migrated_db.value(
-            "SELECT jsonb_typeof(models) || jsonb_typeof(headers) FROM api_configs"
-        )
+        migrated_db.value("SELECT jsonb_typeof(models) || jsonb_typeof(headers) FROM api_configs")
         == "arrayobject"
     )
 
@@ -201,9 +195,7 @@ def test_config_saved_without_models_or_headers_stores_empty_array_and_object(
     migrated_db,
 ):
     ApiConfig.create(name="bare", type="custom", base_url="https://x")
-    assert migrated_db.rows("SELECT models::text, headers::text FROM api_configs") == [
-        ("[]", "{}")
-    ]
+    assert migrated_db.rows("SELECT models::text, headers::text FROM api_configs") == [("[]", "{}")]
     stored = ApiConfig.get(ApiConfig.name == "bare")
     assert (stored.models, stored.headers) == ([], {})
 
@@ -234,9 +226,7 @@ def test_tables_without_updated_at_still_get_created_at(migrated_db):
 def test_delete_instance_sets_deleted_at_and_keeps_the_row(migrated_db):
     user = make_user()
     user.delete_instance()
-    assert migrated_db.value(
-        "SELECT deleted_at IS NOT NULL FROM users WHERE id = %s", user.id
-    )
+    assert migrated_db.value("SELECT deleted_at IS NOT NULL FROM users WHERE id = %s", user.id)
 
 
 def test_soft_deleted_rows_are_hidden_from_select_get_and_count(migrated_db):
@@ -274,9 +264,7 @@ def test_permanent_delete_removes_the_row(migrated_db):
 
 
 def test_importing_models_connects_to_nothing():
-    probe = (
-        "import models; print(models.database.deferred, models.database.is_closed())"
-    )
+    probe = "import models; print(models.database.deferred, models.database.is_closed())"
     result = subprocess.run(
         [sys.executable, "-c", probe],
         cwd=HERE,

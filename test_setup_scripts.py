@@ -25,9 +25,7 @@ KEEP_DB = "api_aggregator_keep"
 def server_environment():
     """DB_* variables that point the .sh at the server the suite itself uses."""
     params = psycopg2.extensions.parse_dsn(TEST_DATABASE_URL)
-    environment = {
-        key: value for key, value in os.environ.items() if not key.startswith("DB_")
-    }
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("DB_")}
     environment.update(
         DB_HOST=params.get("host", "localhost"),
         DB_PORT=str(params.get("port", 5432)),
@@ -71,9 +69,7 @@ def drop_database(name):
 @pytest.fixture
 def scripts_db():
     """A test database holding a marker schema, to see whether the script recreated it."""
-    url = make_dsn(
-        **{**psycopg2.extensions.parse_dsn(TEST_DATABASE_URL), "dbname": SCRIPTS_DB}
-    )
+    url = make_dsn(**{**psycopg2.extensions.parse_dsn(TEST_DATABASE_URL), "dbname": SCRIPTS_DB})
     ensure_database_exists(url)
     connection = psycopg2.connect(url)
     connection.autocommit = True
@@ -114,9 +110,7 @@ def test_sh_stops_with_a_message_when_the_server_is_down():
 
 def test_sh_refuses_to_drop_a_database_not_named_test():
     ensure_database_exists(
-        make_dsn(
-            **{**psycopg2.extensions.parse_dsn(TEST_DATABASE_URL), "dbname": KEEP_DB}
-        )
+        make_dsn(**{**psycopg2.extensions.parse_dsn(TEST_DATABASE_URL), "dbname": KEEP_DB})
     )
     try:
         result = run_sh(DB_NAME=KEEP_DB)
@@ -158,9 +152,7 @@ def run_bat(stand_ins, *args, pg_isready=0, psql=0, python=0, **db_env):
     """Run the .bat under Wine; returns (exit code, output, the stand-ins' calls)."""
     log = stand_ins / "calls.log"
     log.unlink(missing_ok=True)
-    environment = {
-        key: value for key, value in os.environ.items() if not key.startswith("DB_")
-    }
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("DB_")}
     environment.update(
         db_env,
         WINEDEBUG="-all",
