@@ -47,7 +47,7 @@ class TestDatabase:
 
     def rows(self, query, *args):
         with self.connection.cursor() as cursor:
-            cursor.execute(query, args)
+            cursor.execute(query, args or None)
             return cursor.fetchall() if cursor.description else []
 
     def value(self, query, *args):

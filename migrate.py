@@ -39,8 +39,12 @@ DEFAULT_DATABASE_URL = (
 )
 EXIT_OK, EXIT_PENDING, EXIT_ERROR = 0, 1, 2
 DEFAULT_LOCK_TIMEOUT = 5.0  # seconds
-# Any constant the application does not use for its own advisory locks.
-ADVISORY_LOCK_KEY = 7_283_145_019_226_431
+# Advisory lock keys the application must not use for its own locks: one for
+# the transaction, one for concurrent index builds. They differ because a run
+# waiting for the transaction lock while another builds an index concurrently
+# would deadlock with it (the build waits for the waiter's snapshot).
+TRANSACTION_LOCK_KEY = 7_283_145_019_226_431
+INDEX_BUILD_LOCK_KEY = 7_283_145_019_226_432
 
 log = logging.getLogger("migrate")
 
@@ -523,28 +527,36 @@ def declared_by(model, constraint):
 
 # --- Applying -----------------------------------------------------------------
 
-LOCK_IN_TRANSACTION = f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY})"
-LOCK_SESSION = f"SELECT pg_advisory_lock({ADVISORY_LOCK_KEY})"
-UNLOCK_SESSION = f"SELECT pg_advisory_unlock({ADVISORY_LOCK_KEY})"
+LOCK_IN_TRANSACTION = f"SELECT pg_advisory_xact_lock({TRANSACTION_LOCK_KEY})"
+TRY_LOCK_SESSION = f"SELECT pg_try_advisory_lock({INDEX_BUILD_LOCK_KEY})"
+UNLOCK_SESSION = f"SELECT pg_advisory_unlock({INDEX_BUILD_LOCK_KEY})"
 
 
 def set_lock_timeout(seconds):
     return f"SET LOCAL lock_timeout = '{round(seconds * 1000)}ms'"
 
 
+def take_session_lock():
+    # Not pg_advisory_lock: a run waiting inside that statement keeps a snapshot
+    # open, the running CREATE INDEX CONCURRENTLY waits for that snapshot, and
+    # PostgreSQL reports a deadlock (seen with 8 parallel runs). Poll instead.
+    while not database.execute_sql(TRY_LOCK_SESSION).fetchone()[0]:
+        time.sleep(0.2)
+
+
 def script(plan, lock_timeout):
-    """Every statement a run sends for this plan, in order, transaction boundaries included."""
-    statements = []
+    """Every statement a run sends for this plan, in order, as SQL lines for a reviewer."""
+    lines = []
     if plan.in_transaction:
-        statements += ["BEGIN", LOCK_IN_TRANSACTION, set_lock_timeout(lock_timeout)]
-        statements += [statement.sql for statement in plan.in_transaction]
-        statements.append("COMMIT")
+        lines += ["BEGIN;", LOCK_IN_TRANSACTION + ";", set_lock_timeout(lock_timeout) + ";"]
+        lines += [statement.sql + ";" for statement in plan.in_transaction]
+        lines.append("COMMIT;")
     if plan.concurrent:
         # Concurrent builds on one table deadlock each other: one run at a time.
-        statements.append(LOCK_SESSION)
-        statements += [statement.sql for statement in plan.concurrent]
-        statements.append(UNLOCK_SESSION)
-    return statements
+        lines.append(TRY_LOCK_SESSION + "; -- repeated until it returns true")
+        lines += [statement.sql + ";" for statement in plan.concurrent]
+        lines.append(UNLOCK_SESSION + ";")
+    return lines
 
 
 def apply(plan, lock_timeout, concurrently):
@@ -565,7 +577,7 @@ def apply(plan, lock_timeout, concurrently):
             raise MigrationError(failure(exc, lock_timeout) + "; nothing was changed") from None
     if plan.concurrent:
         try:
-            database.execute_sql(LOCK_SESSION)
+            take_session_lock()
             try:
                 for statement in plan_changes(read_catalog(), concurrently).concurrent:
                     database.execute_sql(statement.sql)
@@ -732,7 +744,7 @@ def check(plan, started):
 
 
 def dry_run(plan, lock_timeout):
-    sys.stdout.write("".join(statement + ";\n" for statement in script(plan, lock_timeout)))
+    sys.stdout.write("".join(line + "\n" for line in script(plan, lock_timeout)))
     log_leftovers(plan)
     return EXIT_OK
 

@@ -212,11 +212,11 @@ def assert_contract_catalog(db):
 def record_ddl(db):
     """Log every DDL command the server starts into audit.ddl_log, via an event trigger."""
     db.rows("CREATE SCHEMA audit")
-    db.rows("CREATE TABLE audit.ddl_log (command text)")
+    db.rows("CREATE TABLE audit.ddl_log (command text, query text)")
     db.rows(
         """
         CREATE FUNCTION audit.log_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$
-        BEGIN INSERT INTO audit.ddl_log VALUES (tg_tag); END $$
+        BEGIN INSERT INTO audit.ddl_log VALUES (tg_tag, current_query()); END $$
         """
     )
     db.rows("CREATE EVENT TRIGGER record_ddl ON ddl_command_start EXECUTE FUNCTION audit.log_ddl()")
@@ -302,7 +302,7 @@ def test_failure_midway_leaves_the_database_empty(empty_db):
     result = run_migrate(empty_db.url)
     assert_clean_failure(result, "nothing was changed")
     assert empty_db.tables() == []
-    assert empty_db.value("SELECT count(*) FROM pg_class WHERE relname LIKE 'idx_%%'") == 0
+    assert empty_db.value("SELECT count(*) FROM pg_class WHERE relname LIKE 'idx_%'") == 0
 
 
 # --- Re-runs on a live database ----------------------------------------------

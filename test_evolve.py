@@ -1,0 +1,562 @@
+"""
+migrate.py on databases that already hold data: made by an older schema
+file, by an older version of the models, or left half-built.
+
+It adds what is missing and never changes what is there; what differs is
+reported (--check) with the SQL that would fix it.
+"""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import psycopg2
+
+import migrate
+from conftest import HERE, catalog, run_migrate
+from test_migrate import assert_clean_failure, assert_contract_catalog, record_ddl
+
+# The hand-written schema file older deployments were made from: serial ids,
+# timestamps without time zone, UNIQUE constraints and default-named foreign
+# keys, no last_sign_in, and only some of the indexes.
+LEGACY_SCHEMA = """
+CREATE TABLE users (
+    id SERIAL PRIMARY KEY,
+    created_at TIMESTAMP NOT NULL DEFAULT now(),
+    updated_at TIMESTAMP NOT NULL DEFAULT now(),
+    deleted_at TIMESTAMP,
+    username VARCHAR(255) NOT NULL UNIQUE,
+    email VARCHAR(255) NOT NULL UNIQUE,
+    password_hash VARCHAR(255) NOT NULL,
+    quota INTEGER NOT NULL DEFAULT 10000,
+    used_quota INTEGER NOT NULL DEFAULT 0,
+    is_admin BOOLEAN NOT NULL DEFAULT false,
+    status VARCHAR(50) NOT NULL DEFAULT 'active'
+);
+CREATE TABLE api_keys (
+    id SERIAL PRIMARY KEY,
+    created_at TIMESTAMP NOT NULL DEFAULT now(),
+    updated_at TIMESTAMP NOT NULL DEFAULT now(),
+    deleted_at TIMESTAMP,
+    user_id INTEGER NOT NULL REFERENCES users(id),
+    key VARCHAR(255) NOT NULL UNIQUE,
+    name VARCHAR(255) NOT NULL,
+    is_active BOOLEAN NOT NULL DEFAULT true,
+    rate_limit INTEGER NOT NULL DEFAULT 60,
+    last_used_at TIMESTAMP
+);
+CREATE TABLE api_configs (
+    id SERIAL PRIMARY KEY,
+    created_at TIMESTAMP NOT NULL DEFAULT now(),
+    updated_at TIMESTAMP NOT NULL DEFAULT now(),
+    deleted_at TIMESTAMP,
+    name VARCHAR(255) NOT NULL,
+    type VARCHAR(50) NOT NULL,
+    base_url TEXT NOT NULL,
+    api_key TEXT,
+    models JSONB NOT NULL DEFAULT '[]',
+    headers JSONB,
+    is_active BOOLEAN NOT NULL DEFAULT true,
+    priority INTEGER NOT NULL DEFAULT 100,
+    weight INTEGER NOT NULL DEFAULT 1,
+    max_rps INTEGER NOT NULL DEFAULT 0,
+    timeout INTEGER NOT NULL DEFAULT 30
+);
+CREATE TABLE load_balancer_configs (
+    id SERIAL PRIMARY KEY,
+    created_at TIMESTAMP NOT NULL DEFAULT now(),
+    updated_at TIMESTAMP NOT NULL DEFAULT now(),
+    deleted_at TIMESTAMP,
+    model_name VARCHAR(255) NOT NULL,
+    strategy VARCHAR(50) NOT NULL DEFAULT 'round_robin',
+    is_active BOOLEAN NOT NULL DEFAULT true
+);
+CREATE TABLE request_logs (
+    id SERIAL PRIMARY KEY,
+    created_at TIMESTAMP NOT NULL DEFAULT now(),
+    deleted_at TIMESTAMP,
+    user_id INTEGER NOT NULL REFERENCES users(id),
+    api_key_id INTEGER NOT NULL REFERENCES api_keys(id),
+    api_config_id INTEGER NOT NULL,
+    model VARCHAR(255) NOT NULL,
+    method VARCHAR(10) NOT NULL,
+    path TEXT NOT NULL,
+    status_code INTEGER NOT NULL,
+    response_time INTEGER NOT NULL,
+    tokens_used INTEGER NOT NULL DEFAULT 0,
+    error_msg TEXT
+);
+CREATE TABLE sign_in_records (
+    id SERIAL PRIMARY KEY,
+    created_at TIMESTAMP NOT NULL DEFAULT now(),
+    deleted_at TIMESTAMP,
+    user_id INTEGER NOT NULL REFERENCES users(id),
+    quota_awarded INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX idx_users_deleted_at ON users(deleted_at);
+CREATE INDEX idx_api_keys_user_id ON api_keys(user_id);
+CREATE INDEX idx_request_logs_user_id ON request_logs(user_id);
+CREATE INDEX idx_request_logs_created_at ON request_logs(created_at DESC);
+"""
+LEGACY_ROWS = """
+INSERT INTO users (username, email, password_hash, quota, created_at)
+    SELECT 'user' || g, 'user' || g || '@example.com', 'hash' || g, 100 * g,
+           TIMESTAMP '2024-01-01 12:00' + g * INTERVAL '1 day'
+    FROM generate_series(1, 3) g;
+INSERT INTO api_keys (user_id, key, name) SELECT id, 'sk-' || id, 'key of ' || username FROM users;
+INSERT INTO api_configs (name, type, base_url, models, headers)
+    VALUES ('openai', 'openai', 'https://api.openai.com', '["gpt-4o"]', '{"X-Org": "acme"}');
+INSERT INTO load_balancer_configs (model_name, strategy) VALUES ('gpt-4o', 'weighted');
+INSERT INTO request_logs (user_id, api_key_id, api_config_id, model, method, path, status_code,
+                          response_time, tokens_used, error_msg)
+    SELECT user_id, id, 1, 'gpt-4o', 'POST', '/v1/chat/completions', 200, 100 + id, 10 * id, NULL
+    FROM api_keys;
+INSERT INTO sign_in_records (user_id, quota_awarded) SELECT id, 50 FROM users;
+"""
+
+
+def table_contents(db, tables):
+    """Every row of every table, as JSON text, to compare before and after a run."""
+    return {
+        table: db.rows(f"SELECT row_to_json(t)::jsonb FROM {table} t ORDER BY id")
+        for table in tables
+    }
+
+
+def without_new_columns(contents, new_columns):
+    return {
+        table: [{k: v for k, v in row.items() if (table, k) not in new_columns} for (row,) in rows]
+        for table, rows in contents.items()
+    }
+
+
+def column_types(db):
+    return {(table, name): type_ for table, _, name, type_, _, _ in catalog(db)["columns"]}
+
+
+def build_legacy(db):
+    db.rows(LEGACY_SCHEMA)
+    db.rows(LEGACY_ROWS)
+
+
+# --- A database made by the older hand-written schema ------------------------
+
+LEGACY_TABLES = [
+    "users",
+    "api_keys",
+    "api_configs",
+    "load_balancer_configs",
+    "request_logs",
+    "sign_in_records",
+]
+
+
+def test_legacy_database_gets_what_is_missing_and_keeps_every_row_and_type(empty_db):
+    build_legacy(empty_db)
+    rows_before = table_contents(empty_db, LEGACY_TABLES)
+    types_before = column_types(empty_db)
+
+    result = run_migrate(empty_db.url)
+
+    assert result.returncode == 0, result.stderr
+    assert "migrate: added column users.last_sign_in" in result.stderr
+    assert "migrate: created index idx_request_logs_model_created" in result.stderr
+    types_after = column_types(empty_db)
+    assert {key: types_after[key] for key in types_before} == types_before
+    assert types_after[("users", "last_sign_in")] == "timestamp with time zone"
+    rows_after = without_new_columns(
+        table_contents(empty_db, LEGACY_TABLES), {("users", "last_sign_in")}
+    )
+    assert rows_after == without_new_columns(rows_before, set())
+
+
+def test_check_on_a_legacy_database_reports_the_drift_and_exits_1(empty_db):
+    build_legacy(empty_db)
+    assert run_migrate(empty_db.url).returncode == 0
+
+    result = run_migrate(empty_db.url, "--check")
+
+    assert result.returncode == migrate.EXIT_PENDING, result.stderr
+    report = result.stdout
+    assert "-- users.id is integer; the models say bigint" in report
+    assert 'ALTER TABLE "users" ALTER COLUMN "id" TYPE BIGINT;' in report
+    assert (
+        "-- users.created_at is timestamp without time zone; the models say timestamp with time zone"
+        in report
+    )
+    assert "-- users.created_at should be nullable" in report
+    assert (
+        "-- foreign key api_keys.user_id is named api_keys_user_id_fkey, not fk_api_keys_user"
+        in report
+    )
+    assert (
+        "-- users: uniqueness of (username) is enforced by UNIQUE constraint users_username_key"
+        " instead of unique index idx_users_username" in report
+    )
+    assert "-- pending" not in report
+
+
+def test_legacy_unique_constraints_and_foreign_keys_are_not_duplicated(empty_db):
+    build_legacy(empty_db)
+    run_migrate(empty_db.url)
+    indexes = {name for _, name, _ in catalog(empty_db)["indexes"]}
+    constraints = {name for _, name, _, _ in catalog(empty_db)["constraints"]}
+    assert "idx_users_username" not in indexes and "users_username_key" in indexes
+    assert "fk_api_keys_user" not in constraints and "api_keys_user_id_fkey" in constraints
+
+
+# --- A database from an older version of the models ---------------------------
+
+
+def test_missing_nullable_and_defaulted_columns_are_added_with_data_intact(migrated_db):
+    migrated_db.rows(
+        "INSERT INTO users (username, email, password_hash, quota) VALUES ('a', 'a@x', 'h1', 7), ('b', 'b@x', 'h2', 9)"
+    )
+    migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in, DROP COLUMN used_quota")
+
+    result = run_migrate(migrated_db.url)
+
+    assert result.returncode == 0, result.stderr
+    rows = migrated_db.rows(
+        "SELECT username, password_hash, quota, used_quota, last_sign_in FROM users ORDER BY id"
+    )
+    assert rows == [("a", "h1", 7, 0, None), ("b", "h2", 9, 0, None)]
+    assert run_migrate(migrated_db.url, "--check").returncode == 0
+
+
+def test_not_null_column_with_a_default_is_added_in_one_statement(migrated_db):
+    migrated_db.rows("ALTER TABLE users DROP COLUMN used_quota")
+    result = run_migrate(migrated_db.url, "--dry-run")
+    assert 'ALTER TABLE "users" ADD COLUMN "used_quota" BIGINT NOT NULL DEFAULT 0;' in result.stdout
+    assert "UPDATE" not in result.stdout
+
+
+def test_not_null_column_without_default_on_a_table_with_rows_stops_before_any_change(migrated_db):
+    migrated_db.rows("INSERT INTO users (username, email, password_hash) VALUES ('a', 'a@x', 'h')")
+    migrated_db.rows("ALTER TABLE users DROP COLUMN password_hash")
+    migrated_db.rows("DROP TABLE sign_in_records")
+
+    result = run_migrate(migrated_db.url)
+
+    assert_clean_failure(result, "cannot add NOT NULL column users.password_hash without a default")
+    assert "sign_in_records" not in migrated_db.tables()
+
+
+def test_not_null_column_without_default_is_added_to_an_empty_table(migrated_db):
+    migrated_db.rows("ALTER TABLE users DROP COLUMN password_hash")
+    result = run_migrate(migrated_db.url)
+    assert result.returncode == 0, result.stderr
+    assert migrated_db.value(
+        "SELECT attnotnull FROM pg_attribute WHERE attrelid = 'users'::regclass AND attname = 'password_hash'"
+    )
+
+
+# --- Drift and unknown objects --------------------------------------------------
+
+
+def test_check_on_a_migrated_database_exits_0_and_prints_nothing(migrated_db):
+    result = run_migrate(migrated_db.url, "--check")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert "the database matches the models" in result.stderr
+
+
+def test_check_reports_pending_changes_and_changes_nothing(migrated_db):
+    migrated_db.rows("DROP INDEX idx_users_status")
+    before = catalog(migrated_db)
+    result = run_migrate(migrated_db.url, "--check")
+    assert result.returncode == migrate.EXIT_PENDING
+    assert (
+        'CREATE INDEX "idx_users_status" ON "users" ("status") WHERE ("deleted_at" IS NULL);'
+        in result.stdout
+    )
+    assert catalog(migrated_db) == before
+
+
+def test_index_with_the_contract_name_but_another_definition_is_reported_not_rebuilt(migrated_db):
+    migrated_db.rows("DROP INDEX idx_users_status")
+    migrated_db.rows("CREATE INDEX idx_users_status ON users (status)")  # not partial
+
+    result = run_migrate(migrated_db.url, "--check")
+
+    assert result.returncode == migrate.EXIT_PENDING
+    assert (
+        "-- index idx_users_status is 'CREATE INDEX idx_users_status ON public.users USING btree (status)'"
+        in (result.stdout)
+    )
+    assert run_migrate(migrated_db.url).returncode == 0
+    assert "WHERE" not in migrated_db.value(
+        "SELECT indexdef FROM pg_indexes WHERE indexname = 'idx_users_status'"
+    )
+
+
+def test_objects_the_models_do_not_know_are_listed_and_left_alone(migrated_db):
+    migrated_db.rows("CREATE TABLE audit_trail (id int)")
+    migrated_db.rows("ALTER TABLE users ADD COLUMN nickname text")
+    migrated_db.rows("CREATE INDEX users_lower_email ON users (lower(email))")
+
+    result = run_migrate(migrated_db.url, "--check")
+
+    assert result.returncode == 0  # extra objects alone are not a mismatch
+    for item in ("table audit_trail", "column users.nickname", "index users.users_lower_email"):
+        assert f"--   {item}" in result.stdout
+    assert run_migrate(migrated_db.url).returncode == 0
+    assert "audit_trail" in migrated_db.tables()
+
+
+def test_catalog_is_read_in_three_queries_however_many_tables(migrated_db, monkeypatch):
+    for number in range(40):
+        migrated_db.rows(f"CREATE TABLE extra_{number} (id serial PRIMARY KEY, name text UNIQUE)")
+    queries = []
+    execute_sql = migrate.database.execute_sql
+    monkeypatch.setattr(
+        migrate.database, "execute_sql", lambda sql, *a: queries.append(sql) or execute_sql(sql, *a)
+    )
+
+    snapshot = migrate.read_catalog()
+
+    assert len(queries) == 3
+    assert len(snapshot.columns) == 46
+
+
+# --- --dry-run ---------------------------------------------------------------------
+
+
+def break_partly(db):
+    db.rows("DROP TABLE sign_in_records")
+    db.rows("DROP INDEX idx_request_logs_model_created, idx_users_email")
+    db.rows("ALTER TABLE request_logs DROP COLUMN error_msg")
+
+
+def test_dry_run_prints_the_statements_with_transaction_boundaries_and_changes_nothing(migrated_db):
+    break_partly(migrated_db)
+    before = catalog(migrated_db)
+    record_ddl(migrated_db)
+
+    result = run_migrate(migrated_db.url, "--dry-run")
+
+    assert result.returncode == 0, result.stderr
+    statements = result.stdout.splitlines()
+    assert statements[:3] == [
+        "BEGIN;",
+        f"SELECT pg_advisory_xact_lock({migrate.TRANSACTION_LOCK_KEY});",
+        "SET LOCAL lock_timeout = '5000ms';",
+    ]
+    assert statements[-1] == "COMMIT;"
+    assert 'ALTER TABLE "request_logs" ADD COLUMN "error_msg" TEXT;' in statements
+    assert migrated_db.rows("SELECT command FROM audit.ddl_log") == []
+    assert catalog(migrated_db) == before
+
+
+def test_a_real_run_executes_exactly_what_dry_run_printed(migrated_db):
+    break_partly(migrated_db)
+    printed = run_migrate(migrated_db.url, "--dry-run").stdout.splitlines()
+    record_ddl(migrated_db)
+
+    assert run_migrate(migrated_db.url).returncode == 0
+
+    executed = [query for (query,) in migrated_db.rows("SELECT query FROM audit.ddl_log")]
+    ddl = [
+        line.rstrip(";") for line in printed if line.split()[0] in ("CREATE", "ALTER", "COMMENT")
+    ]
+    assert executed == ddl
+    assert_contract_catalog(migrated_db)
+
+
+def test_dry_run_with_concurrently_builds_indexes_after_the_transaction(migrated_db):
+    break_partly(migrated_db)
+    statements = run_migrate(migrated_db.url, "--dry-run", "--concurrently").stdout.splitlines()
+    commit = statements.index("COMMIT;")
+    concurrent = statements[commit + 1 :]
+    assert concurrent[0] == (
+        f"SELECT pg_try_advisory_lock({migrate.INDEX_BUILD_LOCK_KEY}); -- repeated until it returns true"
+    )
+    assert concurrent[-1] == f"SELECT pg_advisory_unlock({migrate.INDEX_BUILD_LOCK_KEY});"
+    assert sorted(concurrent[1:-1]) == [
+        'CREATE INDEX CONCURRENTLY "idx_request_logs_model_created" ON "request_logs" ("model", "created_at" DESC);',
+        'CREATE UNIQUE INDEX CONCURRENTLY "idx_users_email" ON "users" ("email");',
+    ]
+    # The new table's indexes are built inside the transaction, with the table.
+    assert (
+        'CREATE INDEX "idx_sign_in_records_user_id" ON "sign_in_records" ("user_id");'
+        in statements[:commit]
+    )
+
+
+# --- Locks and concurrency ------------------------------------------------------
+
+
+def open_write_transaction(db):
+    """A session with an uncommitted insert into request_logs, as a busy gateway has."""
+    writer = psycopg2.connect(db.url)
+    with writer.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO users (username, email, password_hash) VALUES ('w', 'w@x', 'h')"
+        )
+        cursor.execute("INSERT INTO api_keys (user_id, key, name) SELECT id, 'k', 'n' FROM users")
+        cursor.execute(
+            "INSERT INTO request_logs (user_id, api_key_id, api_config_id, model, method, path,"
+            " status_code, response_time) SELECT user_id, id, 1, 'm', 'GET', '/', 200, 5 FROM api_keys"
+        )
+    return writer
+
+
+def test_lock_timeout_gives_up_with_a_message_and_changes_nothing(migrated_db):
+    migrated_db.rows("DROP TABLE load_balancer_configs")
+    migrated_db.rows("DROP INDEX idx_request_logs_model")  # needs a SHARE lock on request_logs
+    writer = open_write_transaction(migrated_db)
+    try:
+        result = run_migrate(migrated_db.url, "--lock-timeout", "0.5")
+    finally:
+        writer.rollback()
+        writer.close()
+
+    assert_clean_failure(result, "a table stayed locked by another session for 0.5 s")
+    assert "nothing was changed" in result.stderr
+    assert "--lock-timeout" in result.stderr.splitlines()[-1]
+    assert "load_balancer_configs" not in migrated_db.tables()
+    assert run_migrate(migrated_db.url).returncode == 0
+    assert_contract_catalog(migrated_db)
+
+
+def run_in_parallel(db, count, *args):
+    environment = {**os.environ, "DATABASE_URL": db.url}
+    command = [sys.executable, str(HERE / "migrate.py"), *args]
+    runs = [
+        subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True)
+        for _ in range(count)
+    ]
+    outputs = [run.communicate(timeout=300)[1] for run in runs]
+    return [run.returncode for run in runs], outputs
+
+
+def test_eight_parallel_runs_on_a_partly_built_database_all_succeed(migrated_db):
+    break_partly(migrated_db)
+    statuses, outputs = run_in_parallel(migrated_db, 8)
+    assert statuses == [0] * 8, outputs
+    assert sum(output.count("created table sign_in_records") for output in outputs) == 1
+    assert_contract_catalog(migrated_db)
+
+
+def test_eight_parallel_concurrent_runs_on_a_partly_built_database_all_succeed(migrated_db):
+    break_partly(migrated_db)
+    statuses, outputs = run_in_parallel(migrated_db, 8, "--concurrently")
+    assert statuses == [0] * 8, outputs
+    assert sum(output.count("created index idx_users_email") for output in outputs) == 1
+    assert_contract_catalog(migrated_db)
+
+
+def test_failed_concurrent_build_leaves_an_invalid_index_that_the_next_run_rebuilds(migrated_db):
+    migrated_db.rows("DROP INDEX idx_api_keys_key")
+    migrated_db.rows("INSERT INTO users (username, email, password_hash) VALUES ('a', 'a@x', 'h')")
+    migrated_db.rows(
+        "INSERT INTO api_keys (user_id, key, name) SELECT id, 'dup', n FROM users, (VALUES ('1'), ('2')) v(n)"
+    )
+
+    failed = run_migrate(migrated_db.url, "--concurrently")
+
+    assert_clean_failure(failed, "an index left INVALID is rebuilt by the next run")
+    assert not migrated_db.value(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx_api_keys_key'::regclass"
+    )
+    assert run_migrate(migrated_db.url, "--check").returncode == migrate.EXIT_PENDING
+
+    migrated_db.rows("DELETE FROM api_keys WHERE name = '2'")
+    repaired = run_migrate(migrated_db.url, "--concurrently")
+
+    assert repaired.returncode == 0, repaired.stderr
+    assert "migrate: dropped invalid index idx_api_keys_key" in repaired.stderr
+    assert "migrate: rebuilt index idx_api_keys_key" in repaired.stderr
+    assert_contract_catalog(migrated_db)
+    assert migrated_db.value("SELECT bool_and(indisvalid) FROM pg_index")
+
+
+# --- Writers keep writing during --concurrently --------------------------------------
+
+REQUEST_LOG_INDEXES = [
+    "idx_request_logs_deleted_at",
+    "idx_request_logs_user_id",
+    "idx_request_logs_api_key_id",
+    "idx_request_logs_api_config_id",
+    "idx_request_logs_model",
+    "idx_request_logs_status_code",
+    "idx_request_logs_created_at",
+    "idx_request_logs_user_created",
+    "idx_request_logs_model_created",
+]
+
+
+def load_a_million_request_logs(db):
+    db.rows("INSERT INTO users (username, email, password_hash) VALUES ('u', 'u@x', 'h')")
+    db.rows("INSERT INTO api_keys (user_id, key, name) SELECT id, 'k', 'n' FROM users")
+    db.rows(f"DROP INDEX {', '.join(REQUEST_LOG_INDEXES)}")
+    db.rows("SET session_replication_role = replica")  # skip the FK triggers while loading
+    db.rows(
+        "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model, method, path,"
+        " status_code, response_time)"
+        " SELECT now() - (g % 2592000) * interval '1 second', u.id, k.id, g % 100, 'model-' || (g % 50),"
+        " 'POST', '/v1/chat/completions', 200, g % 1000"
+        " FROM generate_series(1, 1000000) g, users u, api_keys k"
+    )
+    db.rows("RESET session_replication_role")
+
+
+class Inserter(threading.Thread):
+    """Inserts request logs one by one; an insert that waits longer than its lock_timeout fails."""
+
+    def __init__(self, url, lock_timeout_ms):
+        super().__init__(daemon=True)
+        self.connection = psycopg2.connect(url)
+        self.connection.autocommit = True
+        with self.connection.cursor() as cursor:
+            cursor.execute(f"SET lock_timeout = {lock_timeout_ms}")
+        self.stop = threading.Event()
+        self.inserted = self.timed_out = 0
+
+    def run(self):
+        with self.connection.cursor() as cursor:
+            while not self.stop.is_set():
+                try:
+                    cursor.execute(
+                        "INSERT INTO request_logs (user_id, api_key_id, api_config_id, model, method, path,"
+                        " status_code, response_time) SELECT user_id, id, 1, 'm', 'GET', '/', 200, 5"
+                        " FROM api_keys LIMIT 1"
+                    )
+                    self.inserted += 1
+                except psycopg2.errors.LockNotAvailable:
+                    self.timed_out += 1
+        self.connection.close()
+
+
+def migrate_while_inserting(db, *args):
+    inserter = Inserter(db.url, lock_timeout_ms=200)
+    inserter.start()
+    time.sleep(0.2)  # let the inserter get going
+    before = inserter.inserted
+    result = run_migrate(db.url, *args, timeout=600)
+    during = inserter.inserted - before
+    inserter.stop.set()
+    inserter.join(timeout=60)
+    return result, during, inserter.timed_out
+
+
+def test_concurrently_builds_indexes_on_a_million_rows_while_inserts_keep_going(migrated_db):
+    load_a_million_request_logs(migrated_db)
+
+    result, inserted, timed_out = migrate_while_inserting(migrated_db, "--concurrently")
+
+    assert result.returncode == 0, result.stderr
+    assert timed_out == 0  # no insert waited 200 ms for a lock
+    assert inserted > 0
+    assert_contract_catalog(migrated_db)
+
+
+def test_without_concurrently_the_same_build_makes_inserts_wait(migrated_db):
+    load_a_million_request_logs(migrated_db)
+
+    result, _, timed_out = migrate_while_inserting(migrated_db)
+
+    assert result.returncode == 0, result.stderr
+    assert timed_out > 0  # the SHARE lock of CREATE INDEX held inserts back
