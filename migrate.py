@@ -1,21 +1,27 @@
 """
-Bring a PostgreSQL database to the schema of models.py: create what is missing, never drop.
+Bring a PostgreSQL database to the schema of models.py: add what is missing, never drop.
 
 Usage::
 
     export DATABASE_URL="host=localhost user=postgres dbname=api_aggregator port=5432"
-    python migrate.py               # create what is missing, in one transaction
-    python migrate.py --wait 30     # first retry the connection for up to 30 s
-    python migrate.py --sql > schema.sql   # the same schema as plain SQL
+    python migrate.py                  # add what is missing, in one transaction
+    python migrate.py --concurrently   # ... building indexes on existing tables concurrently
+    python migrate.py --dry-run        # print the SQL a run would execute; change nothing
+    python migrate.py --check          # print pending changes and drift; exit 1 if any
+    python migrate.py --sql > schema.sql   # the whole schema as plain SQL
 
-A run reads the catalog and stops there when nothing is missing: no lock, no
-DDL, so it never queues behind the application's open transactions. When
-something is missing it opens one transaction, takes an advisory lock (so
-replicas starting together create the schema once), reads the catalog again,
-creates what is still missing and commits: all of it or nothing.
+A run reads the catalog (three queries), compares it with the models and
+makes a plan: tables, columns, foreign keys and indexes to add, and drift
+(types, nullability, defaults, index definitions, names) to report with the
+SQL that would fix it. Nothing to add means no lock and no DDL, so the run
+never queues behind the application's transactions. Otherwise it takes an
+advisory lock (replicas starting together do the work once), reads the
+catalog again and applies the additions in one transaction, then, with
+--concurrently, builds indexes on existing tables with CREATE INDEX
+CONCURRENTLY.
 
-Exit codes: 0 success, 2 error (1 is kept for "changes pending" of a later
-check mode). Errors are one line on stderr; a password is never printed.
+Exit codes: 0 success, 1 --check found pending changes or drift, 2 error.
+Errors are one line on stderr; a password is never printed.
 """
 
 import argparse
