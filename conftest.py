@@ -46,8 +46,11 @@ class TestDatabase:
         return make_dsn(**{**self.params, **changes})
 
     def rows(self, query, *args):
+        return self.execute(query, args or None)
+
+    def execute(self, query, params=None):
         with self.connection.cursor() as cursor:
-            cursor.execute(query, args or None)
+            cursor.execute(query, params)
             return cursor.fetchall() if cursor.description else []
 
     def value(self, query, *args):

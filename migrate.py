@@ -272,10 +272,10 @@ class Plan(namedtuple("Plan", "in_transaction concurrent drift unknown")):
         return self.in_transaction + self.concurrent
 
 
-def plan_changes(snapshot, concurrently=False):
+def plan_changes(snapshot, concurrently=False, models=MODELS):
     """Compare the live schema with the models: additive changes, drift, unknowns."""
-    in_transaction, concurrent, drift, unknown = [], [], [], []
-    for model in MODELS:
+    in_transaction, concurrent, drift = [], [], []
+    for model in models:
         table = model._meta.table_name
         if table not in snapshot.columns:
             in_transaction += create_table(model)
@@ -286,8 +286,7 @@ def plan_changes(snapshot, concurrently=False):
         in_transaction += columns + foreign_keys + (index_builds if not concurrently else [])
         concurrent += index_builds if concurrently else []
         drift += column_drift + fk_drift + index_drift
-    unknown = unknown_objects(snapshot)
-    return Plan(in_transaction, concurrent, drift, unknown)
+    return Plan(in_transaction, concurrent, drift, unknown_objects(snapshot, models))
 
 
 def create_table(model, safe=False):
@@ -491,9 +490,9 @@ def unique_constraint_for(index, table, snapshot):
     return None
 
 
-def unknown_objects(snapshot):
+def unknown_objects(snapshot, models):
     """Tables, columns, indexes and constraints the models don't declare."""
-    known = {model._meta.table_name: model for model in MODELS}
+    known = {model._meta.table_name: model for model in models}
     unknown = []
     for table, columns in sorted(snapshot.columns.items()):
         model = known.get(table)
@@ -502,7 +501,7 @@ def unknown_objects(snapshot):
             continue
         declared = {field.column_name for field in model._meta.sorted_fields}
         unknown += [f"column {table}.{column}" for column in columns if column not in declared]
-    declared_indexes = {index._name for model in MODELS for index in model._meta.fields_to_index()}
+    declared_indexes = {index._name for model in models for index in model._meta.fields_to_index()}
     unknown += [
         f"index {index.table}.{name}"
         for name, index in sorted(snapshot.indexes.items())

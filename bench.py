@@ -1,0 +1,682 @@
+"""
+Measure migrate.py against what operators would otherwise run, and the
+indexes against the queries the gateway runs. Prints one markdown table.
+
+Usage::
+
+    python bench.py            # the full run: a million request logs (minutes)
+    python bench.py --quick    # a smoke run in under a minute (CI runs it)
+
+BENCH_DATABASE_URL names the server (default: that of TEST_DATABASE_URL, or
+postgres on localhost). The script makes one scratch database there,
+bench_scratch_<pid>, and drops it at the end. Timings are the median of
+several runs, with min and max; every ratio compares figures of this run.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import namedtuple
+from functools import partial
+from pathlib import Path
+
+import psycopg2
+from peewee import BigIntegerField, CharField, ForeignKeyField, TextField
+from playhouse.schema_diff import diff_models
+from psycopg2.extensions import make_dsn, parse_dsn
+
+import migrate
+import models
+
+HERE = Path(__file__).resolve().parent
+SERVER_URL = os.environ.get(
+    "BENCH_DATABASE_URL",
+    os.environ.get("TEST_DATABASE_URL", "host=localhost user=postgres password=postgres port=5432"),
+)
+
+Settings = namedtuple("Settings", "repeats request_logs stall_rows inserts hold_seconds")
+QUICK = Settings(
+    repeats=3, request_logs=100_000, stall_rows=100_000, inserts=2_000, hold_seconds=1.0
+)
+FULL = Settings(
+    repeats=5, request_logs=1_000_000, stall_rows=1_000_000, inserts=20_000, hold_seconds=3.0
+)
+
+rows = []  # the one table: (section, what, result, note)
+
+
+def add_row(section, what, result, note=""):
+    rows.append((section, what, result, note))
+    print(f"  {section} | {what} | {result} | {note}", file=sys.stderr, flush=True)
+
+
+def spread(samples, unit="s", scale=1.0):
+    """'median (min–max)' of samples."""
+    values = [sample * scale for sample in samples]
+    return f"{statistics.median(values):.3g} {unit} ({min(values):.3g}–{max(values):.3g})"
+
+
+# --- The scratch database -----------------------------------------------------------
+
+
+class Scratch:
+    """A scratch database on the bench server, with a raw autocommit connection."""
+
+    def __init__(self):
+        params = parse_dsn(SERVER_URL)
+        self.name = f"bench_scratch_{os.getpid()}"
+        self.params = {**params, "dbname": self.name, "sslmode": "disable", "gssencmode": "disable"}
+        self.url = make_dsn(**self.params)
+        self._admin(f'CREATE DATABASE "{self.name}"')
+        self.connection = psycopg2.connect(self.url)
+        self.connection.autocommit = True
+
+    def _admin(self, sql):
+        admin = psycopg2.connect(make_dsn(**{**parse_dsn(SERVER_URL), "dbname": "postgres"}))
+        admin.autocommit = True
+        with admin.cursor() as cursor:
+            cursor.execute(sql)
+        admin.close()
+
+    def url_with(self, **changes):
+        return make_dsn(**{**self.params, **changes})
+
+    def execute(self, sql, params=None):
+        with self.connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
+
+    def reset(self):
+        self.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+
+    def drop(self):
+        self.connection.close()
+        if not models.database.is_closed():
+            models.database.close()
+        self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+# --- Counting what is sent to the server -----------------------------------------------
+
+
+class CountingProxy:
+    """A TCP proxy in front of PostgreSQL that counts the queries clients send.
+
+    It counts Query ('Q') and Execute ('E') messages of the wire protocol, so
+    it counts psql, psycopg2 and anything else alike. Needs sslmode=disable.
+    """
+
+    def __init__(self, host, port):
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.count = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            client, _ = self.listener.accept()
+            server = socket.create_connection(self.target)
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source, destination, from_client):
+        buffer, started = b"", False
+        try:
+            while data := source.recv(65536):
+                destination.sendall(data)
+                if not from_client:
+                    continue
+                buffer += data
+                while True:
+                    if not started:  # the startup message has a length but no type byte
+                        if len(buffer) < 4:
+                            break
+                        length = int.from_bytes(buffer[:4], "big")
+                        kind, size = None, length
+                    else:
+                        if len(buffer) < 5:
+                            break
+                        kind, size = buffer[:1], 1 + int.from_bytes(buffer[1:5], "big")
+                    if len(buffer) < size:
+                        break
+                    buffer, started = buffer[size:], True
+                    if kind in (b"Q", b"E"):
+                        with self.lock:
+                            self.count += 1
+        except OSError:
+            pass
+        finally:
+            for end in (source, destination):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def url_for(self, scratch):
+        return scratch.url_with(host="127.0.0.1", port=str(self.port))
+
+    def take(self):
+        with self.lock:
+            count, self.count = self.count, 0
+        return count
+
+
+# --- The three ways to make the schema ---------------------------------------------------
+
+TOOLS = ("migrate.py", "psql -f schema.sql", "create_tables")
+
+
+def tool_command(tool):
+    if tool == "migrate.py":
+        return [sys.executable, str(HERE / "migrate.py")]
+    if tool == "create_tables":
+        return [sys.executable, str(HERE / "bench.py"), "--create-tables"]
+    return ["psql", "-q", "-X", "-v", "ON_ERROR_STOP=1", "-f", str(HERE / "schema.sql")]
+
+
+def run_tool(tool, url, *args, background=False):
+    """Run one tool against url; returns (seconds, exit status), or the Popen in the background."""
+    command = tool_command(tool) + list(args)
+    if tool.startswith("psql"):
+        command += ["-d", url]
+    environment = {**os.environ, "DATABASE_URL": url}
+    if background:
+        return subprocess.Popen(
+            command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+    started = time.perf_counter()
+    status = subprocess.run(command, env=environment, capture_output=True, check=False).returncode
+    return time.perf_counter() - started, status
+
+
+def create_tables_with_peewee():
+    """What `--create-tables` runs: Peewee's plain create_tables(safe=True)."""
+    migrate.connect(migrate.connection_params(os.environ["DATABASE_URL"]))
+    models.database.create_tables(models.MODELS, safe=True)
+
+
+def hold_write_transaction(scratch, seconds):
+    """Another session keeps an insert into request_logs open for `seconds`."""
+    writer = psycopg2.connect(scratch.url)
+    with writer.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO users (username, email, password_hash) VALUES ('w', 'w@x', 'h')"
+        )
+        cursor.execute(
+            "INSERT INTO api_keys (user_id, key, name) SELECT id, 'wk', 'n' FROM users WHERE username = 'w'"
+        )
+        cursor.execute(
+            "INSERT INTO request_logs (user_id, api_key_id, api_config_id, model, method, path, status_code,"
+            " response_time) SELECT user_id, id, 1, 'm', 'GET', '/', 200, 1 FROM api_keys WHERE key = 'wk'"
+        )
+    timer = threading.Timer(seconds, lambda: (writer.rollback(), writer.close()))
+    timer.start()
+    return timer
+
+
+def bench_bootstrap_and_rerun(scratch, settings):
+    proxy = CountingProxy(scratch.params.get("host", "localhost"), scratch.params.get("port", 5432))
+    url = proxy.url_for(scratch)
+    fresh, noop, blocked = {}, {}, {}
+    for tool in TOOLS:
+        fresh[tool], noop[tool], blocked[tool] = [], [], []
+        for _ in range(settings.repeats):
+            scratch.reset()
+            proxy.take()
+            seconds, status = run_tool(tool, url)
+            assert status == 0, f"{tool} failed on a fresh database"
+            fresh[tool].append((seconds, proxy.take()))
+            seconds, status = run_tool(tool, url)
+            assert status == 0, f"{tool} failed on a second run"
+            noop[tool].append((seconds, proxy.take()))
+            timer = hold_write_transaction(scratch, settings.hold_seconds)
+            seconds, _ = run_tool(tool, url)
+            timer.join()
+            blocked[tool].append(seconds)
+    for label, results in (("1 fresh bootstrap", fresh), ("2 no-op re-run", noop)):
+        base = statistics.median(s for s, _ in results["migrate.py"])
+        for tool in TOOLS:
+            times = [s for s, _ in results[tool]]
+            statements = statistics.median(n for _, n in results[tool])
+            ratio = statistics.median(times) / base
+            add_row(
+                label,
+                tool,
+                f"{spread(times)}, {statements:g} statements",
+                f"{ratio:.2f}× migrate.py's time",
+            )
+    for tool in TOOLS:
+        add_row(
+            "2 no-op re-run, write transaction open",
+            tool,
+            spread(blocked[tool]),
+            f"the writer commits after {settings.hold_seconds:g} s",
+        )
+
+
+# --- Growth: catalog reads for 6, 20 and 80 tables -----------------------------------------
+
+
+def synthetic_models(count):
+    """`count` GORM-style models, each with an index and, but the first, a foreign key."""
+    made = []
+    for number in range(count):
+        meta = type("Meta", (), {"table_name": f"synthetic_{number}", "comment": "synthetic"})
+        attrs = {
+            "name": CharField(max_length=255, index=True),
+            "amount": BigIntegerField(**models.server_default(0)),
+            "note": TextField(null=True),
+            "Meta": meta,
+        }
+        if made:
+            attrs["parent"] = ForeignKeyField(
+                made[0], constraint_name=f"fk_synthetic_{number}_parent", index=True
+            )
+        made.append(type(f"Synthetic{number}", (models.GormModel,), attrs))
+    return made
+
+
+def count_queries(function):
+    """(seconds, queries sent) of one call, counting models.database.execute_sql."""
+    sent = []
+    original = models.database.execute_sql
+
+    def counting(sql, *args, **kwargs):
+        sent.append(sql)
+        return original(sql, *args, **kwargs)
+
+    models.database.execute_sql = counting
+    try:
+        started = time.perf_counter()
+        function()
+        return time.perf_counter() - started, len(sent)
+    finally:
+        del models.database.execute_sql
+
+
+def plan_synthetic(synthetic):
+    migrate.plan_changes(migrate.read_catalog(), models=synthetic)
+
+
+def bench_growth(scratch, settings):
+    migrate.connect(scratch.params)
+    for count in (6, 20, 80):
+        scratch.reset()
+        synthetic = synthetic_models(count)
+        models.database.create_tables(synthetic)
+        ours = [count_queries(partial(plan_synthetic, synthetic)) for _ in range(settings.repeats)]
+        theirs = [
+            count_queries(partial(diff_models, models.database, synthetic))
+            for _ in range(settings.repeats)
+        ]
+        ratio = statistics.median(s for s, _ in theirs) / statistics.median(s for s, _ in ours)
+        add_row(
+            "3 growth, no-op",
+            f"{count} tables",
+            f"migrate.py {spread([s for s, _ in ours], 'ms', 1000)}, {ours[0][1]} queries;"
+            f" schema_diff {spread([s for s, _ in theirs], 'ms', 1000)}, {theirs[0][1]} queries",
+            f"schema_diff takes {ratio:.1f}× as long",
+        )
+    models.database.close()
+
+
+# --- Concurrency: replicas starting together ------------------------------------------------
+
+
+def bench_concurrency(scratch):
+    for count in (8, 16):
+        for tool in ("migrate.py", "create_tables"):
+            scratch.reset()
+            runs = [run_tool(tool, scratch.url, background=True) for _ in range(count)]
+            errors = [run.communicate(timeout=300)[1].decode() for run in runs]
+            successes = sum(run.returncode == 0 for run in runs)
+            failure = next(
+                (e.strip().splitlines()[-1] for e, r in zip(errors, runs) if r.returncode), ""
+            )
+            add_row(
+                "4 simultaneous runs, fresh database",
+                f"{count} × {tool}",
+                f"{successes}/{count} succeed",
+                failure[:90],
+            )
+
+
+# --- Writer stall: building an index under insert traffic ---------------------------------
+
+
+class Inserter(threading.Thread):
+    """Inserts request logs one at a time and records how long each took."""
+
+    def __init__(self, url):
+        super().__init__(daemon=True)
+        self.connection = psycopg2.connect(url)
+        self.connection.autocommit = True
+        self.stop = threading.Event()
+        self.latencies = []  # (finished at, seconds)
+
+    def run(self):
+        with self.connection.cursor() as cursor:
+            while not self.stop.is_set():
+                started = time.perf_counter()
+                cursor.execute(
+                    "INSERT INTO request_logs (user_id, api_key_id, api_config_id, model, method, path,"
+                    " status_code, response_time) VALUES (1, 1, 1, 'model-1', 'POST', '/', 200, 10)"
+                )
+                finished = time.perf_counter()
+                self.latencies.append((finished, finished - started))
+        self.connection.close()
+
+
+def build_while_inserting(scratch, *flags):
+    """Drop one index of request_logs and let migrate.py rebuild it under insert traffic."""
+    scratch.execute("DROP INDEX idx_request_logs_model_created")
+    inserter = Inserter(scratch.url)
+    inserter.start()
+    time.sleep(0.3)
+    started = time.perf_counter()
+    seconds, status = run_tool("migrate.py", scratch.url, *flags)
+    finished = time.perf_counter()
+    inserter.stop.set()
+    inserter.join()
+    assert status == 0, "migrate.py failed while building the index"
+    waits = [
+        latency for at, latency in inserter.latencies if at >= started and at - latency <= finished
+    ]
+    return seconds, max(waits), statistics.median(waits)
+
+
+def bench_writer_stall(scratch, settings):
+    prepare_gateway_database(scratch, settings.stall_rows)
+    results = {}
+    for label, flags in (("with --concurrently", ("--concurrently",)), ("without", ())):
+        results[label] = [build_while_inserting(scratch, *flags) for _ in range(settings.repeats)]
+    longest = {label: [r[1] for r in runs] for label, runs in results.items()}
+    ratio = statistics.median(longest["without"]) / statistics.median(
+        longest["with --concurrently"]
+    )
+    for label, runs in results.items():
+        add_row(
+            f"5 building idx_request_logs_model_created on {settings.stall_rows:,} rows while inserting",
+            f"migrate.py {label}",
+            f"longest insert {spread(longest[label], 'ms', 1000)}; median insert"
+            f" {spread([r[2] for r in runs], 'ms', 1000)}; whole run {spread([r[0] for r in runs])}",
+            ""
+            if label == "without"
+            else f"the longest insert is {ratio:.0f}× shorter than without",
+        )
+
+
+# --- The gateway's queries on realistic data -------------------------------------------------
+
+# The lookups the gateway runs, with the parameters used to explain them.
+GATEWAY_QUERIES = {
+    "API key by its key": "SELECT * FROM api_keys WHERE key = %(key)s AND deleted_at IS NULL",
+    "a user's latest 50 logs": (
+        "SELECT * FROM request_logs WHERE user_id = %(user_id)s AND deleted_at IS NULL"
+        " ORDER BY created_at DESC LIMIT 50"
+    ),
+    "a user's usage per model, last day": (
+        "SELECT model, count(*), sum(tokens_used) FROM request_logs WHERE user_id = %(user_id)s"
+        " AND created_at >= now() - interval '1 day' AND deleted_at IS NULL GROUP BY model"
+    ),
+    "a model's traffic, last hour": (
+        "SELECT count(*), avg(response_time), sum(tokens_used) FROM request_logs"
+        " WHERE model = %(model)s AND created_at >= now() - interval '1 hour' AND deleted_at IS NULL"
+    ),
+    "active configs of a type by priority": (
+        "SELECT * FROM api_configs WHERE type = %(type)s AND is_active = true AND deleted_at IS NULL"
+        " ORDER BY priority DESC"
+    ),
+    "a user's sign-ins since midnight": (
+        "SELECT * FROM sign_in_records WHERE user_id = %(user_id)s"
+        " AND created_at >= date_trunc('day', now()) AND deleted_at IS NULL"
+    ),
+    "active load-balancer config of a model": (
+        "SELECT * FROM load_balancer_configs WHERE model_name = %(model)s AND is_active = true"
+        " AND deleted_at IS NULL LIMIT 1"
+    ),
+}
+QUERY_PARAMS = {
+    "key": "sk-" + hashlib.md5(b"1234").hexdigest(),  # api_keys row 1234 of load_gateway_data
+    "user_id": 42,
+    "model": "model-7",
+    "type": "openai",
+}
+LARGE_TABLE_ROWS = 10_000  # a Seq Scan on a table above this many rows fails the check
+
+
+def load_gateway_data(execute, request_logs):
+    """Realistic data: 1,000 users, 5,000 keys, 100 configs, 50 models, logs over 30 days, sign-ins.
+
+    request_logs' indexes are dropped for the load; run migrate.py afterwards
+    to build them back, then ANALYZE.
+    """
+    names = [index._name for index in models.RequestLog._meta.fields_to_index()]
+    execute(f"DROP INDEX {', '.join(names)}")
+    execute(
+        "INSERT INTO users (username, email, password_hash, created_at)"
+        " SELECT 'user' || g, 'user' || g || '@example.com', 'h', now() - interval '60 days'"
+        " FROM generate_series(1, 1000) g"
+    )
+    execute(
+        "INSERT INTO api_keys (user_id, key, name, created_at)"
+        " SELECT 1 + (g % 1000), 'sk-' || md5(g::text), 'key ' || g, now() - interval '30 days'"
+        " FROM generate_series(1, 5000) g"
+    )
+    execute(
+        "INSERT INTO api_configs (name, type, base_url, models, priority, is_active)"
+        " SELECT 'config ' || g, (ARRAY['openai', 'anthropic', 'azure', 'gemini', 'custom'])[1 + g % 5],"
+        "        'https://upstream' || g || '.example.com', '[\"model-1\"]', g % 10 * 10, g % 7 <> 0"
+        " FROM generate_series(1, 100) g"
+    )
+    execute(
+        "INSERT INTO load_balancer_configs (model_name, strategy)"
+        " SELECT 'model-' || g, (ARRAY['round_robin', 'weighted', 'least_latency'])[1 + g % 3]"
+        " FROM generate_series(1, 50) g"
+    )
+    execute("SET session_replication_role = replica")  # no FK triggers while loading
+    execute(
+        "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model, method, path,"
+        " status_code, response_time, tokens_used)"
+        " SELECT now() - random() * interval '30 days', k.user_id, k.id, 1 + (g % 100),"
+        "        'model-' || (1 + (g % 50)), 'POST', '/v1/chat/completions',"
+        "        CASE WHEN g % 50 = 0 THEN 500 ELSE 200 END, 50 + (g % 950), g % 4000"
+        f" FROM generate_series(1, {int(request_logs)}) g JOIN api_keys k ON k.id = 1 + (g * 7919 % 5000)"
+    )
+    execute(
+        "INSERT INTO sign_in_records (user_id, quota_awarded, created_at)"
+        " SELECT u, 10, date_trunc('day', now()) - d * interval '1 day' + interval '9 hours'"
+        " FROM generate_series(1, 1000) u, generate_series(0, 29) d"
+    )
+    execute("RESET session_replication_role")
+
+
+def explain(execute, name, params=None):
+    """EXPLAIN (ANALYZE, BUFFERS) of a gateway query: (plan summary, ms, seq-scanned tables, indexes used)."""
+    sql = GATEWAY_QUERIES[name]
+    params = {**QUERY_PARAMS, **(params or {})}
+    result = execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", params)[0][0]
+    document = result if isinstance(result, list) else json.loads(result)
+    nodes, stack = [], [document[0]["Plan"]]
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        stack += node.get("Plans", [])
+    seq_scans = sorted({n["Relation Name"] for n in nodes if n["Node Type"] == "Seq Scan"})
+    indexes = sorted({n["Index Name"] for n in nodes if "Index Name" in n})
+    summary = ", ".join(
+        f"{n['Node Type']} on {n.get('Index Name') or n['Relation Name']}"
+        for n in nodes
+        if "Index Name" in n or "Relation Name" in n
+    )
+    return summary, document[0]["Execution Time"], seq_scans, indexes
+
+
+def large_tables(execute):
+    query = "SELECT relname FROM pg_class WHERE relkind = 'r' AND reltuples > %(rows)s"
+    return {name for (name,) in execute(query, {"rows": LARGE_TABLE_ROWS})}
+
+
+def migrate_in_process(scratch):
+    migrate.connect(scratch.params)
+    migrate.migrate()
+    models.database.close()
+
+
+def prepare_gateway_database(scratch, request_logs):
+    scratch.reset()
+    migrate_in_process(scratch)
+    load_gateway_data(scratch.execute, request_logs)
+    migrate_in_process(scratch)
+    scratch.execute("ANALYZE")
+
+
+def bench_queries(scratch, settings):
+    prepare_gateway_database(scratch, settings.request_logs)
+    large = large_tables(scratch.execute)
+    used = set()
+    for name in GATEWAY_QUERIES:
+        runs = [explain(scratch.execute, name) for _ in range(settings.repeats)]
+        summary, _, seq_scans, indexes = runs[0]
+        used.update(indexes)
+        slow = sorted(set(seq_scans) & large)
+        verdict = (
+            f"SEQ SCAN ON LARGE TABLE {', '.join(slow)}" if slow else "no Seq Scan on a large table"
+        )
+        add_row(
+            f"6 query on {settings.request_logs:,} logs",
+            name,
+            spread([r[1] for r in runs], "ms"),
+            f"{verdict}: {summary}",
+        )
+    return used
+
+
+# --- Write cost --------------------------------------------------------------------------
+
+
+def insert_rate(scratch, count):
+    """Rows per second of one INSERT ... SELECT of `count` request logs: the cost of index upkeep."""
+    started = time.perf_counter()
+    scratch.execute(
+        "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model, method, path,"
+        " status_code, response_time)"
+        " SELECT now() - random() * interval '1 day', k.user_id, k.id, 1, 'model-' || (1 + g % 50),"
+        "        'POST', '/', 200, 10"
+        f" FROM generate_series(1, {int(count)}) g JOIN api_keys k ON k.id = 1 + (g * 7919 % 5000)"
+    )
+    return count / (time.perf_counter() - started)
+
+
+def bench_write_cost(scratch, settings, used_indexes):
+    unused = [
+        (name, size)
+        for name, size in scratch.execute(
+            "SELECT indexrelid::regclass::text, pg_relation_size(indexrelid) FROM pg_index"
+            " WHERE indrelid = 'request_logs'::regclass AND NOT indisprimary ORDER BY 1"
+        )
+        if name not in used_indexes
+    ]
+    with_all = [insert_rate(scratch, settings.inserts) for _ in range(settings.repeats)]
+    add_row(
+        "7 write cost",
+        f"INSERT ... SELECT of {settings.inserts:,} request logs, contract indexes",
+        spread(with_all, "rows/s"),
+    )
+    scratch.execute(f"DROP INDEX {', '.join(name for name, _ in unused)}")
+    without = [insert_rate(scratch, settings.inserts) for _ in range(settings.repeats)]
+    add_row(
+        "7 write cost",
+        f"the same without the {len(unused)} indexes no query above uses",
+        spread(without, "rows/s"),
+        f"{statistics.median(without) / statistics.median(with_all):.2f}× the rate with them",
+    )
+    for name, size in unused:
+        add_row(
+            "7 write cost",
+            f"unused by the queries: {name}",
+            f"{size / 2**20:.1f} MiB",
+            redundancy(name),
+        )
+
+
+def column_names(index):
+    return [
+        getattr(getattr(part, "node", part), "column_name", None) for part in index._expressions
+    ]
+
+
+def redundancy(index_name):
+    """Why an index may be redundant: its column leads a composite index of the contract."""
+    indexes = {index._name: index for index in models.RequestLog._meta.fields_to_index()}
+    column = column_names(indexes[index_name])
+    for other, index in indexes.items():
+        parts = column_names(index)
+        if other != index_name and len(parts) > 1 and parts[:1] == column:
+            return f"its column leads {other}"
+    return "supports a foreign key" if index_name.endswith("_key_id") else ""
+
+
+# --- Main --------------------------------------------------------------------------------
+
+
+def machine():
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        platform.processor(),
+    )
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+
+
+def print_table(settings, server_version):
+    print(
+        f"bench.py {'--quick' if settings is QUICK else ''} on {machine()}, PostgreSQL {server_version}"
+    )
+    print()
+    print("| # | what | result | note |")
+    print("|---|---|---|---|")
+    for section, what, result, note in rows:
+        print(f"| {section} | {what} | {result} | {note} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run in under a minute")
+    parser.add_argument("--create-tables", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.create_tables:
+        create_tables_with_peewee()
+        return 0
+    settings = QUICK if args.quick else FULL
+    random.seed(1)
+    scratch = Scratch()
+    try:
+        server_version = scratch.execute("SHOW server_version")[0][0]
+        bench_bootstrap_and_rerun(scratch, settings)
+        bench_growth(scratch, settings)
+        bench_concurrency(scratch)
+        bench_writer_stall(scratch, settings)
+        used = bench_queries(scratch, settings)
+        bench_write_cost(scratch, settings, used)
+    finally:
+        scratch.drop()
+    print_table(settings, server_version)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
