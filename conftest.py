@@ -27,6 +27,7 @@ TEST_DATABASE_URL = os.environ.get(
     "host=localhost user=postgres password=postgres dbname=api_aggregator_test port=5432 sslmode=disable",
 )
 NO_CREATE_ROLE = "migrate_test_no_create"
+PASSWORD = "Pa55-never-shown"  # given wherever a password goes, looked for in every output
 
 
 class TestDatabase:
@@ -226,14 +227,7 @@ class ThrowawayServer:
         options = f"-p {self.PORT} -k {self.directory} -c listen_addresses=''"
         self._as_server_user(
             find_postgres_binary("pg_ctl"),
-            *(
-                "-D",
-                self.data,
-                "-o",
-                options,
-                "-l",
-                os.path.join(self.directory, "log"),
-            ),
+            *("-D", self.data, "-o", options, "-l", os.path.join(self.directory, "log")),
             *("-w", "start"),
         )
 
@@ -253,3 +247,45 @@ def throwaway_server():
     yield server
     server.stop()
     server.remove()
+
+
+def record_ddl(db):
+    """Log every DDL command the server starts into audit.ddl_log, via an event trigger."""
+    db.rows("CREATE SCHEMA audit")
+    db.rows("CREATE TABLE audit.ddl_log (command text, query text)")
+    db.rows(
+        """
+        CREATE FUNCTION audit.log_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO audit.ddl_log VALUES (tg_tag, current_query()); END $$
+        """
+    )
+    db.rows("CREATE EVENT TRIGGER record_ddl ON ddl_command_start EXECUTE FUNCTION audit.log_ddl()")
+
+
+def error_line(result):
+    lines = result.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def assert_clean_failure(result, expected_text):
+    """Exit 2, one error line that says what to do, no traceback, no password."""
+    assert result.returncode == migrate.EXIT_ERROR, result.stderr
+    assert error_line(result).startswith("migrate: error: ")
+    assert expected_text in error_line(result)
+    assert "Traceback" not in result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+def open_write_transaction(db):
+    """A session with an uncommitted insert into request_logs, as a busy gateway has."""
+    writer = psycopg2.connect(db.url)
+    with writer.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO users (username, email, password_hash) VALUES ('w', 'w@x', 'h')"
+        )
+        cursor.execute("INSERT INTO api_keys (user_id, key, name) SELECT id, 'k', 'n' FROM users")
+        cursor.execute(
+            "INSERT INTO request_logs (user_id, api_key_id, api_config_id, model, method, path,"
+            " status_code, response_time) SELECT user_id, id, 1, 'm', 'GET', '/', 200, 5 FROM api_keys"
+        )
+    return writer

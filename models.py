@@ -37,11 +37,7 @@ from peewee import (
     ModelIndex,
     TextField,
 )
-from playhouse.postgres_ext import (
-    BinaryJSONField,
-    DateTimeTZField,
-    PostgresqlExtDatabase,
-)
+from playhouse.postgres_ext import BinaryJSONField, DateTimeTZField, PostgresqlExtDatabase
 
 database = PostgresqlExtDatabase(None)
 
@@ -191,10 +187,7 @@ class RequestLog(GormModel):
         User, constraint_name="fk_request_logs_user", backref="request_logs", index=True
     )
     api_key = ForeignKeyField(
-        ApiKey,
-        constraint_name="fk_request_logs_api_key",
-        backref="request_logs",
-        index=True,
+        ApiKey, constraint_name="fk_request_logs_api_key", backref="request_logs", index=True
     )
     api_config_id = BigIntegerField(index=True)  # no FK: logs outlive configs
     model = CharField(max_length=255, index=True)
@@ -246,19 +239,13 @@ PERFORMANCE_INDEXES = (
     ),
     RequestLog.index(RequestLog.created_at.desc(), name="idx_request_logs_created_at"),
     RequestLog.index(
-        RequestLog.user,
-        RequestLog.created_at.desc(),
-        name="idx_request_logs_user_created",
+        RequestLog.user, RequestLog.created_at.desc(), name="idx_request_logs_user_created"
     ),
     RequestLog.index(
-        RequestLog.model,
-        RequestLog.created_at.desc(),
-        name="idx_request_logs_model_created",
+        RequestLog.model, RequestLog.created_at.desc(), name="idx_request_logs_model_created"
     ),
     SignInRecord.index(
-        SignInRecord.user,
-        SignInRecord.created_at.desc(),
-        name="idx_sign_in_records_user_created",
+        SignInRecord.user, SignInRecord.created_at.desc(), name="idx_sign_in_records_user_created"
     ),
 )
 

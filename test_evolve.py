@@ -15,8 +15,15 @@ import time
 import psycopg2
 
 import migrate
-from conftest import HERE, catalog, run_migrate
-from test_migrate import assert_clean_failure, assert_contract_catalog, record_ddl
+from conftest import (
+    HERE,
+    assert_clean_failure,
+    catalog,
+    open_write_transaction,
+    record_ddl,
+    run_migrate,
+)
+from test_migrate import assert_contract_catalog
 
 # The hand-written schema file older deployments were made from: serial ids,
 # timestamps without time zone, UNIQUE constraints and default-named foreign
@@ -386,21 +393,6 @@ def test_dry_run_with_concurrently_builds_indexes_after_the_transaction(migrated
 
 
 # --- Locks and concurrency ------------------------------------------------------
-
-
-def open_write_transaction(db):
-    """A session with an uncommitted insert into request_logs, as a busy gateway has."""
-    writer = psycopg2.connect(db.url)
-    with writer.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO users (username, email, password_hash) VALUES ('w', 'w@x', 'h')"
-        )
-        cursor.execute("INSERT INTO api_keys (user_id, key, name) SELECT id, 'k', 'n' FROM users")
-        cursor.execute(
-            "INSERT INTO request_logs (user_id, api_key_id, api_config_id, model, method, path,"
-            " status_code, response_time) SELECT user_id, id, 1, 'm', 'GET', '/', 200, 5 FROM api_keys"
-        )
-    return writer
 
 
 def test_lock_timeout_gives_up_with_a_message_and_changes_nothing(migrated_db):

@@ -10,10 +10,18 @@ import subprocess
 import sys
 from collections import defaultdict
 
-import psycopg2
-
 import migrate
-from conftest import HERE, NO_CREATE_ROLE, catalog, run_migrate
+from conftest import (
+    HERE,
+    NO_CREATE_ROLE,
+    PASSWORD,
+    assert_clean_failure,
+    catalog,
+    error_line,
+    open_write_transaction,
+    record_ddl,
+    run_migrate,
+)
 
 TS = "timestamp with time zone"
 VARCHAR = "character varying(255)"
@@ -85,34 +93,21 @@ EXPECTED_COLUMNS = {
         ("error_msg", "text", False, None),
     ],
     "sign_in_records": gorm_model("sign_in_records", updated_at=False)
-    + [
-        ("user_id", "bigint", True, None),
-        ("quota_awarded", "bigint", True, "0"),
-    ],
+    + [("user_id", "bigint", True, None), ("quota_awarded", "bigint", True, "0")],
 }
 TABLES = sorted(EXPECTED_COLUMNS)
 
 EXPECTED_CONSTRAINTS = sorted(
     [(table, f"{table}_pkey", "p", "PRIMARY KEY (id)") for table in TABLES]
     + [
-        (
-            "api_keys",
-            "fk_api_keys_user",
-            "f",
-            "FOREIGN KEY (user_id) REFERENCES users(id)",
-        ),
+        ("api_keys", "fk_api_keys_user", "f", "FOREIGN KEY (user_id) REFERENCES users(id)"),
         (
             "request_logs",
             "fk_request_logs_api_key",
             "f",
             "FOREIGN KEY (api_key_id) REFERENCES api_keys(id)",
         ),
-        (
-            "request_logs",
-            "fk_request_logs_user",
-            "f",
-            "FOREIGN KEY (user_id) REFERENCES users(id)",
-        ),
+        ("request_logs", "fk_request_logs_user", "f", "FOREIGN KEY (user_id) REFERENCES users(id)"),
         (
             "sign_in_records",
             "fk_sign_in_records_user",
@@ -131,18 +126,8 @@ EXPECTED_INDEXES = [(table, f"{table}_pkey", "UNIQUE", "(id)") for table in TABL
     ("api_keys", "idx_api_keys_user_id", "", "(user_id)"),
     ("api_keys", "idx_api_keys_key", "UNIQUE", "(key)"),
     ("api_configs", "idx_api_configs_deleted_at", "", "(deleted_at)"),
-    (
-        "load_balancer_configs",
-        "idx_load_balancer_configs_deleted_at",
-        "",
-        "(deleted_at)",
-    ),
-    (
-        "load_balancer_configs",
-        "idx_load_balancer_configs_model_name",
-        "",
-        "(model_name)",
-    ),
+    ("load_balancer_configs", "idx_load_balancer_configs_deleted_at", "", "(deleted_at)"),
+    ("load_balancer_configs", "idx_load_balancer_configs_model_name", "", "(model_name)"),
     ("request_logs", "idx_request_logs_deleted_at", "", "(deleted_at)"),
     ("request_logs", "idx_request_logs_user_id", "", "(user_id)"),
     ("request_logs", "idx_request_logs_api_key_id", "", "(api_key_id)"),
@@ -155,12 +140,7 @@ EXPECTED_INDEXES = [(table, f"{table}_pkey", "UNIQUE", "(id)") for table in TABL
     ("users", "idx_users_status", "", f"(status) {NOT_DELETED}"),
     ("users", "idx_users_is_admin", "", f"(is_admin) {NOT_DELETED}"),
     ("api_keys", "idx_api_keys_user_active", "", f"(user_id, is_active) {NOT_DELETED}"),
-    (
-        "api_configs",
-        "idx_api_configs_type_active",
-        "",
-        f"(type, is_active) {NOT_DELETED}",
-    ),
+    ("api_configs", "idx_api_configs_type_active", "", f"(type, is_active) {NOT_DELETED}"),
     (
         "api_configs",
         "idx_api_configs_priority",
@@ -170,12 +150,7 @@ EXPECTED_INDEXES = [(table, f"{table}_pkey", "UNIQUE", "(id)") for table in TABL
     ("request_logs", "idx_request_logs_created_at", "", "(created_at DESC)"),
     ("request_logs", "idx_request_logs_user_created", "", "(user_id, created_at DESC)"),
     ("request_logs", "idx_request_logs_model_created", "", "(model, created_at DESC)"),
-    (
-        "sign_in_records",
-        "idx_sign_in_records_user_created",
-        "",
-        "(user_id, created_at DESC)",
-    ),
+    ("sign_in_records", "idx_sign_in_records_user_created", "", "(user_id, created_at DESC)"),
 ]
 
 EXPECTED_COMMENTS = [
@@ -186,8 +161,6 @@ EXPECTED_COMMENTS = [
     ("sign_in_records", "Daily sign-in records for quota rewards"),
     ("users", "User accounts with authentication and quota management"),
 ]
-
-PASSWORD = "Pa55-never-shown"
 
 
 def indexdef(table, name, unique, definition):
@@ -207,33 +180,6 @@ def assert_contract_catalog(db):
     assert actual["sequences"] == [
         (f"{table}_id_seq", "bigint", f"public.{table}_id_seq") for table in TABLES
     ]
-
-
-def record_ddl(db):
-    """Log every DDL command the server starts into audit.ddl_log, via an event trigger."""
-    db.rows("CREATE SCHEMA audit")
-    db.rows("CREATE TABLE audit.ddl_log (command text, query text)")
-    db.rows(
-        """
-        CREATE FUNCTION audit.log_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$
-        BEGIN INSERT INTO audit.ddl_log VALUES (tg_tag, current_query()); END $$
-        """
-    )
-    db.rows("CREATE EVENT TRIGGER record_ddl ON ddl_command_start EXECUTE FUNCTION audit.log_ddl()")
-
-
-def error_line(result):
-    lines = result.stderr.strip().splitlines()
-    return lines[-1] if lines else ""
-
-
-def assert_clean_failure(result, expected_text):
-    """Exit 2, one error line that says what to do, no traceback, no password."""
-    assert result.returncode == migrate.EXIT_ERROR, result.stderr
-    assert error_line(result).startswith("migrate: error: ")
-    assert expected_text in error_line(result)
-    assert "Traceback" not in result.stderr
-    assert PASSWORD not in result.stdout + result.stderr
 
 
 # --- A fresh database -------------------------------------------------------
@@ -318,19 +264,8 @@ def test_second_run_issues_no_ddl_and_leaves_the_catalog_unchanged(migrated_db):
     assert catalog(migrated_db) == before
 
 
-def test_no_op_run_finishes_while_a_write_transaction_is_open_on_request_logs(
-    migrated_db,
-):
-    writer = psycopg2.connect(migrated_db.url)
-    with writer.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO users (username, email, password_hash) VALUES ('w', 'w@x', 'h')"
-        )
-        cursor.execute("INSERT INTO api_keys (user_id, key, name) SELECT id, 'k', 'n' FROM users")
-        cursor.execute(
-            "INSERT INTO request_logs (user_id, api_key_id, api_config_id, model, method, path,"
-            " status_code, response_time) SELECT user_id, id, 1, 'm', 'GET', '/', 200, 5 FROM api_keys"
-        )
+def test_no_op_run_finishes_while_a_write_transaction_is_open_on_request_logs(migrated_db):
+    writer = open_write_transaction(migrated_db)
     try:
         # lock_timeout turns any wait for a table lock into an error instead of a hang.
         result = run_migrate(migrated_db.url_with(options="-c lock_timeout=2000"))
@@ -388,9 +323,7 @@ def test_unreachable_server_suggests_starting_it_or_waiting():
 
 def test_wait_gives_up_when_the_time_is_up():
     result = run_migrate(
-        f"host=127.0.0.1 port=1 user=postgres password={PASSWORD} dbname=x",
-        "--wait",
-        "1.5",
+        f"host=127.0.0.1 port=1 user=postgres password={PASSWORD} dbname=x", "--wait", "1.5"
     )
     assert_clean_failure(result, "cannot reach the server")
     assert "waiting up to 1.5 s" in result.stderr

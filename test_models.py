@@ -12,15 +12,7 @@ import pytest
 from peewee import IntegrityError
 
 from conftest import HERE
-from models import (
-    ApiConfig,
-    ApiKey,
-    LoadBalancerConfig,
-    RequestLog,
-    SignInRecord,
-    User,
-    database,
-)
+from models import ApiConfig, ApiKey, LoadBalancerConfig, RequestLog, SignInRecord, User, database
 
 
 def make_user(name="alice"):
@@ -50,14 +42,7 @@ def log_request(user, api_key):
 def test_all_six_tables_exist(migrated_db):
     assert migrated_db.tables() == sorted(
         model._meta.table_name
-        for model in (
-            User,
-            ApiKey,
-            ApiConfig,
-            LoadBalancerConfig,
-            RequestLog,
-            SignInRecord,
-        )
+        for model in (User, ApiKey, ApiConfig, LoadBalancerConfig, RequestLog, SignInRecord)
     )
 
 
@@ -89,18 +74,12 @@ def test_request_log_for_missing_user_is_rejected(migrated_db):
 
 def test_request_log_for_missing_api_key_is_rejected(migrated_db):
     user = make_user()
-    with (
-        pytest.raises(IntegrityError, match="fk_request_logs_api_key"),
-        database.atomic(),
-    ):
+    with pytest.raises(IntegrityError, match="fk_request_logs_api_key"), database.atomic():
         log_request(user, 999)
 
 
 def test_sign_in_record_for_missing_user_is_rejected(migrated_db):
-    with (
-        pytest.raises(IntegrityError, match="fk_sign_in_records_user"),
-        database.atomic(),
-    ):
+    with pytest.raises(IntegrityError, match="fk_sign_in_records_user"), database.atomic():
         SignInRecord.create(user=999)
 
 
@@ -158,12 +137,7 @@ def test_raw_insert_omitting_columns_gets_the_contract_defaults(migrated_db, tab
 def test_orm_insert_gets_the_same_defaults_as_the_database(migrated_db):
     user = make_user()
     stored = User.get_by_id(user.id)
-    assert (user.quota, user.used_quota, user.is_admin, user.status) == (
-        10000,
-        0,
-        False,
-        "active",
-    )
+    assert (user.quota, user.used_quota, user.is_admin, user.status) == (10000, 0, False, "active")
     assert (stored.quota, stored.used_quota, stored.is_admin, stored.status) == (
         10000,
         0,
@@ -191,9 +165,7 @@ def test_models_and_headers_round_trip_as_list_and_dict(migrated_db):
     )
 
 
-def test_config_saved_without_models_or_headers_stores_empty_array_and_object(
-    migrated_db,
-):
+def test_config_saved_without_models_or_headers_stores_empty_array_and_object(migrated_db):
     ApiConfig.create(name="bare", type="custom", base_url="https://x")
     assert migrated_db.rows("SELECT models::text, headers::text FROM api_configs") == [("[]", "{}")]
     stored = ApiConfig.get(ApiConfig.name == "bare")
