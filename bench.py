@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import platform
-import random
 import socket
 import statistics
 import subprocess
@@ -663,7 +662,6 @@ def main(argv=None):
         create_tables_with_peewee()
         return 0
     settings = QUICK if args.quick else FULL
-    random.seed(1)
     scratch = Scratch()
     try:
         server_version = scratch.execute("SHOW server_version")[0][0]

@@ -289,3 +289,15 @@ def open_write_transaction(db):
             " status_code, response_time) SELECT user_id, id, 1, 'm', 'GET', '/', 200, 5 FROM api_keys"
         )
     return writer
+
+
+def run_in_parallel(db, count, *args):
+    """Start `count` copies of migrate.py at once; returns their exit codes and stderr."""
+    environment = {**os.environ, "DATABASE_URL": db.url}
+    command = [sys.executable, str(HERE / "migrate.py"), *args]
+    runs = [
+        subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True)
+        for _ in range(count)
+    ]
+    outputs = [run.communicate(timeout=300)[1] for run in runs]
+    return [run.returncode for run in runs], outputs

@@ -6,9 +6,6 @@ It adds what is missing and never changes what is there; what differs is
 reported (--check) with the SQL that would fix it.
 """
 
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,11 +13,11 @@ import psycopg2
 
 import migrate
 from conftest import (
-    HERE,
     assert_clean_failure,
     catalog,
     open_write_transaction,
     record_ddl,
+    run_in_parallel,
     run_migrate,
 )
 from test_migrate import assert_contract_catalog
@@ -411,17 +408,6 @@ def test_lock_timeout_gives_up_with_a_message_and_changes_nothing(migrated_db):
     assert "load_balancer_configs" not in migrated_db.tables()
     assert run_migrate(migrated_db.url).returncode == 0
     assert_contract_catalog(migrated_db)
-
-
-def run_in_parallel(db, count, *args):
-    environment = {**os.environ, "DATABASE_URL": db.url}
-    command = [sys.executable, str(HERE / "migrate.py"), *args]
-    runs = [
-        subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True)
-        for _ in range(count)
-    ]
-    outputs = [run.communicate(timeout=300)[1] for run in runs]
-    return [run.returncode for run in runs], outputs
 
 
 def test_eight_parallel_runs_on_a_partly_built_database_all_succeed(migrated_db):

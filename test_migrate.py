@@ -20,6 +20,7 @@ from conftest import (
     error_line,
     open_write_transaction,
     record_ddl,
+    run_in_parallel,
     run_migrate,
 )
 
@@ -294,16 +295,9 @@ def test_partly_built_database_gets_only_what_is_missing(migrated_db):
 
 
 def test_eight_parallel_runs_on_a_fresh_database_all_succeed(empty_db):
-    environment = {**os.environ, "DATABASE_URL": empty_db.url}
-    command = [sys.executable, str(HERE / "migrate.py")]
-    runs = [
-        subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True)
-        for _ in range(8)
-    ]
-    outputs = [run.communicate(timeout=120)[1] for run in runs]
-    assert [run.returncode for run in runs] == [0] * 8, outputs
-    creations = sum(output.count("created table users") for output in outputs)
-    assert creations == 1
+    statuses, outputs = run_in_parallel(empty_db, 8)
+    assert statuses == [0] * 8, outputs
+    assert sum(output.count("created table users") for output in outputs) == 1
     assert_contract_catalog(empty_db)
 
 
