@@ -1,5 +1,5 @@
 """
-Bring a PostgreSQL database to the schema of models.py: add what is missing, never drop.
+Bring a PostgreSQL database to the schema of models.py: add what is missing, report drift.
 
 Usage::
 
@@ -663,26 +663,33 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+def seconds(text):
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative: give a number of seconds, 0 or more")
+    return value
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="migrate.py",
         description="Bring the database named by DATABASE_URL (libpq 'host=... dbname=...' or a"
         " postgresql:// URL) to the schema of models.py: create missing tables, columns, foreign"
-        " keys and indexes. Never drops, renames or rewrites; differences it will not fix are"
-        " reported with the SQL that would.",
+        " keys and indexes. Never renames or rewrites, and drops nothing but an INVALID index it"
+        " rebuilds; differences it will not fix are reported with the SQL that would.",
         epilog="Exit codes: 0 success (with --check: the database matches the models),"
         " 1 --check found pending changes or drift, 2 error.",
     )
     parser.add_argument(
         "--wait",
-        type=float,
+        type=seconds,
         default=0,
         metavar="SECONDS",
         help="retry the connection until the server accepts it or SECONDS pass (default 0)",
     )
     parser.add_argument(
         "--lock-timeout",
-        type=float,
+        type=seconds,
         default=DEFAULT_LOCK_TIMEOUT,
         metavar="SECONDS",
         help="give up, changing nothing, when a table lock is not granted within SECONDS"

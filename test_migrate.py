@@ -376,6 +376,14 @@ def test_read_only_server_is_reported_and_nothing_is_created(empty_db):
     assert empty_db.tables() == []
 
 
+def test_negative_seconds_are_refused_with_a_usage_error():
+    result = run_migrate(None, "--lock-timeout", "-1")
+    assert result.returncode == migrate.EXIT_ERROR
+    assert error_line(result) == (
+        "migrate.py: error: argument --lock-timeout: -1 is negative: give a number of seconds, 0 or more"
+    )
+
+
 def test_help_documents_the_flags_and_exit_codes():
     result = run_migrate(None, "--help")
     assert result.returncode == 0
