@@ -143,7 +143,7 @@ def connection_failure(exc, params):
 
 Column = namedtuple("Column", "type not_null default")
 Index = namedtuple("Index", "table definition valid backs_constraint")
-Constraint = namedtuple("Constraint", "table name kind columns ref_table")
+Constraint = namedtuple("Constraint", "table name kind columns ref_table definition")
 Snapshot = namedtuple("Snapshot", "columns indexes constraints")
 
 # One query per kind of object, whatever the number of tables: Peewee's
@@ -172,7 +172,7 @@ CONSTRAINTS_QUERY = """
 SELECT t.relname, k.conname, k.contype,
        ARRAY(SELECT a.attname FROM unnest(k.conkey) WITH ORDINALITY u(n, i)
              JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n ORDER BY u.i),
-       r.relname
+       r.relname, pg_get_constraintdef(k.oid)
 FROM pg_constraint k
 JOIN pg_class t ON t.oid = k.conrelid
 LEFT JOIN pg_class r ON r.oid = k.confrelid
@@ -211,6 +211,11 @@ def render(node):
     sql, params = database.get_sql_context().sql(ValueLiterals(node)).query()
     assert not params, sql
     return sql
+
+
+def sql_text(*parts):
+    """SQL from keywords (str) and Peewee nodes (Entity for names), e.g. sql_text("DROP INDEX", Entity(n))."""
+    return render(NodeList([SQL(part) if isinstance(part, str) else part for part in parts]))
 
 
 def sql_of(operation):
@@ -289,14 +294,12 @@ def plan_changes(snapshot, concurrently=False, models=MODELS):
 
 def create_table(model, safe=False):
     meta = model._meta
-    comment = NodeList(
-        (SQL("COMMENT ON TABLE"), Entity(meta.table_name), SQL("IS"), Value(meta.comment))
-    )
+    comment = sql_text("COMMENT ON TABLE", Entity(meta.table_name), "IS", Value(meta.comment))
     return [
         Statement(
             render(model._schema._create_table(safe=safe)), f"created table {meta.table_name}"
         ),
-        Statement(render(comment), f"commented table {meta.table_name}"),
+        Statement(comment, f"commented table {meta.table_name}"),
     ] + [create_index(model, index, safe=safe) for index in meta.fields_to_index()]
 
 
@@ -333,13 +336,13 @@ def add_column(model, field, expected):
             f"cannot add NOT NULL column {table}.{field.column_name} without a default to a table"
             " that has rows: give it a default in models.py, or add it nullable, backfill, then SET NOT NULL"
         )
-    ddl = field.ddl(database.get_sql_context())
-    sql = render(NodeList((SQL("ALTER TABLE"), Entity(table), SQL("ADD COLUMN"), ddl)))
+    column = field.ddl(database.get_sql_context())
+    sql = sql_text("ALTER TABLE", Entity(table), "ADD COLUMN", column)
     return Statement(sql, f"added column {table}.{field.column_name}")
 
 
 def table_has_rows(table):
-    query = render(NodeList((SQL("SELECT EXISTS (SELECT 1 FROM"), Entity(table), SQL(")"))))
+    query = sql_text("SELECT EXISTS (SELECT 1 FROM", Entity(table), ")")
     return database.execute_sql(query).fetchone()[0]
 
 
@@ -381,41 +384,36 @@ def plan_foreign_keys(model, snapshot):
     additions, drift = [], []
     for field in model._meta.refs:
         wanted = field.constraint_name
+        add = render(model._schema._create_foreign_key(field))
         rel_table = field.rel_model._meta.table_name
-        present = [
-            c
-            for c in snapshot.constraints
-            if c.table == table
-            and c.kind == "f"
-            and c.columns == [field.column_name]
-            and c.ref_table == rel_table
-        ]
-        if any(c.name == wanted for c in present):
-            continue
-        if present:
-            drift.append(
-                Drift(
-                    f"foreign key {table}.{field.column_name} is named {present[0].name}, not {wanted}",
-                    render(
-                        NodeList(
-                            (
-                                SQL("ALTER TABLE"),
-                                Entity(table),
-                                SQL("RENAME CONSTRAINT"),
-                                Entity(present[0].name),
-                                SQL("TO"),
-                                Entity(wanted),
-                            )
-                        )
-                    ),
-                )
+        expected = f"FOREIGN KEY ({field.column_name}) REFERENCES {rel_table}({field.rel_field.column_name})"
+        mine = [c for c in snapshot.constraints if c.table == table]
+        named = next((c for c in mine if c.name == wanted), None)
+        other = next(
+            (
+                c
+                for c in mine
+                if c.kind == "f" and c.columns == [field.column_name] and c.ref_table == rel_table
+            ),
+            None,
+        )
+        if named and named.definition != expected:
+            problem = f"foreign key {wanted} is '{named.definition}'; the models say '{expected}'"
+            fix = sql_text("ALTER TABLE", Entity(table), "DROP CONSTRAINT", Entity(wanted))
+            drift.append(Drift(problem, fix + ";\n" + add))
+        elif not named and other:
+            problem = f"foreign key {table}.{field.column_name} is named {other.name}, not {wanted}"
+            fix = sql_text(
+                "ALTER TABLE",
+                Entity(table),
+                "RENAME CONSTRAINT",
+                Entity(other.name),
+                "TO",
+                Entity(wanted),
             )
-        else:
-            additions.append(
-                Statement(
-                    render(model._schema._create_foreign_key(field)), f"added foreign key {wanted}"
-                )
-            )
+            drift.append(Drift(problem, fix))
+        elif not named:
+            additions.append(Statement(add, f"added foreign key {wanted}"))
     return additions, drift
 
 
@@ -435,15 +433,11 @@ def plan_indexes(model, snapshot, concurrently):
                         f" constraint {enforced_by.name} instead of unique index {name}",
                         create_index(model, index, concurrently=True).sql
                         + ";\n"
-                        + render(
-                            NodeList(
-                                (
-                                    SQL("ALTER TABLE"),
-                                    Entity(table),
-                                    SQL("DROP CONSTRAINT"),
-                                    Entity(enforced_by.name),
-                                )
-                            )
+                        + sql_text(
+                            "ALTER TABLE",
+                            Entity(table),
+                            "DROP CONSTRAINT",
+                            Entity(enforced_by.name),
                         ),
                     )
                 )
@@ -453,17 +447,13 @@ def plan_indexes(model, snapshot, concurrently):
             drift.append(
                 Drift(
                     f"index {name} is '{live.definition}'; the models say '{comparable(wanted.sql)}'",
-                    render(NodeList((SQL("DROP INDEX CONCURRENTLY"), Entity(name))))
-                    + ";\n"
-                    + wanted.sql,
+                    sql_text("DROP INDEX CONCURRENTLY", Entity(name)) + ";\n" + wanted.sql,
                 )
             )
         elif not live.valid:
             drop = "DROP INDEX CONCURRENTLY" if concurrently else "DROP INDEX"
             builds += [
-                Statement(
-                    render(NodeList((SQL(drop), Entity(name)))), f"dropped invalid index {name}"
-                ),
+                Statement(sql_text(drop, Entity(name)), f"dropped invalid index {name}"),
                 wanted._replace(description=f"rebuilt index {name}"),
             ]
     return builds, drift

@@ -296,6 +296,23 @@ def test_index_with_the_contract_name_but_another_definition_is_reported_not_reb
     )
 
 
+def test_foreign_key_with_the_contract_name_but_another_definition_is_reported(migrated_db):
+    migrated_db.rows("ALTER TABLE api_keys DROP CONSTRAINT fk_api_keys_user")
+    migrated_db.rows(
+        "ALTER TABLE api_keys ADD CONSTRAINT fk_api_keys_user FOREIGN KEY (user_id)"
+        " REFERENCES users(id) ON DELETE CASCADE"
+    )
+
+    result = run_migrate(migrated_db.url, "--check")
+
+    assert result.returncode == migrate.EXIT_PENDING
+    assert (
+        "-- foreign key fk_api_keys_user is 'FOREIGN KEY (user_id) REFERENCES users(id) ON DELETE"
+        " CASCADE'; the models say 'FOREIGN KEY (user_id) REFERENCES users(id)'" in result.stdout
+    )
+    assert "-- pending" not in result.stdout
+
+
 def test_objects_the_models_do_not_know_are_listed_and_left_alone(migrated_db):
     migrated_db.rows("CREATE TABLE audit_trail (id int)")
     migrated_db.rows("ALTER TABLE users ADD COLUMN nickname text")
