@@ -1,10 +1,12 @@
 """
-Fixtures: a real PostgreSQL test database, reset before every test.
+Fixtures and helpers: a real PostgreSQL test database, reset before every test.
 
 The database comes from TEST_DATABASE_URL (default: the Go suite's
 api_aggregator_test on localhost); it is created when missing. Each test gets
 its public schema empty (`empty_db`) or freshly migrated (`migrated_db`), so
-tests do not depend on each other or on their order.
+tests do not depend on each other or on their order. The helpers run
+migrate.py as an operator would, read the catalog, record DDL and hold write
+transactions open, for every test module.
 """
 
 import os
