@@ -261,7 +261,7 @@ def bench_bootstrap_and_rerun(scratch, settings):
             "2 no-op re-run, write transaction open",
             tool,
             spread(blocked[tool]),
-            f"the writer commits after {settings.hold_seconds:g} s",
+            f"the writer's transaction ends after {settings.hold_seconds:g} s",
         )
 
 
@@ -611,18 +611,12 @@ def bench_write_cost(scratch, settings, used_indexes):
         )
 
 
-def column_names(index):
-    return [
-        getattr(getattr(part, "node", part), "column_name", None) for part in index._expressions
-    ]
-
-
 def redundancy(index_name):
     """Why an index may be redundant: its column leads a composite index of the contract."""
     indexes = {index._name: index for index in models.RequestLog._meta.fields_to_index()}
-    column = column_names(indexes[index_name])
+    column = migrate.index_columns(indexes[index_name])
     for other, index in indexes.items():
-        parts = column_names(index)
+        parts = migrate.index_columns(index)
         if other != index_name and len(parts) > 1 and parts[:1] == column:
             return f"its column leads {other}"
     return "supports a foreign key" if index_name.endswith("_key_id") else ""

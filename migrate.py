@@ -459,13 +459,23 @@ def plan_indexes(model, snapshot, concurrently):
     return builds, drift
 
 
+def index_columns(index):
+    """The column names an index covers, in order (None for an expression)."""
+    return [
+        getattr(getattr(part, "node", part), "column_name", None) for part in index._expressions
+    ]
+
+
 def unique_constraint_for(index, table, snapshot):
     """The UNIQUE constraint that already enforces a unique index's columns, if any."""
     if not index._unique:
         return None
-    columns = [getattr(part, "column_name", None) for part in index._expressions]
     for constraint in snapshot.constraints:
-        if constraint.table == table and constraint.kind == "u" and constraint.columns == columns:
+        if (
+            constraint.table == table
+            and constraint.kind == "u"
+            and constraint.columns == index_columns(index)
+        ):
             return constraint
     return None
 
@@ -504,8 +514,7 @@ def declared_by(model, constraint):
             for field in model._meta.refs
         )
     return any(
-        index._unique
-        and constraint.columns == [getattr(p, "column_name", None) for p in index._expressions]
+        index._unique and constraint.columns == index_columns(index)
         for index in model._meta.fields_to_index()
     )
 
