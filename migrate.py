@@ -33,16 +33,19 @@ import time
 from collections import namedtuple
 
 import peewee
-import psycopg2
 from peewee import SQL, BigIntegerField, Entity, NodeList, Value, ValueLiterals
 from playhouse.migrate import PostgresqlMigrator
-from psycopg2.extensions import make_dsn, parse_dsn
 
+from connection import (
+    DEFAULT_DATABASE_URL,
+    MigrationError,
+    connect,
+    connection_params,
+    describe,
+    secrets_of,
+)
 from models import MODELS, database
 
-DEFAULT_DATABASE_URL = (
-    "host=localhost user=postgres password=postgres dbname=api_aggregator port=5432 sslmode=disable"
-)
 EXIT_OK, EXIT_PENDING, EXIT_ERROR = 0, 1, 2
 DEFAULT_LOCK_TIMEOUT = 5.0  # seconds
 # Advisory lock keys the application must not use for its own locks: one for
@@ -53,90 +56,6 @@ TRANSACTION_LOCK_KEY = 7_283_145_019_226_431
 INDEX_BUILD_LOCK_KEY = 7_283_145_019_226_432
 
 log = logging.getLogger("migrate")
-
-
-class MigrationError(Exception):
-    """A failure the operator can act on; its text is the one line printed."""
-
-
-# --- Connecting --------------------------------------------------------------
-
-
-def connection_params(url):
-    """libpq keyword/value pairs of DATABASE_URL, in either form libpq accepts."""
-    try:
-        params = parse_dsn(url)
-    except psycopg2.ProgrammingError:
-        # libpq's reason can quote the input, password included, so it is not shown.
-        raise MigrationError(
-            "DATABASE_URL cannot be parsed: write it as 'host=H port=P user=U dbname=D'"
-            " or as 'postgresql://U:PASSWORD@H:P/D'"
-        ) from None
-    if not (params.get("dbname") or os.environ.get("PGDATABASE")):
-        raise MigrationError(
-            "DATABASE_URL names no database: add dbname=NAME (or /NAME to the URL)"
-        )
-    return params
-
-
-def describe(params):
-    """The connection as a libpq string with the password masked."""
-    return make_dsn(**{key: "***" if key == "password" else value for key, value in params.items()})
-
-
-def secrets_of(params):
-    return [s for s in (params.get("password"), os.environ.get("PGPASSWORD")) if s]
-
-
-def connect(params, wait_seconds=0):
-    """Bind models.database to params and open it, retrying an unreachable server until wait_seconds."""
-    params = dict(params)
-    database.init(params.pop("dbname", None) or os.environ["PGDATABASE"], **params)
-    deadline = time.monotonic() + wait_seconds
-    waiting = False
-    while True:
-        try:
-            database.connect(reuse_if_open=True)
-            return database
-        except peewee.OperationalError as exc:
-            reason = connection_failure(exc, params)
-            if not reason.startswith("cannot reach") or time.monotonic() >= deadline:
-                raise MigrationError(reason) from None
-            if not waiting:
-                log.info("waiting up to %g s for the server to accept connections", wait_seconds)
-                waiting = True
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-
-
-# libpq's words for a server that is not (yet) there: --wait retries these.
-UNREACHABLE_SIGNS = (
-    "Connection refused",
-    "could not connect",
-    "could not translate host name",
-    "timeout expired",
-    "No such file or directory",
-    "the database system is starting up",
-    "the database system is shutting down",
-)
-
-
-def connection_failure(exc, params):
-    """What a failed connection means for the operator, from libpq's message."""
-    text = str(exc).strip()
-    # libpq: 'connection to server at "h", port 5432 failed: FATAL:  <reason>'
-    first_line = text.splitlines()[0] if text else "unknown error"
-    detail = first_line.split(" failed: ", 1)[-1].replace("FATAL:", "").strip()
-    where = f"host={params.get('host', 'localhost')} port={params.get('port', '5432')}"
-    if "password authentication failed" in text or "no password supplied" in text:
-        return f"authentication failed ({detail}): check the password in DATABASE_URL or PGPASSWORD"
-    if "no pg_hba.conf entry" in text or ("role" in text and "does not exist" in text):
-        return f"the server refused the login ({detail}): check the user in DATABASE_URL"
-    if "database" in text and "does not exist" in text:
-        dbname = database.database
-        return f'database "{dbname}" does not exist: create it first (createdb {dbname})'
-    if any(sign in text for sign in UNREACHABLE_SIGNS):
-        return f"cannot reach the server at {where} ({detail}): start it, fix DATABASE_URL, or pass --wait SECONDS"
-    return f"cannot connect to {where}: {detail}"
 
 
 # --- Reading the catalog ----------------------------------------------------
@@ -769,7 +688,7 @@ def main(argv=None):
         params = connection_params(os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL))
         handler.addFilter(RedactSecrets(secrets_of(params)))
         log.info("database %s", describe(params))
-        connect(params, args.wait)
+        connect(params, args.wait, log)
         if args.check or args.dry_run:
             plan = plan_changes(read_catalog(), args.concurrently)
             return check(plan, started) if args.check else dry_run(plan, args.lock_timeout)
