@@ -34,8 +34,10 @@ from peewee import BigIntegerField, CharField, ForeignKeyField, TextField
 from playhouse.schema_diff import diff_models
 from psycopg2.extensions import make_dsn, parse_dsn
 
+import catalog
 import migrate
 import models
+import plan
 
 HERE = Path(__file__).resolve().parent
 SERVER_URL = os.environ.get(
@@ -306,7 +308,7 @@ def count_queries(function):
 
 
 def plan_synthetic(synthetic):
-    migrate.plan_changes(migrate.read_catalog(), models=synthetic)
+    plan.plan_changes(catalog.read_catalog(), models=synthetic)
 
 
 def bench_growth(scratch, settings):
@@ -614,9 +616,9 @@ def bench_write_cost(scratch, settings, used_indexes):
 def redundancy(index_name):
     """Why an index may be redundant: its column leads a composite index of the contract."""
     indexes = {index._name: index for index in models.RequestLog._meta.fields_to_index()}
-    column = migrate.index_columns(indexes[index_name])
+    column = plan.index_columns(indexes[index_name])
     for other, index in indexes.items():
-        parts = migrate.index_columns(index)
+        parts = plan.index_columns(index)
         if other != index_name and len(parts) > 1 and parts[:1] == column:
             return f"its column leads {other}"
     return "supports a foreign key" if index_name.endswith("_key_id") else ""

@@ -233,7 +233,10 @@ def test_missing_nullable_and_defaulted_columns_are_added_with_data_intact(migra
 def test_not_null_column_with_a_default_is_added_in_one_statement(migrated_db):
     migrated_db.rows("ALTER TABLE users DROP COLUMN used_quota")
     result = run_migrate(migrated_db.url, "--dry-run")
-    assert 'ALTER TABLE "users" ADD COLUMN "used_quota" BIGINT NOT NULL DEFAULT 0;' in result.stdout
+    assert (
+        'ALTER TABLE "users" ADD COLUMN IF NOT EXISTS "used_quota" BIGINT NOT NULL DEFAULT 0;'
+        in result.stdout
+    )
     assert "UPDATE" not in result.stdout
 
 
@@ -273,8 +276,8 @@ def test_check_reports_pending_changes_and_changes_nothing(migrated_db):
     result = run_migrate(migrated_db.url, "--check")
     assert result.returncode == migrate.EXIT_PENDING
     assert (
-        'CREATE INDEX "idx_users_status" ON "users" ("status") WHERE ("deleted_at" IS NULL);'
-        in result.stdout
+        'CREATE INDEX CONCURRENTLY IF NOT EXISTS "idx_users_status" ON "users" ("status")'
+        ' WHERE ("deleted_at" IS NULL);' in result.stdout
     )
     assert catalog(migrated_db) == before
 
@@ -359,14 +362,15 @@ def test_dry_run_prints_the_statements_with_transaction_boundaries_and_changes_n
     result = run_migrate(migrated_db.url, "--dry-run")
 
     assert result.returncode == 0, result.stderr
-    statements = result.stdout.splitlines()
-    assert statements[:3] == [
+    statements = [line for line in result.stdout.splitlines() if not line.startswith("--")]
+    assert statements[:4] == [
         "BEGIN;",
-        f"SELECT pg_advisory_xact_lock({migrate.TRANSACTION_LOCK_KEY});",
-        "SET LOCAL lock_timeout = '5000ms';",
+        "SET LOCAL lock_timeout = '50ms';",
+        "SET LOCAL statement_timeout = '10000ms';",
+        "SET LOCAL idle_in_transaction_session_timeout = '10000ms';",
     ]
-    assert statements[-1] == "COMMIT;"
-    assert 'ALTER TABLE "request_logs" ADD COLUMN "error_msg" TEXT;' in statements
+    assert 'ALTER TABLE "request_logs" ADD COLUMN IF NOT EXISTS "error_msg" TEXT;' in statements
+    assert statements[-2:] == ["RESET lock_timeout;", "RESET statement_timeout;"]
     assert migrated_db.rows("SELECT command FROM audit.ddl_log") == []
     assert catalog(migrated_db) == before
 
@@ -386,18 +390,15 @@ def test_a_real_run_executes_exactly_what_dry_run_printed(migrated_db):
     assert_contract_catalog(migrated_db)
 
 
-def test_dry_run_with_concurrently_builds_indexes_after_the_transaction(migrated_db):
+def test_dry_run_builds_indexes_on_existing_tables_online_after_the_commit(migrated_db):
     break_partly(migrated_db)
-    statements = run_migrate(migrated_db.url, "--dry-run", "--concurrently").stdout.splitlines()
+    statements = run_migrate(migrated_db.url, "--dry-run").stdout.splitlines()
     commit = statements.index("COMMIT;")
-    concurrent = statements[commit + 1 :]
-    assert concurrent[0] == (
-        f"SELECT pg_try_advisory_lock({migrate.INDEX_BUILD_LOCK_KEY}); -- repeated until it returns true"
-    )
-    assert concurrent[-1] == f"SELECT pg_advisory_unlock({migrate.INDEX_BUILD_LOCK_KEY});"
-    assert sorted(concurrent[1:-1]) == [
-        'CREATE INDEX CONCURRENTLY "idx_request_logs_model_created" ON "request_logs" ("model", "created_at" DESC);',
-        'CREATE UNIQUE INDEX CONCURRENTLY "idx_users_email" ON "users" ("email");',
+    online = [line for line in statements[commit + 1 :] if not line.startswith("--")]
+    assert online[:2] == ["SET lock_timeout = '5000ms';", "SET statement_timeout = '0ms';"]
+    assert sorted(online[2:-2]) == [
+        'CREATE INDEX CONCURRENTLY IF NOT EXISTS "idx_request_logs_model_created" ON "request_logs" ("model", "created_at" DESC);',
+        'CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS "idx_users_email" ON "users" ("email");',
     ]
     # The new table's indexes are built inside the transaction, with the table.
     assert (
@@ -406,20 +407,39 @@ def test_dry_run_with_concurrently_builds_indexes_after_the_transaction(migrated
     )
 
 
+def test_concurrently_is_accepted_and_plans_what_the_default_plans(migrated_db):
+    break_partly(migrated_db)
+    default = run_migrate(migrated_db.url, "--dry-run")
+    concurrently = run_migrate(migrated_db.url, "--dry-run", "--concurrently")
+    assert concurrently.returncode == 0, concurrently.stderr
+    assert concurrently.stdout == default.stdout
+
+
+def test_dry_run_with_atomic_builds_every_index_inside_the_transaction(migrated_db):
+    break_partly(migrated_db)
+    statements = run_migrate(migrated_db.url, "--dry-run", "--atomic").stdout.splitlines()
+    commit = statements.index("COMMIT;")
+    assert statements[commit + 1 :] == []
+    assert 'CREATE UNIQUE INDEX "idx_users_email" ON "users" ("email");' in statements[:commit]
+
+
 # --- Locks and concurrency ------------------------------------------------------
 
 
-def test_lock_timeout_gives_up_with_a_message_and_changes_nothing(migrated_db):
+def test_lock_timeout_gives_up_naming_the_blocking_session_and_changes_nothing(migrated_db):
     migrated_db.rows("DROP TABLE load_balancer_configs")
-    migrated_db.rows("DROP INDEX idx_request_logs_model")  # needs a SHARE lock on request_logs
+    migrated_db.rows("DROP INDEX idx_request_logs_model")  # --atomic: a SHARE lock on request_logs
     writer = open_write_transaction(migrated_db)
+    writer_pid = writer.get_backend_pid()
     try:
-        result = run_migrate(migrated_db.url, "--lock-timeout", "0.5")
+        result = run_migrate(migrated_db.url, "--atomic", "--lock-timeout", "0.5")
     finally:
         writer.rollback()
         writer.close()
 
-    assert_clean_failure(result, "a table stayed locked by another session for 0.5 s")
+    assert_clean_failure(result, "request_logs stayed locked for the whole --lock-timeout of 0.5 s")
+    assert f"pid {writer_pid} (" in result.stderr
+    assert "holds ROW EXCLUSIVE on request_logs" in result.stderr
     assert "nothing was changed" in result.stderr
     assert "--lock-timeout" in result.stderr.splitlines()[-1]
     assert "load_balancer_configs" not in migrated_db.tables()
@@ -435,9 +455,9 @@ def test_eight_parallel_runs_on_a_partly_built_database_all_succeed(migrated_db)
     assert_contract_catalog(migrated_db)
 
 
-def test_eight_parallel_concurrent_runs_on_a_partly_built_database_all_succeed(migrated_db):
+def test_eight_parallel_atomic_runs_on_a_partly_built_database_all_succeed(migrated_db):
     break_partly(migrated_db)
-    statuses, outputs = run_in_parallel(migrated_db, 8, "--concurrently")
+    statuses, outputs = run_in_parallel(migrated_db, 8, "--atomic")
     assert statuses == [0] * 8, outputs
     assert sum(output.count("created index idx_users_email") for output in outputs) == 1
     assert_contract_catalog(migrated_db)
@@ -450,16 +470,16 @@ def test_failed_concurrent_build_leaves_an_invalid_index_that_the_next_run_rebui
         "INSERT INTO api_keys (user_id, key, name) SELECT id, 'dup', n FROM users, (VALUES ('1'), ('2')) v(n)"
     )
 
-    failed = run_migrate(migrated_db.url, "--concurrently")
+    failed = run_migrate(migrated_db.url)
 
-    assert_clean_failure(failed, "an index left INVALID is rebuilt by the next run")
+    assert_clean_failure(failed, "an index left INVALID is dropped and rebuilt")
     assert not migrated_db.value(
         "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx_api_keys_key'::regclass"
     )
     assert run_migrate(migrated_db.url, "--check").returncode == migrate.EXIT_PENDING
 
     migrated_db.rows("DELETE FROM api_keys WHERE name = '2'")
-    repaired = run_migrate(migrated_db.url, "--concurrently")
+    repaired = run_migrate(migrated_db.url)
 
     assert repaired.returncode == 0, repaired.stderr
     assert "migrate: dropped invalid index idx_api_keys_key" in repaired.stderr
@@ -468,7 +488,7 @@ def test_failed_concurrent_build_leaves_an_invalid_index_that_the_next_run_rebui
     assert migrated_db.value("SELECT bool_and(indisvalid) FROM pg_index")
 
 
-# --- Writers keep writing during --concurrently --------------------------------------
+# --- Writers keep writing during the online stage --------------------------------------
 
 REQUEST_LOG_INDEXES = [
     "idx_request_logs_deleted_at",
@@ -537,10 +557,10 @@ def migrate_while_inserting(db, *args):
     return result, during, inserter.timed_out
 
 
-def test_concurrently_builds_indexes_on_a_million_rows_while_inserts_keep_going(migrated_db):
+def test_default_run_builds_indexes_on_a_million_rows_while_inserts_keep_going(migrated_db):
     load_a_million_request_logs(migrated_db)
 
-    result, inserted, timed_out = migrate_while_inserting(migrated_db, "--concurrently")
+    result, inserted, timed_out = migrate_while_inserting(migrated_db)
 
     assert result.returncode == 0, result.stderr
     assert timed_out == 0  # no insert waited 200 ms for a lock
@@ -548,10 +568,10 @@ def test_concurrently_builds_indexes_on_a_million_rows_while_inserts_keep_going(
     assert_contract_catalog(migrated_db)
 
 
-def test_without_concurrently_the_same_build_makes_inserts_wait(migrated_db):
+def test_with_atomic_the_same_build_makes_inserts_wait(migrated_db):
     load_a_million_request_logs(migrated_db)
 
-    result, _, timed_out = migrate_while_inserting(migrated_db)
+    result, _, timed_out = migrate_while_inserting(migrated_db, "--atomic")
 
     assert result.returncode == 0, result.stderr
     assert timed_out > 0  # the SHARE lock of CREATE INDEX held inserts back
