@@ -293,9 +293,9 @@ def open_write_transaction(db):
     return writer
 
 
-def run_in_parallel(db, count, *args):
+def run_in_parallel(db, count, *args, url=None):
     """Start `count` copies of migrate.py at once; returns their exit codes and stderr."""
-    environment = {**os.environ, "DATABASE_URL": db.url}
+    environment = {**os.environ, "DATABASE_URL": url or db.url}
     command = [sys.executable, str(HERE / "migrate.py"), *args]
     runs = [
         subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True)

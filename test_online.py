@@ -1,0 +1,415 @@
+"""
+A run never stalls the gateway and never hangs, whatever the application holds.
+
+Lock waits come in short attempts within the --lock-timeout budget and end
+by naming the blocking session; foreign keys are added NOT VALID and
+validated online; a no-op run waits for no table; an index another session
+is building is left to it; a transaction pooler is refused for the online
+stage; statement_timeout is explicit; --dry-run names each statement's lock
+and is clean under squawk. The figures (how long writers wait) are in
+bench.py, section 8, not here.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+import apply
+from conftest import (
+    HERE,
+    assert_clean_failure,
+    open_write_transaction,
+    record_ddl,
+    run_in_parallel,
+    run_migrate,
+)
+from test_migrate import assert_contract_catalog
+
+
+def session(db, *statements):
+    """Another client: a connection with an open transaction that ran `statements`."""
+    connection = psycopg2.connect(db.url)
+    with connection.cursor() as cursor:
+        for statement in statements:
+            cursor.execute(statement)
+    return connection
+
+
+def end_after(connection, seconds):
+    """Roll the session back after `seconds`, from a timer thread."""
+    timer = threading.Timer(seconds, lambda: (connection.rollback(), connection.close()))
+    timer.start()
+    return timer
+
+
+def add_users_and_logs(db, logs=1000):
+    db.rows("INSERT INTO users (username, email, password_hash) VALUES ('u', 'u@x', 'h')")
+    db.rows("INSERT INTO api_keys (user_id, key, name) SELECT id, 'k-logs', 'n' FROM users")
+    db.rows(
+        "INSERT INTO request_logs (user_id, api_key_id, api_config_id, model, method, path,"
+        " status_code, response_time) SELECT k.user_id, k.id, 1, 'm' || g % 10, 'POST', '/', 200, 5"
+        f" FROM generate_series(1, {logs}) g, api_keys k"
+    )
+
+
+def foreign_key_validated(db, name):
+    return db.value("SELECT convalidated FROM pg_constraint WHERE conname = %s", name)
+
+
+# --- Foreign keys: NOT VALID, then VALIDATE online ------------------------------------
+
+
+def test_missing_foreign_key_is_added_not_valid_then_validated_after_the_commit(migrated_db):
+    add_users_and_logs(migrated_db)
+    migrated_db.rows("ALTER TABLE request_logs DROP CONSTRAINT fk_request_logs_user")
+    record_ddl(migrated_db)
+
+    result = run_migrate(migrated_db.url)
+
+    assert result.returncode == 0, result.stderr
+    executed = [query for (query,) in migrated_db.rows("SELECT query FROM audit.ddl_log")]
+    assert executed == [
+        (
+            'ALTER TABLE "request_logs" ADD CONSTRAINT "fk_request_logs_user" FOREIGN KEY ("user_id")'
+            ' REFERENCES "users" ("id") NOT VALID'
+        ),
+        'ALTER TABLE "request_logs" VALIDATE CONSTRAINT "fk_request_logs_user"',
+    ]
+    assert foreign_key_validated(migrated_db, "fk_request_logs_user")
+    assert_contract_catalog(migrated_db)
+
+
+def test_not_valid_foreign_key_left_by_an_interrupted_run_is_pending_for_check(migrated_db):
+    migrated_db.rows("ALTER TABLE api_keys DROP CONSTRAINT fk_api_keys_user")
+    migrated_db.rows(
+        "ALTER TABLE api_keys ADD CONSTRAINT fk_api_keys_user FOREIGN KEY (user_id)"
+        " REFERENCES users (id) NOT VALID"
+    )
+    result = run_migrate(migrated_db.url, "--check")
+    assert result.returncode == 1, result.stderr
+    assert 'ALTER TABLE "api_keys" VALIDATE CONSTRAINT "fk_api_keys_user";' in result.stdout
+    assert "-- drift" not in result.stdout
+
+
+def test_not_valid_foreign_key_left_by_an_interrupted_run_is_validated_by_the_next(migrated_db):
+    migrated_db.rows("ALTER TABLE api_keys DROP CONSTRAINT fk_api_keys_user")
+    migrated_db.rows(
+        "ALTER TABLE api_keys ADD CONSTRAINT fk_api_keys_user FOREIGN KEY (user_id)"
+        " REFERENCES users (id) NOT VALID"
+    )
+    result = run_migrate(migrated_db.url)
+    assert result.returncode == 0, result.stderr
+    assert "migrate: validated foreign key fk_api_keys_user" in result.stderr
+    assert foreign_key_validated(migrated_db, "fk_api_keys_user")
+
+
+def test_atomic_adds_a_missing_foreign_key_checked_inside_the_transaction(migrated_db):
+    migrated_db.rows("ALTER TABLE request_logs DROP CONSTRAINT fk_request_logs_user")
+    record_ddl(migrated_db)
+    assert run_migrate(migrated_db.url, "--atomic").returncode == 0
+    executed = [query for (query,) in migrated_db.rows("SELECT query FROM audit.ddl_log")]
+    assert executed == [
+        (
+            'ALTER TABLE "request_logs" ADD CONSTRAINT "fk_request_logs_user" FOREIGN KEY ("user_id")'
+            ' REFERENCES "users" ("id")'
+        )
+    ]
+
+
+def test_foreign_key_whose_rows_do_not_match_fails_online_and_stays_not_valid(migrated_db):
+    add_users_and_logs(migrated_db, logs=3)
+    migrated_db.rows("ALTER TABLE request_logs DROP CONSTRAINT fk_request_logs_user")
+    migrated_db.rows("UPDATE request_logs SET user_id = 999 WHERE id = 1")
+
+    result = run_migrate(migrated_db.url)
+
+    assert_clean_failure(result, "validating foreign key fk_request_logs_user failed")
+    assert "the transaction was committed" in result.stderr
+    assert foreign_key_validated(migrated_db, "fk_request_logs_user") is False
+
+
+# --- Lock waits: short attempts within a budget, then the blocker named ----------------
+
+
+def test_a_waiting_alter_retries_until_a_long_reader_ends_and_then_succeeds(migrated_db):
+    migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
+    reader = session(migrated_db, "SELECT count(*) FROM users")
+    timer = end_after(reader, 1.0)
+
+    result = run_migrate(migrated_db.url, "--lock-timeout", "10")
+
+    timer.join()
+    assert result.returncode == 0, result.stderr
+    assert "migrate: added column users.last_sign_in" in result.stderr
+
+
+def test_a_reader_holding_the_table_past_the_budget_is_named_and_nothing_changes(migrated_db):
+    migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
+    reader = session(migrated_db, "SELECT count(*) FROM users")
+    try:
+        result = run_migrate(migrated_db.url, "--lock-timeout", "0.5")
+        assert_clean_failure(result, "users stayed locked for the whole --lock-timeout of 0.5 s")
+        assert f"pid {reader.get_backend_pid()} (" in result.stderr
+        assert "idle in transaction" in result.stderr
+        assert "holds ACCESS SHARE on users" in result.stderr
+        assert "nothing was changed" in result.stderr
+    finally:
+        reader.rollback()
+        reader.close()
+    assert (
+        migrated_db.value(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'users'::regclass"
+            " AND attname = 'last_sign_in'"
+        )
+        == 0
+    )
+
+
+def test_no_op_run_beside_an_access_exclusive_holder_finishes_once_it_lets_go(migrated_db):
+    holder = session(migrated_db, "LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+    timer = end_after(holder, 1.0)
+    result = run_migrate(migrated_db.url, "--lock-timeout", "10")
+    timer.join()
+    assert result.returncode == 0, result.stderr
+    assert "schema is up to date" in result.stderr
+
+
+def test_no_op_run_beside_an_access_exclusive_holder_fails_within_the_budget_naming_it(migrated_db):
+    holder = session(migrated_db, "LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+    try:
+        result = run_migrate(migrated_db.url, "--lock-timeout", "0.5")
+        assert_clean_failure(result, "stayed locked for the whole --lock-timeout of 0.5 s")
+        assert f"pid {holder.get_backend_pid()} (" in result.stderr
+        assert "holds ACCESS EXCLUSIVE on api_keys" in result.stderr
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_a_role_lock_timeout_does_not_apply_to_the_runs_own_waits(migrated_db):
+    migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
+    url = migrated_db.url_with(options="-c lock_timeout=1ms")
+    statuses, outputs = run_in_parallel(migrated_db, 8, url=url)
+    assert statuses == [0] * 8, outputs
+    assert sum(output.count("added column users.last_sign_in") for output in outputs) == 1
+
+
+# --- The migration lock --------------------------------------------------------------------
+
+
+def test_waiting_for_another_runs_migration_lock_ends_within_the_budget_naming_it(migrated_db):
+    migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
+    other_run = session(migrated_db, f"SELECT pg_advisory_xact_lock({apply.MIGRATION_LOCK_KEY})")
+    try:
+        result = run_migrate(migrated_db.url, "--lock-timeout", "0.5")
+        assert_clean_failure(result, "another migrate.py run held the migration lock")
+        assert f"pid {other_run.get_backend_pid()} (" in result.stderr
+        assert "waiting for the migration lock, held by pid" in result.stderr
+    finally:
+        other_run.rollback()
+        other_run.close()
+
+
+def test_a_run_leaves_no_advisory_lock_behind(migrated_db):
+    migrated_db.rows("DROP INDEX idx_users_status")
+    assert run_migrate(migrated_db.url).returncode == 0
+    assert migrated_db.value("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == 0
+
+
+# --- Indexes another session is building -----------------------------------------------------
+
+
+def test_an_index_another_session_is_still_building_is_left_to_it(migrated_db):
+    migrated_db.rows("DROP INDEX idx_request_logs_model")
+    # An open write makes the other session's build wait, INVALID, in its first phase.
+    writer = open_write_transaction(migrated_db)
+    builder = psycopg2.connect(migrated_db.url)
+    builder.autocommit = True
+    build = threading.Thread(
+        target=builder.cursor().execute,
+        args=('CREATE INDEX CONCURRENTLY "idx_request_logs_model" ON "request_logs" ("model")',),
+    )
+    build.start()
+    try:
+        while not migrated_db.value(
+            "SELECT count(*) FROM pg_class WHERE relname = 'idx_request_logs_model'"
+        ):
+            time.sleep(0.05)
+
+        check = run_migrate(migrated_db.url, "--check")
+        result = run_migrate(migrated_db.url)
+
+        assert check.returncode == 1
+        assert "idx_request_logs_model is being built by another session" in check.stdout
+        assert result.returncode == 0, result.stderr
+        assert "left to another session: index idx_request_logs_model" in result.stderr
+        assert "dropped invalid index" not in result.stderr
+    finally:
+        writer.rollback()
+        writer.close()
+        build.join(timeout=60)
+        builder.close()
+    assert migrated_db.value(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx_request_logs_model'::regclass"
+    )
+
+
+# --- statement_timeout ----------------------------------------------------------------------------
+
+
+def test_a_role_statement_timeout_does_not_cancel_an_online_build(migrated_db):
+    add_users_and_logs(migrated_db, logs=200_000)
+    migrated_db.rows("DROP INDEX idx_request_logs_model_created")
+    result = run_migrate(migrated_db.url_with(options="-c statement_timeout=20ms"))
+    assert result.returncode == 0, result.stderr
+    assert_contract_catalog(migrated_db)
+
+
+def test_statement_timeout_option_stops_a_build_and_names_itself(migrated_db):
+    add_users_and_logs(migrated_db, logs=200_000)
+    migrated_db.rows("DROP INDEX idx_request_logs_model_created")
+    result = run_migrate(migrated_db.url, "--statement-timeout", "0.001")
+    assert_clean_failure(result, "ran longer than the --statement-timeout of 0.001 s")
+    assert "raise --statement-timeout, or 0 for no limit" in result.stderr
+
+
+# --- Hazards in --dry-run and --check, and squawk -----------------------------------------------
+
+
+def break_three_ways(db):
+    db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
+    db.rows("ALTER TABLE request_logs DROP CONSTRAINT fk_request_logs_user")
+    db.rows("DROP INDEX idx_request_logs_model_created")
+
+
+def test_dry_run_names_the_lock_of_each_statement_what_it_blocks_and_the_rows(migrated_db):
+    add_users_and_logs(migrated_db, logs=5000)
+    migrated_db.rows("ANALYZE")
+    break_three_ways(migrated_db)
+    lines = run_migrate(migrated_db.url, "--dry-run").stdout.splitlines()
+
+    def hazard_of(statement_start):
+        index = next(i for i, line in enumerate(lines) if line.startswith(statement_start))
+        return lines[index - 1]
+
+    assert hazard_of('ALTER TABLE "users" ADD COLUMN') == (
+        "-- locks users ACCESS EXCLUSIVE (blocks reads and writes); instant, no rewrite; users ~1 rows"
+    )
+    assert hazard_of('ALTER TABLE "request_logs" ADD CONSTRAINT').startswith(
+        "-- locks request_logs, users SHARE ROW EXCLUSIVE (blocks writes); instant, no scan;"
+    )
+    assert hazard_of('ALTER TABLE "request_logs" VALIDATE').startswith(
+        "-- locks request_logs SHARE UPDATE EXCLUSIVE (blocks nothing); scans the table;"
+    )
+    assert hazard_of("CREATE INDEX CONCURRENTLY").endswith("request_logs ~5,000 rows")
+
+
+def test_check_prints_the_hazard_of_each_pending_statement(migrated_db):
+    break_three_ways(migrated_db)
+    report = run_migrate(migrated_db.url, "--check").stdout
+    assert "-- locks users ACCESS EXCLUSIVE (blocks reads and writes)" in report
+    assert "-- pending, online after the transaction (one statement at a time):" in report
+
+
+def test_dry_run_output_on_a_live_database_is_squawk_clean(migrated_db, tmp_path):
+    squawk = shutil.which("squawk") or shutil.which(
+        "squawk", path=os.path.dirname(os.sys.executable)
+    )
+    if squawk is None:
+        pytest.skip("squawk not installed (pip install squawk-cli)")
+    break_three_ways(migrated_db)
+    migrated_db.rows("DROP TABLE sign_in_records")
+    script = tmp_path / "dry_run.sql"
+    script.write_text(run_migrate(migrated_db.url, "--dry-run").stdout)
+
+    result = subprocess.run(
+        [squawk, "--config", str(HERE / ".squawk.toml"), str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "VALIDATE CONSTRAINT" in script.read_text()
+
+
+# --- Transaction pooling (pgbouncer) ---------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def transaction_pooler(migrated_db):
+    """pgbouncer in pool_mode=transaction in front of the test database; yields its DATABASE_URL."""
+    binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if binary is None:
+        pytest.skip("pgbouncer not installed (apt-get install pgbouncer)")
+    folder = Path(tempfile.mkdtemp(prefix="migrate-test-pgbouncer-"))
+    port = free_port()
+    params = migrated_db.params
+    (folder / "users.txt").write_text(f'"{params["user"]}" ""\n')
+    (folder / "pgbouncer.ini").write_text(
+        f"[databases]\n{migrated_db.name} = host={params.get('host', 'localhost')}"
+        f" port={params.get('port', 5432)} dbname={migrated_db.name}\n"
+        f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n"
+        f"unix_socket_dir =\nauth_type = trust\nauth_file = {folder}/users.txt\n"
+        f"pool_mode = transaction\ndefault_pool_size = 4\nmax_client_conn = 100\n"
+        f"logfile = {folder}/log\npidfile = {folder}/pid\n"
+        "ignore_startup_parameters = extra_float_digits\n"
+    )
+    command = [binary, "-d", str(folder / "pgbouncer.ini")]
+    if os.geteuid() == 0:  # pgbouncer refuses to run as root
+        shutil.chown(folder, "postgres")
+        command[1:1] = ["-u", "postgres"]
+    subprocess.run(command, check=True, timeout=30)
+    url = migrated_db.url_with(host="127.0.0.1", port=str(port))
+    for _ in range(100):
+        try:
+            psycopg2.connect(url).close()
+            break
+        except psycopg2.OperationalError:
+            time.sleep(0.1)
+    yield url
+    pid = int((folder / "pid").read_text())
+    os.kill(pid, 15)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_parallel_runs_through_a_transaction_pooler_leave_no_lock_and_say_why(
+    migrated_db, transaction_pooler
+):
+    add_users_and_logs(migrated_db, logs=20_000)
+    migrated_db.rows("DROP INDEX idx_request_logs_model, idx_request_logs_model_created")
+
+    statuses, outputs = run_in_parallel(migrated_db, 8, url=transaction_pooler)
+
+    assert set(statuses) <= {0, 2}, outputs
+    for status, output in zip(statuses, outputs):
+        assert "Traceback" not in output
+        if status == 2:
+            assert "transaction pooler" in output.strip().splitlines()[-1], output
+    assert migrated_db.value("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == 0
+    direct = run_migrate(migrated_db.url, "--lock-timeout", "5")
+    assert direct.returncode == 0, direct.stderr
+    assert_contract_catalog(migrated_db)
+
+
+def test_atomic_runs_through_a_transaction_pooler_succeed(migrated_db, transaction_pooler):
+    migrated_db.rows("DROP INDEX idx_users_status")
+    migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
+    result = run_migrate(transaction_pooler, "--atomic")
+    assert result.returncode == 0, result.stderr
+    assert_contract_catalog(migrated_db)
