@@ -67,14 +67,19 @@ LEFT JOIN pg_class r ON r.oid = k.confrelid
 WHERE k.connamespace = current_schema()::regnamespace AND k.contype IN ('f', 'u')
 ORDER BY t.relname, k.conname
 """
-# Who else works on an INVALID index: a CREATE INDEX CONCURRENTLY in progress
-# holds a lock on the index itself while it builds, and shows in the progress
-# view (to its own role and to pg_read_all_stats); a failed build shows in neither.
+# Who else works on an INVALID index: CREATE INDEX CONCURRENTLY holds a
+# SHARE UPDATE EXCLUSIVE lock on the table from start to end (between its
+# transactions too), a lock on the index while it builds, and shows in the
+# progress view (to its role and pg_read_all_stats). A failed build has none.
+# Another client's VACUUM or ALTER also holds the table lock: the index is then
+# left alone this once, and the next run rebuilds it.
 INDEX_BUILDER_QUERY = """
 SELECT a.pid, a.application_name
 FROM pg_stat_activity a
-WHERE a.pid <> pg_backend_pid()
-  AND (a.pid IN (SELECT pid FROM pg_locks WHERE relation = quote_ident(%(index)s)::regclass)
+WHERE a.pid <> pg_backend_pid() AND a.backend_type = 'client backend'
+  AND (a.pid IN (SELECT l.pid FROM pg_locks l JOIN pg_index x ON l.relation IN (x.indexrelid, x.indrelid)
+                 WHERE x.indexrelid = quote_ident(%(index)s)::regclass
+                   AND (l.relation = x.indexrelid OR l.mode = 'ShareUpdateExclusiveLock'))
        OR a.pid IN (SELECT pid FROM pg_stat_progress_create_index
                     WHERE index_relid = quote_ident(%(index)s)::regclass))
 LIMIT 1
