@@ -282,9 +282,14 @@ class GormAlias(ModelAlias):
         return self.select(*selection).with_deleted()
 
 
-class WholeTableGuard:
-    """Refuses an UPDATE or DELETE without a WHERE, unless all_rows() says it is meant."""
+class GuardedWrite:
+    """What GORM adds to an UPDATE or DELETE.
 
+    The query is refused without a WHERE, unless all_rows() says the whole
+    table is meant, and soft-deleted rows are left alone unless with_deleted().
+    """
+
+    verb = None  # the call that made the query, for the error message
     _all_rows = False
     _with_deleted = False
 
@@ -296,11 +301,11 @@ class WholeTableGuard:
     def with_deleted(self):
         self._with_deleted = True
 
-    def guarded_where(self, verb):
+    def guarded_where(self):
         if self._where is None and not self._all_rows:
             table = self.model._meta.table_name
             raise MissingWhereError(
-                f"{verb} on {table} without a WHERE would change every row:"
+                f"{self.verb} on {table} without a WHERE would change every row:"
                 " add .where(...), or call .all_rows() if that is meant"
             )
         return conjunction(
@@ -308,10 +313,12 @@ class WholeTableGuard:
         )
 
 
-class GormUpdate(WholeTableGuard, ModelUpdate):
+class GormUpdate(GuardedWrite, ModelUpdate):
     """GORM's Update: sets updated_at unless given, skips soft-deleted rows unless with_deleted()."""
 
-    def values(self):
+    verb = "update()"
+
+    def assignments(self):
         values = dict(self._update)
         if "updated_at" in self.model._meta.fields:
             values.setdefault(self.model.updated_at, utc_now())
@@ -319,33 +326,38 @@ class GormUpdate(WholeTableGuard, ModelUpdate):
 
     def __sql__(self, ctx):
         rendered = Node.clone(self)
-        rendered._update = self.values()
-        rendered._where = self.guarded_where("update()")
+        rendered._update = self.assignments()
+        rendered._where = self.guarded_where()
         return super(GormUpdate, rendered).__sql__(ctx)
 
 
 class ColumnUpdate(GormUpdate):
     """GORM's UpdateColumn(s): as update(), but updated_at is left alone."""
 
-    def values(self):
+    verb = "update_columns()"
+
+    def assignments(self):
         return dict(self._update)
 
 
 class SoftDelete(ColumnUpdate):
     """GORM's Delete of a soft-deleting model: sets deleted_at on the rows not deleted yet."""
 
-    def values(self):
+    verb = "delete()"
+
+    def assignments(self):
         return {self.model.deleted_at: utc_now()}
 
 
-class PermanentDelete(WholeTableGuard, ModelDelete):
+class PermanentDelete(GuardedWrite, ModelDelete):
     """GORM's Unscoped().Delete: DELETE, soft-deleted rows included."""
 
+    verb = "delete_permanently()"
     _with_deleted = True
 
     def __sql__(self, ctx):
         rendered = Node.clone(self)
-        rendered._where = self.guarded_where("delete_permanently()")
+        rendered._where = self.guarded_where()
         return super(PermanentDelete, rendered).__sql__(ctx)
 
 
