@@ -421,7 +421,9 @@ def bench_writer_stall(scratch, settings):
 
 # --- The gateway's queries on realistic data -------------------------------------------------
 
-# The lookups the gateway runs, with the parameters used to explain them.
+# The lookups the gateway runs, and the Go backend's admin and stats queries
+# (as GORM sends them: soft-deleted rows left out), with the parameters used
+# to explain them.
 GATEWAY_QUERIES = {
     "API key by its key": "SELECT * FROM api_keys WHERE key = %(key)s AND deleted_at IS NULL",
     "a user's latest 50 logs": (
@@ -440,6 +442,10 @@ GATEWAY_QUERIES = {
         "SELECT * FROM api_configs WHERE type = %(type)s AND is_active = true AND deleted_at IS NULL"
         " ORDER BY priority DESC"
     ),
+    "active configs serving a model": (
+        "SELECT * FROM api_configs WHERE is_active = true AND models @> %(models)s"
+        " AND deleted_at IS NULL ORDER BY priority DESC, weight DESC"
+    ),
     "a user's sign-ins since midnight": (
         "SELECT * FROM sign_in_records WHERE user_id = %(user_id)s"
         " AND created_at >= date_trunc('day', now()) AND deleted_at IS NULL"
@@ -448,13 +454,39 @@ GATEWAY_QUERIES = {
         "SELECT * FROM load_balancer_configs WHERE model_name = %(model)s AND is_active = true"
         " AND deleted_at IS NULL LIMIT 1"
     ),
+    "login by username": (
+        "SELECT * FROM users WHERE username = %(username)s AND deleted_at IS NULL"
+        " ORDER BY id LIMIT 1"
+    ),
+    "a user's API keys": "SELECT * FROM api_keys WHERE user_id = %(user_id)s AND deleted_at IS NULL",
+    "admin: today's request count": (
+        "SELECT count(*) FROM request_logs WHERE created_at >= %(today)s AND deleted_at IS NULL"
+    ),
+    "admin: count of 2xx requests": (
+        "SELECT count(*) FROM request_logs WHERE status_code >= 200 AND status_code < 300"
+        " AND deleted_at IS NULL"
+    ),
+    "admin: count of failed requests (>= 400)": (
+        "SELECT count(*) FROM request_logs WHERE status_code >= 400 AND deleted_at IS NULL"
+    ),
+    "admin: logs page 3, newest first": (
+        "SELECT * FROM request_logs WHERE deleted_at IS NULL"
+        " ORDER BY created_at DESC LIMIT 20 OFFSET %(offset)s"
+    ),
 }
 QUERY_PARAMS = {
     "key": "sk-" + hashlib.md5(b"1234").hexdigest(),  # api_keys row 1234 of load_gateway_data
     "user_id": 42,
+    "username": "user42",
     "model": "model-7",
+    "models": '["model-1"]',
     "type": "openai",
+    "today": models.utc_day_bounds()[0],
+    "offset": 40,
 }
+# Queries that count most of request_logs (98% of the loaded logs succeed):
+# reading the whole table is their right plan, and no index would spare it.
+TABLE_SCAN_QUERIES = {"admin: count of 2xx requests"}
 LARGE_TABLE_ROWS = 10_000  # a Seq Scan on a table above this many rows fails the check
 
 
@@ -553,9 +585,12 @@ def bench_queries(scratch, settings):
         summary, _, seq_scans, indexes = runs[0]
         used.update(indexes)
         slow = sorted(set(seq_scans) & large)
-        verdict = (
-            f"SEQ SCAN ON LARGE TABLE {', '.join(slow)}" if slow else "no Seq Scan on a large table"
-        )
+        if name in TABLE_SCAN_QUERIES:
+            verdict = "counts most of the table, a Seq Scan is expected"
+        elif slow:
+            verdict = f"SEQ SCAN ON LARGE TABLE {', '.join(slow)}"
+        else:
+            verdict = "no Seq Scan on a large table"
         add_row(
             f"6 query on {settings.request_logs:,} logs",
             name,

@@ -7,12 +7,23 @@ models bound to it (the `migrated_db` fixture).
 
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from peewee import IntegrityError
+from peewee import JOIN, IntegrityError, Select, fn
 
+import migrate
 from conftest import HERE
-from models import ApiConfig, ApiKey, LoadBalancerConfig, RequestLog, SignInRecord, User, database
+from models import (
+    ApiConfig,
+    ApiKey,
+    LoadBalancerConfig,
+    RequestLog,
+    SignInRecord,
+    User,
+    database,
+    utc_day_bounds,
+)
 
 
 def make_user(name="alice"):
@@ -230,6 +241,111 @@ def test_permanent_delete_removes_the_row(migrated_db):
     user.delete_instance(permanently=True)
     assert User.with_deleted().count() == 0
     assert migrated_db.value("SELECT count(*) FROM users") == 0
+
+
+def test_orwhere_cannot_bring_back_soft_deleted_rows(migrated_db):
+    make_user("keep")
+    make_user("gone").delete_instance()
+    query = User.select().where(User.username == "keep").orwhere(User.username == "gone")
+    assert [u.username for u in query] == ["keep"]
+    assert query.count() == 1
+
+
+def test_aliased_model_hides_soft_deleted_rows(migrated_db):
+    make_user("keep")
+    make_user("gone").delete_instance()
+    other = User.alias("other")
+    assert [u.username for u in other.select()] == ["keep"]
+    assert sorted(u.username for u in other.with_deleted()) == ["gone", "keep"]
+
+
+def test_subqueries_and_unions_hide_soft_deleted_rows(migrated_db):
+    keep, gone = make_user("keep"), make_user("gone")
+    make_key(keep, "sk-keep")
+    make_key(gone, "sk-gone").delete_instance()
+    gone.delete_instance()
+    with_live_keys = User.with_deleted().where(User.id.in_(ApiKey.select(ApiKey.user)))
+    names = User.select(User.username)
+    from_subquery = Select([names], [names.c.username]).bind(database)
+    union = User.select().where(User.username == "keep") | User.select().where(
+        User.username == "gone"
+    )
+    assert [u.username for u in with_live_keys] == ["keep"]
+    assert list(from_subquery.tuples()) == [("keep",)]
+    assert [u.username for u in union] == ["keep"]
+
+
+def test_with_deleted_joins_soft_deleted_rows_too(migrated_db):
+    gone = make_user("gone")
+    make_key(gone)
+    gone.delete_instance()
+    query = ApiKey.with_deleted(ApiKey, User).join(User, JOIN.LEFT_OUTER)
+    assert [key.user.username for key in query] == ["gone"]
+
+
+def test_scalar_of_an_aggregate_works_unordered(migrated_db):
+    make_user("a")
+    make_user("b").delete_instance()
+    assert User.select(fn.MAX(User.quota)).scalar() == 10000
+    assert User.select(fn.COUNT(User.id)).scalar() == 1
+
+
+# --- Day boundaries -------------------------------------------------------------
+
+
+@pytest.fixture
+def shanghai_database_default(migrated_db):
+    """New sessions of the test database default to Asia/Shanghai (UTC+8), as a server may."""
+    migrated_db.rows(f"ALTER DATABASE \"{migrated_db.name}\" SET timezone = 'Asia/Shanghai'")
+    database.close()
+    yield migrated_db
+    migrated_db.rows(f'ALTER DATABASE "{migrated_db.name}" RESET timezone')
+
+
+def test_sessions_run_in_utc_whatever_the_server_default(shanghai_database_default):
+    record = SignInRecord.create(
+        user=make_user(), created_at=datetime(2024, 5, 1, 23, 30, tzinfo=UTC)
+    )
+    naive_start, naive_end = datetime(2024, 5, 1), datetime(2024, 5, 2)
+    counted = database.execute_sql(
+        "SELECT count(*) FROM sign_in_records WHERE created_at >= %s AND created_at < %s",
+        (naive_start, naive_end),
+    ).fetchone()[0]
+    day = database.execute_sql(
+        "SELECT created_at::date::text FROM sign_in_records WHERE id = %s", (record.id,)
+    ).fetchone()[0]
+    assert database.execute_sql("SHOW TimeZone").fetchone()[0] == "UTC"
+    assert (counted, day) == (1, "2024-05-01")
+
+
+def test_utc_day_bounds_count_a_late_sign_in_for_its_utc_day(migrated_db):
+    late = datetime(2024, 5, 1, 23, 30, tzinfo=UTC)
+    SignInRecord.create(user=make_user(), created_at=late)
+    same_moment_in_shanghai = late.astimezone(timezone(timedelta(hours=8)))
+    start, end = utc_day_bounds(same_moment_in_shanghai)
+    assert (start, end) == (datetime(2024, 5, 1, tzinfo=UTC), datetime(2024, 5, 2, tzinfo=UTC))
+    query = SignInRecord.select().where(
+        (SignInRecord.created_at >= start) & (SignInRecord.created_at < end)
+    )
+    assert query.count() == 1
+
+
+def test_naive_datetimes_are_refused_with_a_hint(migrated_db):
+    with pytest.raises(ValueError, match=r"SignInRecord.created_at got a naive datetime.*aware"):
+        SignInRecord.select().where(SignInRecord.created_at >= datetime(2024, 5, 1)).count()
+
+
+def test_migrate_connect_keeps_the_callers_options_and_runs_in_utc(empty_db):
+    migrate.connect({**empty_db.params, "options": "-c lock_timeout=1234"})
+    assert database.execute_sql("SHOW lock_timeout").fetchone()[0] == "1234ms"
+    assert database.execute_sql("SHOW TimeZone").fetchone()[0] == "UTC"
+
+
+def test_pgoptions_still_apply_when_no_options_are_passed(empty_db, monkeypatch):
+    monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=4321")
+    migrate.connect({k: v for k, v in empty_db.params.items() if k != "options"})
+    assert database.execute_sql("SHOW statement_timeout").fetchone()[0] == "4321ms"
+    assert database.execute_sql("SHOW TimeZone").fetchone()[0] == "UTC"
 
 
 # --- Binding ------------------------------------------------------------------
