@@ -276,6 +276,9 @@ def take_migration_lock(budget, read_plan):
                 return holder
             cursor.execute("ROLLBACK")
         holder_words = migration_lock_holder()
+        if not announced:
+            log.info("waiting for the migration lock, held by %s", holder_words)
+            announced = True
         if budget.spent():
             holder.close()
             raise MigrationError(
@@ -283,9 +286,6 @@ def take_migration_lock(budget, read_plan):
                 f" {budget.seconds:g} s: {holder_words}; nothing was changed: rerun when it"
                 " ends, or raise --lock-timeout"
             )
-        if not announced:
-            log.info("waiting for the migration lock, held by %s", holder_words)
-            announced = True
         budget.back_off()
         if not read_plan().pending:
             holder.close()

@@ -105,10 +105,19 @@ def empty_db(test_database):
 
 @pytest.fixture
 def migrated_db(empty_db):
-    """The schema made by migrate.py, with the models bound to it."""
+    """The schema made by migrate.py, with the models bound to it as the application binds them."""
     migrate.connect(empty_db.params)
     migrate.migrate()
+    bind_models(empty_db.params)
     return empty_db
+
+
+def bind_models(params):
+    """models.database bound as the gateway binds it: database.init, sessions in UTC."""
+    models.database.close()
+    models.database.utc_sessions = True
+    params = dict(params)
+    models.database.init(params.pop("dbname"), **params)
 
 
 def run_migrate(database_url, *args, timeout=60, **env):

@@ -72,6 +72,7 @@ def session_params(params):
 def connect(params, wait_seconds=0, log=None):
     """Bind models.database to params and open it, retrying an unreachable server until wait_seconds."""
     params = session_params(params)
+    database.utc_sessions = False
     database.init(params.pop("dbname", None) or os.environ["PGDATABASE"], **params)
     deadline = time.monotonic() + wait_seconds
     waiting = False

@@ -94,13 +94,17 @@ class UtcSessionAdapter(Psycopg2ExtAdapter):
     """Opens every connection with TimeZone=UTC, a startup option: no extra statement."""
 
     def connect(self, db, **params):
-        params["options"] = utc_session_options(db.database, params.get("options"))
+        if db.utc_sessions:
+            params["options"] = utc_session_options(db.database, params.get("options"))
         return super().connect(db, **params)
 
 
 class GatewayDatabase(PostgresqlExtDatabase):
     # Only the psycopg2 adapter: requirements.txt installs psycopg2, not psycopg 3.
     psycopg2_adapter = UtcSessionAdapter
+    # migrate.py turns this off: it writes no timestamps, and pgbouncer before
+    # 1.20 (Debian 12 ships 1.18) refuses a connection that sends `options`.
+    utc_sessions = True
 
     def init(self, database, **kwargs):
         # Peewee merges these into the parameters of an earlier init(); start

@@ -13,7 +13,7 @@ import pytest
 from peewee import JOIN, IntegrityError, Select, fn
 
 import migrate
-from conftest import HERE
+from conftest import HERE, bind_models
 from models import (
     ApiConfig,
     ApiKey,
@@ -335,15 +335,20 @@ def test_naive_datetimes_are_refused_with_a_hint(migrated_db):
         SignInRecord.select().where(SignInRecord.created_at >= datetime(2024, 5, 1)).count()
 
 
-def test_migrate_connect_keeps_the_callers_options_and_runs_in_utc(empty_db):
-    migrate.connect({**empty_db.params, "options": "-c lock_timeout=1234"})
+def test_binding_keeps_the_callers_options_and_runs_in_utc(empty_db):
+    bind_models({**empty_db.params, "options": "-c lock_timeout=1234"})
     assert database.execute_sql("SHOW lock_timeout").fetchone()[0] == "1234ms"
     assert database.execute_sql("SHOW TimeZone").fetchone()[0] == "UTC"
 
 
+def test_migrate_sessions_send_no_startup_options_that_old_pgbouncer_refuses(empty_db):
+    migrate.connect(empty_db.params)
+    assert "options" not in database.connection().dsn
+
+
 def test_pgoptions_still_apply_when_no_options_are_passed(empty_db, monkeypatch):
     monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=4321")
-    migrate.connect({k: v for k, v in empty_db.params.items() if k != "options"})
+    bind_models({k: v for k, v in empty_db.params.items() if k != "options"})
     assert database.execute_sql("SHOW statement_timeout").fetchone()[0] == "4321ms"
     assert database.execute_sql("SHOW TimeZone").fetchone()[0] == "UTC"
 
