@@ -298,7 +298,9 @@ def run(args, started):
     refuse_old_server()
     if args.check or args.dry_run:
         plan = plan_changes(read_catalog(), args.atomic)
-        return check(plan, started) if args.check else dry_run(plan, args)
+        status = check(plan, started) if args.check else dry_run(plan, args)
+        sys.stdout.flush()  # a full or closed stdout fails here, inside the error handling
+        return status
     plan, done = migrate(args.atomic, args.lock_timeout, args.statement_timeout)
     log_run(plan, done, started)
     return EXIT_OK

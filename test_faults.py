@@ -1,0 +1,204 @@
+"""
+Every way a run can end is an exit code from the documented table, with one line.
+
+0 ok, 1 only for --check finding work or drift, 2 for every error (bad
+flags, lost connections, unexpected exceptions), 130/143 for SIGINT/SIGTERM,
+which cancel the running statement on the server and roll back.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import catalog
+import migrate
+from conftest import HERE, assert_clean_failure, open_write_transaction, run_migrate
+
+
+def start_migrate(url, *args):
+    environment = {**os.environ, "DATABASE_URL": url}
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "migrate.py"), *args],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_query(db, pattern, seconds=30):
+    """The pid of a migrate.py session whose current query matches `pattern`, once there is one."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        rows = db.rows(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'migrate.py'"
+            " AND state = 'active' AND query LIKE %s",
+            pattern,
+        )
+        if rows:
+            return rows[0][0]
+        time.sleep(0.05)
+    raise AssertionError(f"no migrate.py session ran {pattern}")
+
+
+# --- Flags ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--lock-timeout", "--wait", "--statement-timeout"])
+@pytest.mark.parametrize("value", ["nan", "inf", "1e309", "-1", "2147484", "soon"])
+def test_bad_seconds_are_refused_at_parsing_with_a_usage_line(flag, value):
+    result = run_migrate(None, flag, value)
+    assert result.returncode == migrate.EXIT_ERROR
+    assert result.stderr.strip().splitlines()[-1].startswith(f"migrate.py: error: argument {flag}:")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_positive_timeout_never_rounds_to_zero_which_means_no_limit():
+    assert catalog.milliseconds(0.0001) == 1
+    assert catalog.milliseconds(0) == 0
+
+
+def test_a_tiny_lock_timeout_is_sent_as_one_millisecond(migrated_db):
+    migrated_db.rows("DROP INDEX idx_users_status")
+    result = run_migrate(migrated_db.url, "--dry-run", "--lock-timeout", "0.0001")
+    assert "SET lock_timeout = '1ms';" in result.stdout.splitlines()
+
+
+# --- Output -------------------------------------------------------------------------------
+
+
+def test_dry_run_into_a_full_device_fails_with_one_line(migrated_db):
+    migrated_db.rows("DROP INDEX idx_users_status")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, str(HERE / "migrate.py"), "--dry-run"],
+            env={**os.environ, "DATABASE_URL": migrated_db.url},
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == migrate.EXIT_ERROR
+    assert result.stderr.strip().splitlines()[-1].startswith("migrate: error: cannot write")
+    assert "Traceback" not in result.stderr
+
+
+def test_dry_run_with_nothing_to_do_says_so(migrated_db):
+    result = run_migrate(migrated_db.url, "--dry-run")
+    assert result.returncode == 0
+    assert result.stdout == ""
+    assert "nothing to do" in result.stderr
+
+
+def test_a_run_with_drift_ends_up_to_date_except_the_drift(migrated_db):
+    migrated_db.rows("ALTER TABLE users ALTER COLUMN quota SET DEFAULT 5")
+    result = run_migrate(migrated_db.url)
+    assert result.returncode == 0
+    assert (
+        result.stderr.strip().splitlines()[-1].endswith("; up to date except 1 drift listed above")
+    )
+
+
+def test_missing_peewee_is_one_line_saying_how_to_install(tmp_path):
+    # -S: no site-packages, so neither peewee nor psycopg2 can be imported.
+    result = subprocess.run(
+        [sys.executable, "-S", str(HERE / "migrate.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == migrate.EXIT_ERROR
+    assert result.stderr.strip() == (
+        "migrate: error: peewee is not installed: pip install -r requirements.txt"
+    )
+
+
+# --- Faults -----------------------------------------------------------------------------------
+
+
+def test_a_connection_killed_mid_run_is_one_line_and_exit_2(migrated_db):
+    migrated_db.rows("DROP INDEX idx_request_logs_model")
+    writer = open_write_transaction(migrated_db)  # the online build waits for it
+    run = start_migrate(migrated_db.url, "--lock-timeout", "60")
+    try:
+        pid = wait_for_query(migrated_db, "CREATE INDEX CONCURRENTLY%")
+        migrated_db.rows("SELECT pg_terminate_backend(%s)", pid)
+        _, stderr = run.communicate(timeout=60)
+    finally:
+        writer.rollback()
+        writer.close()
+    assert run.returncode == migrate.EXIT_ERROR, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("migrate: error: ") and "connection" in last
+    assert "by the next run" in last
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_cancels_the_waiting_statement_on_the_server(migrated_db, signum, status):
+    migrated_db.rows("DROP INDEX idx_request_logs_model")
+    writer = open_write_transaction(migrated_db)
+    run = start_migrate(migrated_db.url, "--lock-timeout", "60")
+    try:
+        pid = wait_for_query(migrated_db, "CREATE INDEX CONCURRENTLY%")
+        run.send_signal(signum)
+        _, stderr = run.communicate(timeout=30)
+        still_running = migrated_db.rows(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'", pid
+        )
+    finally:
+        writer.rollback()
+        writer.close()
+    assert run.returncode == status, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"migrate: error: interrupted by {signal.Signals(signum).name} during the online stage:"
+        " an index left INVALID is dropped and rebuilt, and a NOT VALID foreign key validated,"
+        " by the next run"
+    )
+    assert still_running == []
+    assert migrated_db.value("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == 0
+
+
+def test_a_signal_during_the_transaction_rolls_it_back(migrated_db):
+    migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
+    reader = open_write_transaction(migrated_db)  # holds users: the ALTER keeps retrying
+    run = start_migrate(migrated_db.url, "--lock-timeout", "60")
+    try:
+        time.sleep(1.0)
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=30)
+    finally:
+        reader.rollback()
+        reader.close()
+    assert run.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1].endswith("nothing was changed")
+    assert_no_column(migrated_db, "users", "last_sign_in")
+
+
+def assert_no_column(db, table, column):
+    assert (
+        db.value(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = %s::regclass AND attname = %s",
+            table,
+            column,
+        )
+        == 0
+    )
+
+
+def test_an_unexpected_error_is_one_line_and_verbose_shows_the_traceback(migrated_db):
+    url = migrated_db.url + " application_name=\udcff"  # a byte that is not UTF-8
+    quiet = run_migrate(url)
+    verbose = run_migrate(url, "--verbose")
+    assert quiet.returncode == verbose.returncode == migrate.EXIT_ERROR
+    assert len(quiet.stderr.strip().splitlines()) <= 2 and "Traceback" not in quiet.stderr
+    assert "Traceback" in verbose.stderr
+    assert_clean_failure(quiet, "")
