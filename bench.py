@@ -401,11 +401,11 @@ def build_while_inserting(scratch, *flags):
 def bench_writer_stall(scratch, settings):
     prepare_gateway_database(scratch, settings.stall_rows)
     results = {}
-    for label, flags in (("with --concurrently", ("--concurrently",)), ("without", ())):
+    for label, flags in (("online (the default)", ()), ("--atomic", ("--atomic",))):
         results[label] = [build_while_inserting(scratch, *flags) for _ in range(settings.repeats)]
     longest = {label: [r[1] for r in runs] for label, runs in results.items()}
-    ratio = statistics.median(longest["without"]) / statistics.median(
-        longest["with --concurrently"]
+    ratio = statistics.median(longest["--atomic"]) / statistics.median(
+        longest["online (the default)"]
     )
     for label, runs in results.items():
         add_row(
@@ -414,9 +414,95 @@ def bench_writer_stall(scratch, settings):
             f"longest insert {spread(longest[label], 'ms', 1000)}; median insert"
             f" {spread([r[2] for r in runs], 'ms', 1000)}; whole run {spread([r[0] for r in runs])}",
             ""
-            if label == "without"
-            else f"the longest insert is {ratio:.0f}× shorter than without",
+            if label == "--atomic"
+            else f"the longest insert is {ratio:.0f}× shorter than with --atomic",
         )
+
+
+# --- Stall per kind of change: what writers wait while a change is applied -------------------
+
+# Each change undone before a run, and the plain DDL a psql -f file or GORM's
+# AutoMigrate sends for it (no lock_timeout, the checks in the statement).
+CHANGES = {
+    "add a column to users": (
+        "ALTER TABLE users DROP COLUMN last_sign_in",
+        'ALTER TABLE "users" ADD COLUMN "last_sign_in" TIMESTAMPTZ',
+    ),
+    "add a foreign key to request_logs": (
+        "ALTER TABLE request_logs DROP CONSTRAINT fk_request_logs_user",
+        (
+            'ALTER TABLE "request_logs" ADD CONSTRAINT "fk_request_logs_user"'
+            ' FOREIGN KEY ("user_id") REFERENCES "users" ("id")'
+        ),
+    ),
+    "add an index to request_logs": (
+        "DROP INDEX idx_request_logs_model_created",
+        'CREATE INDEX "idx_request_logs_model_created" ON "request_logs" ("model", "created_at" DESC)',
+    ),
+}
+WAYS = ("migrate.py (online)", "migrate.py --atomic", "plain DDL (psql -f, AutoMigrate)")
+
+
+def apply_change(scratch, way, ddl):
+    """Run one way of applying a change; returns (seconds, exit status)."""
+    if way.startswith("plain"):
+        started = time.perf_counter()
+        command = ["psql", "-q", "-X", "-v", "ON_ERROR_STOP=1", "-d", scratch.url, "-c", ddl]
+        status = subprocess.run(command, capture_output=True, check=False).returncode
+        return time.perf_counter() - started, status
+    flags = ("--atomic",) if way.endswith("--atomic") else ()
+    return run_tool("migrate.py", scratch.url, "--lock-timeout", "10", *flags)
+
+
+def stall_while_inserting(scratch, change, way, reader_seconds):
+    """Undo `change`, then apply it `way` under insert traffic (and a reader on users)."""
+    undo, ddl = CHANGES[change]
+    scratch.execute(undo)
+    inserter = Inserter(scratch.url)
+    inserter.start()
+    time.sleep(0.3)
+    timer = None
+    if reader_seconds:
+        reader = psycopg2.connect(scratch.url)
+        reader.cursor().execute("SELECT count(*) FROM users")
+        timer = threading.Timer(reader_seconds, lambda: (reader.rollback(), reader.close()))
+        timer.start()
+    started = time.perf_counter()
+    seconds, status = apply_change(scratch, way, ddl)
+    finished = time.perf_counter()
+    if timer:
+        timer.join()
+    time.sleep(0.2)
+    inserter.stop.set()
+    inserter.join()
+    waits = [w for at, w in inserter.latencies if at >= started and at - w <= finished]
+    return seconds, status, max(waits), statistics.median(waits)
+
+
+def bench_stall_per_change(scratch, settings):
+    """Section 8 (same database as section 5): the longest insert while each change is applied."""
+    repeats = min(settings.repeats, 3)
+    for condition, reader_seconds in (
+        ("inserts running", 0),
+        (
+            f"inserts + a {settings.hold_seconds:g} s read transaction on users",
+            settings.hold_seconds,
+        ),
+    ):
+        for change in CHANGES:
+            for way in WAYS:
+                runs = [
+                    stall_while_inserting(scratch, change, way, reader_seconds)
+                    for _ in range(repeats)
+                ]
+                succeeded = sum(status == 0 for _, status, _, _ in runs)
+                add_row(
+                    f"8 stall: {change}, {settings.stall_rows:,} logs, {condition}",
+                    way,
+                    f"longest insert {spread([r[2] for r in runs], 'ms', 1000)}; median"
+                    f" {spread([r[3] for r in runs], 'ms', 1000)}; run {spread([r[0] for r in runs])}",
+                    f"{succeeded}/{repeats} runs succeeded",
+                )
 
 
 # --- The gateway's queries on realistic data -------------------------------------------------
@@ -687,6 +773,11 @@ def print_table(settings, server_version):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run in under a minute")
+    parser.add_argument(
+        "--only",
+        metavar="N,N",
+        help="run only these sections, e.g. --only 5,8 (8 needs 5's database)",
+    )
     parser.add_argument("--create-tables", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.create_tables:
@@ -696,12 +787,20 @@ def main(argv=None):
     scratch = Scratch()
     try:
         server_version = scratch.execute("SHOW server_version")[0][0]
-        bench_bootstrap_and_rerun(scratch, settings)
-        bench_growth(scratch, settings)
-        bench_concurrency(scratch)
-        bench_writer_stall(scratch, settings)
-        used = bench_queries(scratch, settings)
-        bench_write_cost(scratch, settings, used)
+        wanted = set(args.only.split(",")) if args.only else set("12345678")
+        if wanted & {"1", "2"}:
+            bench_bootstrap_and_rerun(scratch, settings)
+        if "3" in wanted:
+            bench_growth(scratch, settings)
+        if "4" in wanted:
+            bench_concurrency(scratch)
+        if wanted & {"5", "8"}:
+            bench_writer_stall(scratch, settings)
+        if "8" in wanted:
+            bench_stall_per_change(scratch, settings)
+        if wanted & {"6", "7"}:
+            used = bench_queries(scratch, settings)
+            bench_write_cost(scratch, settings, used)
     finally:
         scratch.drop()
     print_table(settings, server_version)
