@@ -167,7 +167,8 @@ SELECT a.pid, a.application_name, a.state, l.mode, l.granted, c.relname,
 FROM pg_locks l
 JOIN pg_class c ON c.oid = l.relation
 JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.pid <> pg_backend_pid() AND c.relnamespace = current_schema()::regnamespace
+WHERE l.pid <> pg_backend_pid() AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND c.relnamespace = current_schema()::regnamespace
   AND (%(tables)s::text[] IS NULL OR c.relname = ANY(%(tables)s)) AND l.mode = ANY(%(modes)s)
 ORDER BY l.granted DESC, a.xact_start
 LIMIT 1
@@ -184,6 +185,7 @@ MIGRATION_LOCK_HOLDER_QUERY = f"""
 SELECT a.pid, a.application_name, a.state, extract(epoch FROM now() - a.xact_start)
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND (l.classid::bigint << 32 | l.objid::bigint) = {MIGRATION_LOCK_KEY}
 """
 

@@ -79,6 +79,7 @@ FROM pg_stat_activity a
 WHERE a.pid <> pg_backend_pid() AND a.backend_type = 'client backend'
   AND (a.pid IN (SELECT l.pid FROM pg_locks l JOIN pg_index x ON l.relation IN (x.indexrelid, x.indrelid)
                  WHERE x.indexrelid = quote_ident(%(index)s)::regclass
+                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                    AND (l.relation = x.indexrelid OR l.mode = 'ShareUpdateExclusiveLock'))
        OR a.pid IN (SELECT pid FROM pg_stat_progress_create_index
                     WHERE index_relid = quote_ident(%(index)s)::regclass))

@@ -164,7 +164,13 @@ def test_a_signal_cancels_the_waiting_statement_on_the_server(migrated_db, signu
         " by the next run"
     )
     assert still_running == []
-    assert migrated_db.value("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == 0
+    assert (
+        migrated_db.value(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        == 0
+    )
 
 
 def test_a_signal_during_the_transaction_rolls_it_back(migrated_db):
