@@ -36,14 +36,7 @@ import peewee
 from peewee import SQL, BigIntegerField, Entity, NodeList, Value, ValueLiterals
 from playhouse.migrate import PostgresqlMigrator
 
-from connection import (
-    DEFAULT_DATABASE_URL,
-    MigrationError,
-    connect,
-    connection_params,
-    describe,
-    secrets_of,
-)
+from connection import DEFAULT_DATABASE_URL, MigrationError, connect, connection_params, describe
 from models import MODELS, database
 
 EXIT_OK, EXIT_PENDING, EXIT_ERROR = 0, 1, 2
@@ -682,12 +675,13 @@ def main(argv=None):
     if args.sql:
         sys.stdout.write(schema_sql())
         return EXIT_OK
-    handler = setup_logging()
+    setup_logging()
     started = time.monotonic()
     try:
-        params = connection_params(os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL))
-        handler.addFilter(RedactSecrets(secrets_of(params)))
-        log.info("database %s", describe(params))
+        url = os.environ.get("DATABASE_URL")
+        params = connection_params(DEFAULT_DATABASE_URL if url is None else url)
+        default = " (the default: DATABASE_URL is not set)" if url is None else ""
+        log.info("database %s%s", describe(params), default)
         connect(params, args.wait, log)
         if args.check or args.dry_run:
             plan = plan_changes(read_catalog(), args.concurrently)
