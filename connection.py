@@ -6,16 +6,24 @@ Usage::
     from connection import connection_params, connect, describe
 
     params = connection_params(os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL))
-    print(describe(params))          # the password masked
+    print(describe(params))          # every password masked
     connect(params, wait_seconds=30) # binds and opens models.database
 
 DATABASE_URL is parsed by libpq (psycopg2's parse_dsn), so both the keyword
 form and postgresql:// URLs work, and whatever it leaves out comes from the
 PG* environment variables. Failures raise MigrationError with one line that
-says what to do; the password is never part of it.
+says what to do.
+
+No password is ever printed. Masking is structural: the password parameters,
+the user info of a URL and connection strings nested in a value (libpq can
+read a dbname as one) are masked where they are, never by searching the
+password's text, which garbles every line when it is a short word.
 """
 
+import difflib
 import os
+import re
+import shlex
 import time
 
 import peewee
@@ -38,13 +46,21 @@ class MigrationError(Exception):
 
 def connection_params(url):
     """libpq keyword/value pairs of DATABASE_URL, in either form libpq accepts."""
+    if is_url(url) and has_misplaced_at_sign(url):
+        raise MigrationError(
+            "DATABASE_URL has an '@' that libpq reads as part of the host, port or database name:"
+            " percent-encode '@' as %40 (and '/' as %2F) in the user name and password,"
+            " e.g. postgresql://U:P%40SS@H/D"
+        )
     try:
         params = parse_dsn(url)
-    except psycopg2.ProgrammingError:
-        # libpq's reason can quote the input, password included, so it is not shown.
+    except psycopg2.ProgrammingError as exc:
         raise MigrationError(
-            "DATABASE_URL cannot be parsed: write it as 'host=H port=P user=U dbname=D'"
-            " or as 'postgresql://U:PASSWORD@H:P/D'"
+            f"DATABASE_URL cannot be parsed: {parse_problem(url, str(exc))}"
+        ) from None
+    except UnicodeEncodeError:
+        raise MigrationError(
+            "DATABASE_URL is not valid UTF-8: set it again from a UTF-8 text"
         ) from None
     if not (params.get("dbname") or os.environ.get("PGDATABASE")):
         raise MigrationError(
@@ -53,13 +69,225 @@ def connection_params(url):
     return params
 
 
+# --- Masking ------------------------------------------------------------------
+
+URL_PREFIXES = ("postgresql://", "postgres://")
+# Keywords whose value is a secret: the login password and the client key's.
+SECRET_KEYWORDS = ("password", "sslpassword")
+# The user info of a URL of any scheme: scheme://USER:PASSWORD@
+URL_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)([^/?#\s]*)@")
+MASK = "***"
+
+
+def is_url(text):
+    return text.startswith(URL_PREFIXES)
+
+
+def split_url(url):
+    """A postgresql:// URL cut as libpq cuts it: user info, hosts and ports, database name, query.
+
+    The user info ends at the first '@' before any '/'; the hosts end at '/' or '?'.
+    """
+    rest = url.split("://", 1)[1]
+    end = min((i for i in (rest.find("@"), rest.find("/")) if i >= 0), default=-1)
+    userinfo, rest = (rest[:end], rest[end + 1 :]) if end >= 0 and rest[end] == "@" else ("", rest)
+    hosts_end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    path, _, query = rest[hosts_end:].partition("?")
+    return userinfo, rest[:hosts_end], path[1:], query
+
+
+def has_misplaced_at_sign(url):
+    """Whether a postgresql:// URL has an '@' besides the one that ends its user info.
+
+    A raw '@' in a password moves the rest of it into the host, port or
+    database name, where it would be printed and sent out as a host name.
+    """
+    _, hosts, dbname, query = split_url(url)
+    return "@" in hosts + dbname + query
+
+
+def holds_connection_string(key, value):
+    """Whether libpq may read value as a connection string of its own (as it can a dbname)."""
+    return is_url(value) or (key == "dbname" and "=" in value)
+
+
+def masked(params):
+    """params with every password replaced by ***, wherever libpq would read one."""
+    return {key: masked_value(key, value) for key, value in params.items()}
+
+
+def masked_value(key, value):
+    if key in SECRET_KEYWORDS:
+        return MASK
+    if holds_connection_string(key, value):
+        return masked_connection_string(value)
+    return URL_USERINFO.sub(masked_userinfo, value)
+
+
+def masked_connection_string(text):
+    """A nested connection string, parsed and shown masked; *** if it cannot be parsed safely."""
+    if is_url(text) and has_misplaced_at_sign(text):
+        return MASK
+    try:
+        return describe(parse_dsn(text))
+    except (psycopg2.ProgrammingError, UnicodeEncodeError):
+        return MASK
+
+
+def masked_userinfo(match):
+    scheme, userinfo = match.groups()
+    user, colon, _ = userinfo.partition(":")
+    if "@" in user:  # where the user name ends is ambiguous: show none of it
+        return f"{scheme}{MASK}@"
+    return f"{scheme}{user}:{MASK}@" if colon else match.group(0)
+
+
 def describe(params):
-    """The connection as a libpq string with the password masked."""
-    return make_dsn(**{key: "***" if key == "password" else value for key, value in params.items()})
+    """The connection as a libpq string with every password masked."""
+    return make_dsn(**masked(params))
+
+
+def nested_params(value):
+    try:
+        return parse_dsn(value)
+    except (psycopg2.ProgrammingError, UnicodeEncodeError):
+        return {}
 
 
 def secrets_of(params):
-    return [s for s in (params.get("password"), os.environ.get("PGPASSWORD")) if s]
+    """Every password params and PGPASSWORD give, those of nested connection strings included."""
+    found = {os.environ.get("PGPASSWORD")}
+    for key, value in params.items():
+        if key in SECRET_KEYWORDS:
+            found.add(value)
+        elif holds_connection_string(key, value):
+            found |= secrets_of(nested_params(value))
+    return {secret for secret in found if secret}
+
+
+def without_secrets(text, params):
+    """A message of libpq or the server with what it may echo of params masked: a last guard.
+
+    A value masking changes (a nested connection string) is replaced whole,
+    also as the server truncates a name (63 bytes). Then each password of 4
+    or more characters: a shorter one would garble the line (d***t***b***se)
+    and one that is also the user or database name is shown by the first line
+    anyway.
+    """
+    for key, value in params.items():
+        shown = masked_value(key, value)
+        if key not in SECRET_KEYWORDS and shown != value:
+            text = text.replace(value, shown).replace(truncated_name(value), shown)
+    plain_values = set(params.values())
+    for secret in secrets_of(params):
+        if len(secret) >= 4 and secret not in plain_values - {params.get("password")}:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def truncated_name(value, max_bytes=63):
+    """value as PostgreSQL truncates an identifier (NAMEDATALEN - 1 bytes, whole characters)."""
+    return value.encode()[:max_bytes].decode(errors="ignore")
+
+
+# --- What libpq could not parse -----------------------------------------------
+
+# libpq's keywords (PostgreSQL 17), to recognise a misspelt one. A word that
+# is not close to one is not shown: it may be a piece of a password.
+LIBPQ_KEYWORDS = (
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "passfile",
+    "require_auth",
+    "channel_binding",
+    "connect_timeout",
+    "client_encoding",
+    "options",
+    "application_name",
+    "fallback_application_name",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "replication",
+    "gssencmode",
+    "sslmode",
+    "requiressl",
+    "sslcompression",
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "sslcertmode",
+    "sslrootcert",
+    "sslcrl",
+    "sslcrldir",
+    "sslsni",
+    "requirepeer",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "krbsrvname",
+    "gsslib",
+    "gssdelegation",
+    "service",
+    "target_session_attrs",
+    "load_balance_hosts",
+    "sslnegotiation",
+    ").split(",
+)
+QUOTE_HINT = "quote a value that has spaces: password='a b'"
+PERCENT_HINT = "write '%' itself as %25"
+
+
+def parse_problem(url, message):
+    """What libpq found wrong in DATABASE_URL: the keyword or URL part, never a value."""
+    quoted = re.search(r'"(.*)"', message)
+    word = quoted.group(1) if quoted else ""
+    if "invalid connection option" in message:
+        return f"unknown keyword {keyword_shown(word)}"
+    if "invalid URI query parameter" in message:
+        return f"unknown query parameter {keyword_shown(word)}"
+    if 'missing "=" after' in message:
+        if word in LIBPQ_KEYWORDS:
+            return f'keyword "{word}" has no "=VALUE"'
+        return f'a word without "=VALUE" (not shown, it may be part of a password): {QUOTE_HINT}'
+    if "unterminated quoted string" in message:
+        return "a quoted value has no closing quote (write a quote inside a value as \\')"
+    if "key/value separator" in message:
+        return f'a query parameter ({keyword_shown(word)}) needs exactly one "=": name=VALUE'
+    if "percent-encoded" in message:
+        token = re.search(r': "(.*)"', message)
+        part = url_part_holding(url, token.group(1) if token else None)
+        return f"the {part} has a '%' that is not followed by two hex digits: {PERCENT_HINT}"
+    if "IPv6" in message or "unexpected character" in message:
+        return "the host is malformed: write an IPv6 address as [::1], followed by ':PORT' or '/'"
+    return "write it as 'host=H port=P user=U dbname=D' or as 'postgresql://U:PASSWORD@H:P/D'"
+
+
+def keyword_shown(word):
+    """A misspelt keyword as "dbnme" (did you mean dbname?); any other word is not shown."""
+    close = difflib.get_close_matches(word, LIBPQ_KEYWORDS, n=1, cutoff=0.75)
+    if close:
+        return f'"{word}" (did you mean {close[0]}?)'
+    return f"(not shown, it may be part of a password: {QUOTE_HINT})"
+
+
+def url_part_holding(url, token):
+    """Which part of a postgresql:// URL token is (libpq quotes the part): password, host, ..."""
+    if not is_url(url):
+        return "value"
+    userinfo, hosts, dbname, query = split_url(url)
+    user, _, password = userinfo.partition(":")
+    parts = [("password", password), ("user name", user), ("host", hosts)]
+    parts += [("database name", dbname)]
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        parts += [("name of a query parameter", name), ("value of a query parameter", value)]
+    return next((label for label, text in parts if text == token), "URL")
 
 
 def session_params(params):
@@ -111,18 +339,27 @@ UNREACHABLE_SIGNS = (
 
 def connection_failure(exc, params):
     """What a failed connection means for the operator, from libpq's message."""
-    text = str(exc).strip()
+    text = without_secrets(str(exc).strip(), params)
     # libpq: 'connection to server at "h", port 5432 failed: FATAL:  <reason>'
     first_line = text.splitlines()[0] if text else "unknown error"
     detail = first_line.split(" failed: ", 1)[-1].replace("FATAL:", "").strip()
-    where = f"host={params.get('host', 'localhost')} port={params.get('port', '5432')}"
+    shown = masked(params)
+    where = f"host={shown.get('host', 'localhost')} port={shown.get('port', '5432')}"
     if "password authentication failed" in text or "no password supplied" in text:
         return f"authentication failed ({detail}): check the password in DATABASE_URL or PGPASSWORD"
-    if "no pg_hba.conf entry" in text or ("role" in text and "does not exist" in text):
+    if "no pg_hba.conf entry" in detail or re.match(r'role ".*" does not exist', detail):
         return f"the server refused the login ({detail}): check the user in DATABASE_URL"
-    if "database" in text and "does not exist" in text:
-        dbname = database.database
-        return f'database "{dbname}" does not exist: create it first (createdb {dbname})'
+    if re.match(r'database ".*" does not exist', detail):
+        return missing_database(database.database)
     if any(sign in text for sign in UNREACHABLE_SIGNS):
         return f"cannot reach the server at {where} ({detail}): start it, fix DATABASE_URL, or pass --wait SECONDS"
     return f"cannot connect to {where}: {detail}"
+
+
+def missing_database(dbname):
+    if holds_connection_string("dbname", dbname):
+        return (
+            "the database does not exist: dbname holds a connection string, which psycopg2 sends"
+            " to the server as a database name; put its parameters in DATABASE_URL itself"
+        )
+    return f'database "{dbname}" does not exist: create it first (createdb {shlex.quote(dbname)})'

@@ -49,14 +49,7 @@ except ImportError as missing:
 
 from apply import migrate, progress, script, state_words
 from catalog import read_catalog
-from connection import (
-    DEFAULT_DATABASE_URL,
-    MigrationError,
-    connect,
-    connection_params,
-    describe,
-    secrets_of,
-)
+from connection import DEFAULT_DATABASE_URL, MigrationError, connect, connection_params, describe
 from models import database
 from plan import plan_changes, plural, report, schema_sql
 
@@ -162,19 +155,6 @@ def parse_args(argv):
 
 
 # --- Output -------------------------------------------------------------------------------
-
-
-class RedactSecrets(logging.Filter):
-    def __init__(self, secrets):
-        super().__init__()
-        self.secrets = secrets
-
-    def filter(self, record):
-        message = record.getMessage()
-        for secret in self.secrets:
-            message = message.replace(secret, "***")
-        record.msg, record.args = message, ()
-        return True
 
 
 def setup_logging():
@@ -291,9 +271,10 @@ def refuse_old_server():
 
 
 def run(args, started):
-    params = connection_params(os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL))
-    log.handlers[0].addFilter(RedactSecrets(secrets_of(params)))
-    log.info("database %s", describe(params))
+    url = os.environ.get("DATABASE_URL")
+    params = connection_params(DEFAULT_DATABASE_URL if url is None else url)
+    default = " (the default: DATABASE_URL is not set)" if url is None else ""
+    log.info("database %s%s", describe(params), default)
     connect(params, args.wait, log)
     refuse_old_server()
     if args.check or args.dry_run:

@@ -1,8 +1,8 @@
 """
 What `python migrate.py` does to a real PostgreSQL database.
 
-The expected catalog below is copied by hand from ../shared/SCHEMA.md (the Go
-tool's output), not derived from models.py, so any drift in either fails.
+The expected catalog below is copied by hand from SCHEMA.md (what the Go
+tool makes), not derived from models.py, so any drift in either fails.
 """
 
 import os
