@@ -20,7 +20,6 @@ read a dbname as one) are masked where they are, never by searching the
 password's text, which garbles every line when it is a short word.
 """
 
-import difflib
 import os
 import re
 import shlex
@@ -237,6 +236,8 @@ def quoted_in(message, pattern):
 
 def naming(template, word, hint):
     """template naming word if it is a keyword or a misspelt one; else not shown, and the hint."""
+    import difflib  # here, not at the top: 1.7 ms that a run without this error need not pay
+
     if word in LIBPQ_KEYWORDS:
         return template.format(f'"{word}"')
     close = difflib.get_close_matches(word, LIBPQ_KEYWORDS, n=1, cutoff=0.75)
