@@ -20,7 +20,6 @@ read a dbname as one) are masked where they are, never by searching the
 password's text, which garbles every line when it is a short word.
 """
 
-import difflib
 import os
 import re
 import shlex
@@ -194,86 +193,57 @@ def truncated_name(value, max_bytes=63):
 
 # libpq's keywords (PostgreSQL 17), to recognise a misspelt one. A word that
 # is not close to one is not shown: it may be a piece of a password.
-LIBPQ_KEYWORDS = (
-    "host",
-    "hostaddr",
-    "port",
-    "dbname",
-    "user",
-    "password",
-    "passfile",
-    "require_auth",
-    "channel_binding",
-    "connect_timeout",
-    "client_encoding",
-    "options",
-    "application_name",
-    "fallback_application_name",
-    "keepalives",
-    "keepalives_idle",
-    "keepalives_interval",
-    "keepalives_count",
-    "tcp_user_timeout",
-    "replication",
-    "gssencmode",
-    "sslmode",
-    "requiressl",
-    "sslcompression",
-    "sslcert",
-    "sslkey",
-    "sslpassword",
-    "sslcertmode",
-    "sslrootcert",
-    "sslcrl",
-    "sslcrldir",
-    "sslsni",
-    "requirepeer",
-    "ssl_min_protocol_version",
-    "ssl_max_protocol_version",
-    "krbsrvname",
-    "gsslib",
-    "gssdelegation",
-    "service",
-    "target_session_attrs",
-    "load_balance_hosts",
-    "sslnegotiation",
-    ").split(",
-)
+LIBPQ_KEYWORDS = (  # noqa: SIM905 - 42 words read better as text than as 42 lines
+    "host hostaddr port dbname user password passfile require_auth channel_binding"
+    " connect_timeout client_encoding options application_name fallback_application_name"
+    " keepalives keepalives_idle keepalives_interval keepalives_count tcp_user_timeout"
+    " replication gssencmode sslmode requiressl sslcompression sslcert sslkey sslpassword"
+    " sslcertmode sslrootcert sslcrl sslcrldir sslsni requirepeer ssl_min_protocol_version"
+    " ssl_max_protocol_version krbsrvname gsslib gssdelegation service target_session_attrs"
+    " load_balance_hosts sslnegotiation"
+).split()
 QUOTE_HINT = "quote a value that has spaces: password='a b'"
-PERCENT_HINT = "write '%' itself as %25"
+URL_VALUE_HINT = "percent-encode '&' and '=' in a value as %26 and %3D"
 
 
 def parse_problem(url, message):
     """What libpq found wrong in DATABASE_URL: the keyword or URL part, never a value."""
-    quoted = re.search(r'"(.*)"', message)
-    word = quoted.group(1) if quoted else ""
-    if "invalid connection option" in message:
-        return f"unknown keyword {keyword_shown(word)}"
-    if "invalid URI query parameter" in message:
-        return f"unknown query parameter {keyword_shown(word)}"
-    if 'missing "=" after' in message:
-        if word in LIBPQ_KEYWORDS:
-            return f'keyword "{word}" has no "=VALUE"'
-        return f'a word without "=VALUE" (not shown, it may be part of a password): {QUOTE_HINT}'
+    if (word := quoted_in(message, 'invalid connection option "(.*)"')) is not None:
+        if not word:
+            return f'an "=" with no keyword before it: {QUOTE_HINT}'
+        return naming("unknown keyword {}", word, QUOTE_HINT)
+    if (word := quoted_in(message, 'invalid URI query parameter: "(.*)"')) is not None:
+        return naming("unknown query parameter {}", word, URL_VALUE_HINT)
+    if (word := quoted_in(message, 'separator "=" in URI query parameter: "(.*)"')) is not None:
+        return naming("query parameter {} is not NAME=VALUE", word, URL_VALUE_HINT)
+    if (word := quoted_in(message, 'missing "=" after "(.*)" in connection info')) is not None:
+        return naming('word {} has no "=VALUE"', word, QUOTE_HINT)
     if "unterminated quoted string" in message:
         return "a quoted value has no closing quote (write a quote inside a value as \\')"
-    if "key/value separator" in message:
-        return f'a query parameter ({keyword_shown(word)}) needs exactly one "=": name=VALUE'
-    if "percent-encoded" in message:
-        token = re.search(r': "(.*)"', message)
-        part = url_part_holding(url, token.group(1) if token else None)
-        return f"the {part} has a '%' that is not followed by two hex digits: {PERCENT_HINT}"
+    if (token := quoted_in(message, 'percent-encoded (?:token|value): "(.*)"')) is not None:
+        part = url_part_holding(url, token)
+        return f"the {part} has a '%' not followed by two hex digits (or %00): write '%' as %25"
     if "IPv6" in message or "unexpected character" in message:
         return "the host is malformed: write an IPv6 address as [::1], followed by ':PORT' or '/'"
     return "write it as 'host=H port=P user=U dbname=D' or as 'postgresql://U:PASSWORD@H:P/D'"
 
 
-def keyword_shown(word):
-    """A misspelt keyword as "dbnme" (did you mean dbname?); any other word is not shown."""
+def quoted_in(message, pattern):
+    """The text libpq quoted where pattern's group is, or None."""
+    match = re.search(pattern, message)
+    return match.group(1) if match else None
+
+
+def naming(template, word, hint):
+    """template naming word if it is a keyword or a misspelt one; else not shown, and the hint."""
+    import difflib  # here, not at the top: 1.7 ms that a run without this error need not pay
+
+    if word in LIBPQ_KEYWORDS:
+        return template.format(f'"{word}"')
     close = difflib.get_close_matches(word, LIBPQ_KEYWORDS, n=1, cutoff=0.75)
     if close:
-        return f'"{word}" (did you mean {close[0]}?)'
-    return f"(not shown, it may be part of a password: {QUOTE_HINT})"
+        return template.format(f'"{word}" (did you mean {close[0]}?)')
+    return template.format("(not shown, as it may be part of a password)") + f": {hint}"
 
 
 def url_part_holding(url, token):

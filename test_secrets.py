@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from psycopg2.extensions import make_dsn
 
 from conftest import assert_clean_failure, error_line, run_migrate
-from connection import connection_params, describe
+from connection import MigrationError, connection_params, describe
 
 RARE = "~^!€"
 # Mostly what URLs and connection strings give a meaning to, then anything else.
@@ -198,8 +198,37 @@ def test_an_unquoted_word_that_may_be_a_password_is_not_shown():
 
 def test_a_bad_percent_escape_names_the_url_part_it_is_in():
     result = run_migrate("postgresql://u:100%sure@localhost/db")
-    assert_clean_failure(result, "the password has a '%' that is not followed by two hex digits")
+    assert_clean_failure(result, "the password has a '%' not followed by two hex digits")
     assert "sure" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        (
+            "host=h password=Top Secret9",
+            'word (not shown, as it may be part of a password) has no "=VALUE"',
+        ),
+        (
+            "host=h password=x Secret9=1",
+            "unknown keyword (not shown, as it may be part of a password)",
+        ),
+        ("host=h password", 'word "password" has no "=VALUE"'),
+        ("host=h password='Secret9", "a quoted value has no closing quote"),
+        (
+            "postgresql://h/db?passwrd=Secret9",
+            'unknown query parameter "passwrd" (did you mean password?)',
+        ),
+        ("postgresql://h/db?password=a&Secret9", "query parameter (not shown, as it may be part"),
+        ("postgresql://Secret9%zz@h/db", "the user name has a '%' not followed"),
+        ("postgresql://u:p@h/db?options=Secret9%zz", "the value of a query parameter has a '%'"),
+    ],
+)
+def test_a_parse_error_names_the_keyword_or_url_part_and_no_value(url, problem):
+    with pytest.raises(MigrationError) as error:
+        connection_params(url)
+    assert str(error.value).startswith("DATABASE_URL cannot be parsed: " + problem)
+    assert "Secret9" not in str(error.value)
 
 
 def test_a_bad_ipv6_host_is_named():
