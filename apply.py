@@ -249,22 +249,22 @@ def migrate(atomic=False, lock_timeout=5.0, statement_timeout=0.0, models=MODELS
     plan = read_plan()
     if not plan.pending:
         return plan, []
-    holder = take_migration_lock(budget, read_plan)
+    holder, plan = take_migration_lock(budget, read_plan, plan)
     if holder is None:  # another run did the work while we waited
-        return read_plan(), []
+        return plan, []
     try:
-        done = (
-            run_transaction(atomic, statement_timeout, budget, models) if plan.transaction else []
-        )
-        plan = read_plan()
+        # Made again inside the transaction: another run may have done part of it.
+        # Its online part still holds after the commit.
+        plan, done = run_transaction(atomic, statement_timeout, budget, models)
         done += run_online(plan, lock_timeout, statement_timeout)
     finally:
         holder.close()  # ends its transaction: the migration lock is released
     return plan, done
 
 
-def take_migration_lock(budget, read_plan):
-    """A side connection holding the migration lock; None if, while waiting, the work got done."""
+def take_migration_lock(budget, read_plan, plan):
+    """(side connection holding the migration lock, plan); (None, plan) once, while
+    waiting, another run has done the work."""
     holder = open_side_connection()
     announced = False
     while True:
@@ -275,7 +275,7 @@ def take_migration_lock(budget, read_plan):
                 f" SELECT pg_try_advisory_xact_lock({MIGRATION_LOCK_KEY})"
             )
             if cursor.fetchone()[0]:
-                return holder
+                return holder, plan
             cursor.execute("ROLLBACK")
         holder_words = migration_lock_holder()
         if not announced:
@@ -289,27 +289,30 @@ def take_migration_lock(budget, read_plan):
                 " ends, or raise --lock-timeout"
             )
         budget.back_off()
-        if not read_plan().pending:
+        plan = read_plan()
+        if not plan.pending:
             holder.close()
-            return None
+            return None, plan
 
 
 def run_transaction(atomic, statement_timeout, budget, models):
-    """Stage 3: the catalog read again and the transaction part of the plan, all or nothing."""
+    """Stage 3: the catalog read again, the plan made again, its transaction part applied,
+    all or nothing. Returns that plan and the statements executed."""
     progress["stage"] = "transaction"
     guard = statement_timeout if atomic else TRANSACTION_GUARD
 
     def attempt():
-        done = []
         with transaction(transaction_settings(guard)):
-            for statement in plan_changes(read_catalog(), atomic, models).transaction:
+            plan = plan_changes(read_catalog(), atomic, models)
+            for statement in plan.transaction:
                 execute_statement(statement)
-                done.append(statement)
-        return done
+        return plan
 
-    done = with_lock_retries(attempt, budget)
-    progress["committed"] = bool(done)
-    return done
+    plan = with_lock_retries(attempt, budget)
+    progress["committed"] = bool(plan.transaction)
+    for statement in plan.transaction:
+        log.info(statement.description)
+    return plan, list(plan.transaction)
 
 
 def transaction_settings(statement_timeout):
@@ -363,6 +366,7 @@ def run_online(plan, lock_timeout, statement_timeout):
             database.execute_sql(statement.sql)
             done.append(statement)
             check_same_backend(backend)
+            log.info(statement.description)
         database.execute_sql("RESET lock_timeout; RESET statement_timeout")
     except peewee.DatabaseError as exc:
         raise MigrationError(

@@ -613,6 +613,15 @@ def record_ddl(db):
     db.rows("CREATE EVENT TRIGGER record_ddl ON ddl_command_start EXECUTE FUNCTION audit.log_ddl()")
 
 
+def has_column(db, table, column):
+    return db.value(
+        "SELECT count(*) = 1 FROM pg_attribute WHERE attrelid = %s::regclass AND attname = %s"
+        " AND NOT attisdropped",
+        table,
+        column,
+    )
+
+
 def error_line(result):
     lines = result.stderr.strip().splitlines()
     return lines[-1] if lines else ""

@@ -203,8 +203,7 @@ def log_leftovers(plan):
 
 
 def log_run(plan, done, started):
-    for statement in done:
-        log.info(statement.description)
+    """After apply has logged each statement as it took effect: what is left, and the summary."""
     log_leftovers(plan)
     drift = (
         f"; up to date except {plural(len(plan.drift), 'drift')} listed above" if plan.drift else ""

@@ -16,7 +16,7 @@ import pytest
 
 import catalog
 import migrate
-from conftest import HERE, assert_clean_failure, open_write_transaction, run_migrate
+from conftest import HERE, assert_clean_failure, has_column, open_write_transaction, run_migrate
 
 
 def start_migrate(url, *args):
@@ -186,18 +186,7 @@ def test_a_signal_during_the_transaction_rolls_it_back(migrated_db):
         reader.close()
     assert run.returncode == 143, stderr
     assert stderr.strip().splitlines()[-1].endswith("nothing was changed")
-    assert_no_column(migrated_db, "users", "last_sign_in")
-
-
-def assert_no_column(db, table, column):
-    assert (
-        db.value(
-            "SELECT count(*) FROM pg_attribute WHERE attrelid = %s::regclass AND attname = %s",
-            table,
-            column,
-        )
-        == 0
-    )
+    assert not has_column(migrated_db, "users", "last_sign_in")
 
 
 def test_a_byte_that_is_not_utf8_in_database_url_is_one_line_and_exit_2(migrated_db):
