@@ -96,23 +96,19 @@ class Blocked(Exception):
         self.tables, self.mode = tables, mode
 
 
-def with_lock_retries(attempt, budget, tables=None, mode="AccessShareLock"):
-    """attempt() until no lock wait times out, backing off between tries, within budget.
-
-    A lock timeout raised by attempt() outside execute_statement is blamed on
-    a `mode` lock on `tables`.
-    """
+def with_lock_retries(attempt, budget):
+    """attempt() until no lock wait in it times out, backing off between tries, within budget."""
     while True:
         try:
             return attempt()
         except Blocked as blocked:
-            if budget.spent():
-                raise MigrationError(blocked_message(blocked, budget)) from None
+            failure = blocked
         except peewee.DatabaseError as exc:
             if pgcode(exc) not in RETRYABLE:
                 raise
-            if budget.spent():
-                raise MigrationError(blocked_message(Blocked(tables, mode), budget)) from None
+            failure = Blocked(None, "AccessShareLock")  # a catalog read or a row check
+        if budget.spent():
+            raise MigrationError(blocked_message(failure, budget)) from None
         budget.back_off()
 
 
