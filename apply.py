@@ -418,6 +418,10 @@ def online_failure(exc, statement, lock_timeout, statement_timeout):
     return f"{what} failed ({first_line(exc)}); {state_words()}"
 
 
+def within(budget_seconds):
+    return f"for up to {budget_seconds:g} s" if budget_seconds else "with no time limit"
+
+
 def ongoing(statement):
     """'created index x' -> 'building index x', for lines about a statement still running."""
     verbs = {"created": "building", "rebuilt": "rebuilding", "validated": "validating"}
@@ -437,7 +441,7 @@ def first_line(exc):
 def script(plan, atomic, lock_timeout, statement_timeout):
     """Every statement a run sends for this plan, in order, with its hazard, for a reviewer."""
     lines = [
-        f"-- migration lock: on a second connection, held until the run ends (polled within {lock_timeout:g} s):",
+        f"-- migration lock: on a second connection, held until the run ends (polled {within(lock_timeout)}):",
         f"--   BEGIN; SELECT pg_try_advisory_xact_lock({MIGRATION_LOCK_KEY});",
     ]
     if plan.transaction:
@@ -445,7 +449,7 @@ def script(plan, atomic, lock_timeout, statement_timeout):
         lines += [
             (
                 f"-- each lock waited for {milliseconds(LOCK_ATTEMPT)} ms at most, then the"
-                f" transaction is retried, for up to {lock_timeout:g} s"
+                f" transaction is retried, {within(lock_timeout)}"
             ),
             "BEGIN;",
             *(setting + ";" for setting in transaction_settings(guard)),

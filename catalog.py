@@ -109,7 +109,7 @@ def read_catalog():
         COLUMNS_QUERY
     ):
         table_columns = columns.setdefault(table, {})
-        rows[table] = max(0, int(estimate))  # -1: never vacuumed or analyzed
+        rows[table] = int(estimate) if estimate >= 0 else None  # -1: never analyzed
         if column is not None:
             table_columns[column] = Column(type_, not_null, default)
     index_rows = database.execute_sql(bounded(INDEXES_QUERY))

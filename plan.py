@@ -454,8 +454,13 @@ def hazard_comment(statement, rows):
     if hazard.lock is None:
         return f"-- {hazard.work}: blocks nothing"
     tables = ", ".join(statement.tables)
-    sizes = ", ".join(f"{table} ~{rows.get(table, 0):,} rows" for table in statement.tables)
+    sizes = ", ".join(row_estimate(table, rows.get(table)) for table in statement.tables)
     return f"-- locks {tables} {lock_name(hazard.lock)} (blocks {hazard.blocks}); {hazard.work}; {sizes}"
+
+
+def row_estimate(table, rows):
+    """The planner's estimate (pg_class.reltuples), which VACUUM and ANALYZE keep up."""
+    return f"{table} ~? rows (not analyzed yet)" if rows is None else f"{table} ~{rows:,} rows"
 
 
 def with_hazards(statements, rows):
