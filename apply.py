@@ -41,6 +41,7 @@ import time
 from contextlib import contextmanager
 
 import peewee
+import psycopg2.extensions
 
 from catalog import LOCK_ATTEMPT, milliseconds, read_catalog
 from connection import MigrationError, open_side_connection
@@ -164,7 +165,7 @@ FROM pg_locks l
 JOIN pg_class c ON c.oid = l.relation
 JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.pid <> pg_backend_pid() AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND c.relnamespace = current_schema()::regnamespace
+  AND c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())
   AND (%(tables)s::text[] IS NULL OR c.relname = ANY(%(tables)s)) AND l.mode = ANY(%(modes)s)
 ORDER BY l.granted DESC, a.xact_start
 LIMIT 1
@@ -228,6 +229,8 @@ def state_words():
             f"{committed}an index left INVALID is dropped and rebuilt, and a NOT VALID"
             " foreign key validated, by the next run"
         )
+    if progress["committed"]:
+        return "the transaction was committed; the next run does what is left"
     return "nothing was changed"
 
 
@@ -240,7 +243,7 @@ def migrate(atomic=False, lock_timeout=5.0, statement_timeout=0.0, models=MODELS
     budget = Budget(lock_timeout)
 
     def read_plan():
-        return with_lock_retries(lambda: plan_changes(read_catalog(), atomic, models), budget)
+        return plan_with_retries(atomic, budget, models)
 
     plan = read_plan()
     if not plan.pending:
@@ -258,6 +261,11 @@ def migrate(atomic=False, lock_timeout=5.0, statement_timeout=0.0, models=MODELS
     return plan, done
 
 
+def plan_with_retries(atomic, budget, models=MODELS):
+    """Stage 1: the catalog read and the plan, retried while a table lock keeps it waiting."""
+    return with_lock_retries(lambda: plan_changes(read_catalog(models), atomic, models), budget)
+
+
 def take_migration_lock(budget, read_plan, plan):
     """(side connection holding the migration lock, plan); (None, plan) once, while
     waiting, another run has done the work."""
@@ -267,7 +275,10 @@ def take_migration_lock(budget, read_plan, plan):
         with holder.cursor() as cursor:
             # One round trip, so a role's idle_in_transaction_session_timeout cannot end it first.
             cursor.execute(
-                "BEGIN; SET LOCAL idle_in_transaction_session_timeout = 0;"
+                # READ COMMITTED whatever the default: a repeatable-read transaction keeps a
+                # snapshot, and our own CREATE INDEX CONCURRENTLY would wait for it.
+                "BEGIN ISOLATION LEVEL READ COMMITTED;"
+                " SET LOCAL idle_in_transaction_session_timeout = 0;"
                 f" SELECT pg_try_advisory_xact_lock({MIGRATION_LOCK_KEY})"
             )
             if cursor.fetchone()[0]:
@@ -299,7 +310,7 @@ def run_transaction(atomic, statement_timeout, budget, models):
 
     def attempt():
         with transaction(transaction_settings(guard)):
-            plan = plan_changes(read_catalog(), atomic, models)
+            plan = plan_changes(read_catalog(models), atomic, models)
             for statement in plan.transaction:
                 execute_statement(statement)
         return plan
@@ -337,7 +348,13 @@ def transaction(settings):
         except peewee.PeeweeException:
             pass  # the session is gone, and its transaction with it
         raise
-    database.execute_sql("COMMIT")
+    try:
+        database.execute_sql("COMMIT")
+    except BaseException:
+        # A signal can arrive while COMMIT is on its way: say whether it took effect.
+        status = database.connection().get_transaction_status()
+        progress["committed"] = status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        raise
 
 
 def execute_statement(statement):
@@ -442,7 +459,8 @@ def script(plan, atomic, lock_timeout, statement_timeout):
     """Every statement a run sends for this plan, in order, with its hazard, for a reviewer."""
     lines = [
         f"-- migration lock: on a second connection, held until the run ends (polled {within(lock_timeout)}):",
-        f"--   BEGIN; SELECT pg_try_advisory_xact_lock({MIGRATION_LOCK_KEY});",
+        "--   BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL idle_in_transaction_session_timeout = 0;",
+        f"--   SELECT pg_try_advisory_xact_lock({MIGRATION_LOCK_KEY});",
     ]
     if plan.transaction:
         guard = statement_timeout if atomic else TRANSACTION_GUARD
@@ -458,6 +476,7 @@ def script(plan, atomic, lock_timeout, statement_timeout):
         ]
     if plan.online:
         lines += [
+            "-- session settings, sent with set_config() on the backend the catalog was read on:",
             f"SET lock_timeout = '{milliseconds(lock_timeout)}ms';",
             f"SET statement_timeout = '{milliseconds(statement_timeout)}ms';",
             *with_hazards(plan.online, plan.snapshot.rows),

@@ -308,7 +308,7 @@ def count_queries(function):
 
 
 def plan_synthetic(synthetic):
-    plan.plan_changes(catalog.read_catalog(), models=synthetic)
+    plan.plan_changes(catalog.read_catalog(synthetic), models=synthetic)
 
 
 def bench_growth(scratch, settings):

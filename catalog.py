@@ -12,7 +12,8 @@ Usage::
 
 Only the index query takes table locks: pg_get_indexdef opens the table
 (ACCESS SHARE), so it waits behind a session holding ACCESS EXCLUSIVE and
-behind a queued ALTER TABLE. It runs with a short lock_timeout; the caller
+behind a queued ALTER TABLE. It is called for the models' tables only, so
+another application's locked table holds up nothing. It runs with a short lock_timeout; the caller
 retries (apply.with_lock_retries). Waiting that briefly queues nobody:
 only an ACCESS EXCLUSIVE request conflicts with ours, and it waits for the
 holder anyway. Column defaults are deparsed without the
@@ -22,7 +23,7 @@ pg_get_constraintdef take none either.
 
 from collections import namedtuple
 
-from models import database
+from models import MODELS, database
 
 Column = namedtuple("Column", "type not_null default")
 Index = namedtuple("Index", "table definition valid backs_constraint")
@@ -45,16 +46,17 @@ SELECT c.relname, c.reltuples, pg_backend_pid(), a.attname, format_type(a.atttyp
 FROM pg_class c
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind IN ('r', 'p')
+WHERE c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema()) AND c.relkind IN ('r', 'p')
 ORDER BY c.relname, a.attnum
 """
 INDEXES_QUERY = """
-SELECT t.relname, i.relname, pg_get_indexdef(i.oid), x.indisvalid,
+SELECT t.relname, i.relname,
+       CASE WHEN t.relname = ANY(%(tables)s) THEN pg_get_indexdef(i.oid) END, x.indisvalid,
        x.indisprimary OR EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.oid)
 FROM pg_index x
 JOIN pg_class i ON i.oid = x.indexrelid
 JOIN pg_class t ON t.oid = x.indrelid
-WHERE t.relnamespace = current_schema()::regnamespace
+WHERE t.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())
 """
 CONSTRAINTS_QUERY = """
 SELECT t.relname, k.conname, k.contype,
@@ -64,7 +66,7 @@ SELECT t.relname, k.conname, k.contype,
 FROM pg_constraint k
 JOIN pg_class t ON t.oid = k.conrelid
 LEFT JOIN pg_class r ON r.oid = k.confrelid
-WHERE k.connamespace = current_schema()::regnamespace AND k.contype IN ('f', 'u')
+WHERE k.connamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema()) AND k.contype IN ('f', 'u')
 ORDER BY t.relname, k.conname
 """
 # Who else works on an INVALID index: CREATE INDEX CONCURRENTLY holds a
@@ -98,8 +100,10 @@ def milliseconds(seconds):
     return 0 if seconds == 0 else max(1, round(seconds * 1000))
 
 
-def read_catalog():
+def read_catalog(models=MODELS):
     """The live schema: tables and their columns, indexes, FK and UNIQUE constraints, row estimates.
+
+    Index definitions are read for the tables of `models` only.
 
     A table lock not granted within LOCK_ATTEMPT raises peewee's
     OperationalError (from psycopg2's LockNotAvailable).
@@ -112,7 +116,8 @@ def read_catalog():
         rows[table] = int(estimate) if estimate >= 0 else None  # -1: never analyzed
         if column is not None:
             table_columns[column] = Column(type_, not_null, default)
-    index_rows = database.execute_sql(bounded(INDEXES_QUERY))
+    tables = [model._meta.table_name for model in models]
+    index_rows = database.execute_sql(bounded(INDEXES_QUERY), {"tables": tables})
     indexes = {row[1]: Index(row[0], *row[2:]) for row in index_rows}
     constraints = [Constraint(*row) for row in database.execute_sql(CONSTRAINTS_QUERY)]
     return Snapshot(columns, indexes, constraints, rows, backend_pid)

@@ -217,7 +217,11 @@ def parse_problem(url, message):
     if (word := quoted_in(message, 'separator "=" in URI query parameter: "(.*)"')) is not None:
         return naming("query parameter {} is not NAME=VALUE", word, URL_VALUE_HINT)
     if (word := quoted_in(message, 'missing "=" after "(.*)" in connection info')) is not None:
-        return naming('word {} has no "=VALUE"', word, QUOTE_HINT)
+        if word in LIBPQ_KEYWORDS:
+            return f'word "{word}" has no "=VALUE"'
+        # Not even a near keyword is shown: a word without "=" is most often the
+        # rest of an unquoted value with a space, such as a password ("my host1").
+        return f'a word has no "=VALUE" (not shown, as it may be part of a password): {QUOTE_HINT}'
     if "unterminated quoted string" in message:
         return "a quoted value has no closing quote (write a quote inside a value as \\')"
     if (token := quoted_in(message, 'percent-encoded (?:token|value): "(.*)"')) is not None:
@@ -289,8 +293,18 @@ def connect(params, wait_seconds=0, log=None):
 
 
 def open_side_connection():
-    """A second connection with the same parameters as models.database, in autocommit mode."""
-    connection = psycopg2.connect(make_dsn(dbname=database.database, **database.connect_params))
+    """A second connection, in autocommit mode, opened as models.database opens its own.
+
+    Peewee's _connect, not make_dsn: Peewee turns a postgresql:// database name
+    into a connection string, and libpq would take it as a database's name.
+    """
+    try:
+        connection = database._connect()
+    except psycopg2.OperationalError as exc:
+        raise MigrationError(
+            connection_failure(exc, database.connect_params)
+            + " (a second connection: a run needs two)"
+        ) from None
     connection.autocommit = True
     return connection
 

@@ -47,11 +47,10 @@ except ImportError as missing:
     )
     sys.exit(2)
 
-from apply import migrate, progress, script, state_words
-from catalog import read_catalog
+from apply import Budget, migrate, plan_with_retries, progress, script, state_words
 from connection import DEFAULT_DATABASE_URL, MigrationError, connect, connection_params, describe
 from models import database
-from plan import plan_changes, plural, report, schema_sql
+from plan import plural, report, schema_sql
 
 EXIT_OK, EXIT_PENDING, EXIT_ERROR = 0, 1, 2
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -84,8 +83,15 @@ def seconds_up_to(maximum):
     return seconds
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Usage errors as one `migrate: error:` line, like every other error."""
+
+    def error(self, message):
+        self.exit(EXIT_ERROR, f"migrate: error: {message} (see --help)\n")
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="migrate.py",
         description="Bring the database named by DATABASE_URL (libpq 'host=... dbname=...' or a"
         " postgresql:// URL) to the schema of models.py: create missing tables, columns, foreign"
@@ -220,10 +226,21 @@ def log_run(plan, done, started):
 
 
 def on_signal(signum, frame):
-    """SIGINT/SIGTERM: stop where we are. psycopg2's wait_select turns this into a cancel
-    request for a running statement; apply rolls back and closes the lock's connection."""
+    """SIGINT/SIGTERM: stop where we are; apply rolls back and closes the lock's connection.
+
+    A second signal while the first is being handled only waits for it.
+    """
     signals_received.append(signum)
-    raise KeyboardInterrupt
+    if len(signals_received) == 1:
+        raise KeyboardInterrupt
+
+
+def wait_honouring_signals(connection):
+    """psycopg2's wait_select, which turns a signal into a cancel request for the running
+    statement; when the statement ends before the cancel lands, the signal is raised here."""
+    psycopg2.extras.wait_select(connection)
+    if signals_received:
+        raise KeyboardInterrupt
 
 
 def interrupted_line():
@@ -252,9 +269,23 @@ def database_failure(exc):
         return f"the server is read-only (a standby?): point DATABASE_URL at the primary; {state_words()}"
     if code == "57014":
         return f"a statement was cancelled ({detail}); {state_words()}"
-    if code and code[:2] in ("08", "57"):
+    if code is None or code[:2] in ("08", "57"):  # None: the socket closed, no server error
         return lost_connection(exc)
     return f"migration failed ({detail}); {state_words()}"
+
+
+def error_line(exc):
+    """The one line for an exception that ends a run."""
+    if isinstance(exc, MigrationError):
+        return str(exc)
+    if isinstance(exc, (peewee.InterfaceError, psycopg2.InterfaceError)):
+        return lost_connection(exc)
+    if isinstance(exc, (peewee.DatabaseError, psycopg2.Error)):
+        return database_failure(exc)
+    if isinstance(exc, OSError):  # stdout or stderr closed or full
+        return f"cannot write the output ({exc.strerror or exc})"
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"unexpected {type(exc).__name__}: {first} (run with --verbose for the traceback)"
 
 
 def refuse_old_server():
@@ -277,7 +308,7 @@ def run(args, started):
     connect(params, args.wait, log)
     refuse_old_server()
     if args.check or args.dry_run:
-        plan = plan_changes(read_catalog(), args.atomic)
+        plan = plan_with_retries(args.atomic, Budget(args.lock_timeout))
         status = check(plan, started) if args.check else dry_run(plan, args)
         sys.stdout.flush()  # a full or closed stdout fails here, inside the error handling
         return status
@@ -292,36 +323,21 @@ def main(argv=None):
         sys.stdout.write(schema_sql())
         return EXIT_OK
     setup_logging()
-    psycopg2.extensions.set_wait_callback(psycopg2.extras.wait_select)
+    psycopg2.extensions.set_wait_callback(wait_honouring_signals)
     for signum in EXIT_SIGNAL:
         signal.signal(signum, on_signal)
     started = time.monotonic()
     try:
         return run(args, started)
-    except KeyboardInterrupt:
-        log.error("error: %s", interrupted_line())
-        return EXIT_SIGNAL[signals_received[0] if signals_received else signal.SIGINT]
-    except MigrationError as exc:
-        if signals_received:
+    except BaseException as exc:
+        if isinstance(exc, SystemExit):
+            raise
+        if signals_received or isinstance(exc, KeyboardInterrupt):
             log.error("error: %s", interrupted_line())
-            return EXIT_SIGNAL[signals_received[0]]
-        log.error("error: %s", exc)
-    except peewee.InterfaceError as exc:
-        log.error("error: %s", lost_connection(exc))
-    except peewee.DatabaseError as exc:
-        if signals_received:
-            log.error("error: %s", interrupted_line())
-            return EXIT_SIGNAL[signals_received[0]]
-        log.error("error: %s", database_failure(exc))
-    except OSError as exc:  # stdout or stderr closed or full
-        log.error("error: cannot write the output (%s)", exc.strerror or exc)
-    except Exception as exc:
-        log.error(
-            "error: unexpected %s: %s (run with --verbose for the traceback)",
-            type(exc).__name__,
-            str(exc).splitlines()[0] if str(exc) else "",
-            exc_info=args.verbose,
-        )
+            return EXIT_SIGNAL[signals_received[0] if signals_received else signal.SIGINT]
+        if args.verbose and not isinstance(exc, MigrationError):
+            log.error("traceback of the error below:", exc_info=exc)
+        log.error("error: %s", error_line(exc))
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

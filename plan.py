@@ -125,7 +125,7 @@ def comparable(index_definition):
     """
     text = index_definition.replace('"', "").replace(" IF NOT EXISTS", "")
     text = text.replace(" CONCURRENTLY", "").replace(" USING btree", "")
-    return re.sub(r" ON \w+\.", " ON ", text)
+    return re.sub(r" ON [^ .]+\.", " ON ", text)  # the schema, whatever its name
 
 
 def index_columns(index):
@@ -266,7 +266,7 @@ def column_drift(table, field, actual, expected):
         if expected.default is None:
             fix = sql_of(migrator.drop_column_default(table, column))
         else:
-            fix = sql_of(migrator.add_column_default(table, column, SQL(server_default(field))))
+            fix = sql_of(migrator.add_column_default(table, column, SQL(expected.default)))
         drift.append(
             Drift(
                 f"{where} default is {actual.default or 'none'}; the models say {expected.default or 'none'}",

@@ -12,6 +12,7 @@ import time
 import psycopg2
 
 import migrate
+from catalog import read_catalog
 from conftest import (
     assert_clean_failure,
     catalog,
@@ -339,7 +340,7 @@ def test_catalog_is_read_in_three_queries_however_many_tables(migrated_db, monke
         migrate.database, "execute_sql", lambda sql, *a: queries.append(sql) or execute_sql(sql, *a)
     )
 
-    snapshot = migrate.read_catalog()
+    snapshot = read_catalog()
 
     assert len(queries) == 3
     assert len(snapshot.columns) == 46
@@ -575,3 +576,32 @@ def test_with_atomic_the_same_build_makes_inserts_wait(migrated_db):
 
     assert result.returncode == 0, result.stderr
     assert timed_out > 0  # the SHARE lock of CREATE INDEX held inserts back
+
+
+# --- Defaults and schemas that once broke the planner ------------------------------------
+
+
+def test_a_renamed_id_sequence_is_drift_with_a_fix_not_a_crash(migrated_db):
+    migrated_db.rows("ALTER SEQUENCE sign_in_records_id_seq RENAME TO sign_in_ids")
+    result = run_migrate(migrated_db.url, "--check")
+    assert result.returncode == migrate.EXIT_PENDING, result.stderr
+    assert (
+        """ALTER TABLE "sign_in_records" ALTER COLUMN "id" SET DEFAULT"""
+        """ nextval('sign_in_records_id_seq'::regclass);""" in result.stdout
+    )
+
+
+def test_a_schema_whose_name_needs_quotes_is_migrated_and_then_matches(empty_db):
+    empty_db.rows('CREATE SCHEMA "my-App"')
+    empty_db.rows("CREATE SCHEMA app")  # a lowercase twin must not be mistaken for it
+    url = empty_db.url_with(options='-c search_path="my-App"')
+    try:
+        assert run_migrate(url).returncode == 0
+        check = run_migrate(url, "--check")
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert empty_db.value("SELECT count(*) FROM pg_tables WHERE schemaname = 'my-App'") == len(
+            LEGACY_TABLES
+        )
+    finally:
+        empty_db.rows('DROP SCHEMA "my-App" CASCADE')
+        empty_db.rows("DROP SCHEMA app CASCADE")

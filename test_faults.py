@@ -53,7 +53,8 @@ def wait_for_query(db, pattern, seconds=30):
 def test_bad_seconds_are_refused_at_parsing_with_a_usage_line(flag, value):
     result = run_migrate(None, flag, value)
     assert result.returncode == migrate.EXIT_ERROR
-    assert result.stderr.strip().splitlines()[-1].startswith(f"migrate.py: error: argument {flag}:")
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
+    assert result.stderr.startswith(f"migrate: error: argument {flag}:")
     assert "Traceback" not in result.stderr
 
 

@@ -381,8 +381,8 @@ def test_negative_seconds_are_refused_with_a_usage_error():
     result = run_migrate(None, "--lock-timeout", "-1")
     assert result.returncode == migrate.EXIT_ERROR
     assert error_line(result) == (
-        "migrate.py: error: argument --lock-timeout: -1 is out of range:"
-        " give a number of seconds from 0 to 2.14748e+06"
+        "migrate: error: argument --lock-timeout: -1 is out of range:"
+        " give a number of seconds from 0 to 2.14748e+06 (see --help)"
     )
 
 

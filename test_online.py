@@ -421,3 +421,52 @@ def test_atomic_runs_through_a_transaction_pooler_succeed(migrated_db, transacti
     result = run_migrate(transaction_pooler, "--atomic")
     assert result.returncode == 0, result.stderr
     assert run_migrate(migrated_db.url, "--check").returncode == 0
+
+
+# --- Found by trying to break it -------------------------------------------------------------
+
+
+def test_a_repeatable_read_default_does_not_make_the_run_wait_for_itself(migrated_db):
+    # The migration lock's open transaction would keep a snapshot that the run's
+    # own CREATE INDEX CONCURRENTLY waits for.
+    migrated_db.rows("DROP INDEX idx_users_status")
+    url = migrated_db.url_with(options="-c default_transaction_isolation=repeatable\\ read")
+    result = run_migrate(url, "--lock-timeout", "3")
+    assert result.returncode == 0, result.stderr
+    assert "migrate: created index idx_users_status" in result.stderr
+
+
+def test_another_applications_locked_table_does_not_hold_up_a_no_op_run(migrated_db):
+    migrated_db.rows("CREATE TABLE audit_trail (id int PRIMARY KEY, note text)")
+    holder = session(migrated_db, "LOCK TABLE audit_trail IN ACCESS EXCLUSIVE MODE")
+    try:
+        result = run_migrate(migrated_db.url, "--lock-timeout", "0.5")
+        check = run_migrate(migrated_db.url, "--check", "--lock-timeout", "0.5")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert result.returncode == 0, result.stderr
+    assert check.returncode == 0, check.stderr
+
+
+def test_check_retries_a_locked_catalog_read_within_the_budget(migrated_db):
+    holder = session(migrated_db, "LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+    timer = end_after(holder, 1.0)
+    result = run_migrate(migrated_db.url, "--check", "--lock-timeout", "10")
+    timer.join()
+    assert result.returncode == 0, result.stderr
+    assert "the database matches the models" in result.stderr
+
+
+def test_a_database_named_by_a_url_in_dbname_works_for_both_connections(migrated_db):
+    migrated_db.rows("DROP INDEX idx_users_status")
+    params = migrated_db.params
+    secret = "Pa55-in-a-nested-url"
+    nested = (
+        f"postgresql://{params['user']}:{secret}@{params.get('host', 'localhost')}"
+        f":{params.get('port', 5432)}/{migrated_db.name}"
+    )
+    result = run_migrate(f"dbname='{nested}'")
+    assert result.returncode == 0, result.stderr
+    assert "migrate: created index idx_users_status" in result.stderr
+    assert secret not in result.stdout + result.stderr

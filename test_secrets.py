@@ -207,7 +207,11 @@ def test_a_bad_percent_escape_names_the_url_part_it_is_in():
     [
         (
             "host=h password=Top Secret9",
-            'word (not shown, as it may be part of a password) has no "=VALUE"',
+            'a word has no "=VALUE" (not shown, as it may be part of a password)',
+        ),
+        (
+            "host=h password=my host1",
+            'a word has no "=VALUE" (not shown, as it may be part of a password)',
         ),
         (
             "host=h password=x Secret9=1",
