@@ -5,34 +5,51 @@ Usage::
 
     from apply import migrate
 
-    plan, done = migrate()                            # online: writers never wait long
-    plan, done = migrate(atomic=True)                 # everything in one transaction
-    plan, done = migrate(lock_timeout=5, statement_timeout=600)
+    plan, done = migrate(target)                      # online: writers never wait long
+    plan, done = migrate(target, atomic=True)         # everything in one transaction
+    plan, done = migrate(target, lock_timeout=5, statement_timeout=600)
 
 The stages, and what each may wait for:
 
 1. read: the catalog and the plan, in autocommit. The one locking catalog
    query waits at most LOCK_ATTEMPT for a table lock, then backs off and
    retries. Nothing to add ends the run here: no lock taken, no DDL sent.
+   A plan that is blocked (plan.blocked) ends it too, with exit 2.
 2. migration lock: pg_try_advisory_xact_lock in a transaction of its own on
    a second connection, kept open until the run ends (so it is released
    whatever happens to this process, and works through a transaction
    pooler). Busy: back off and read the plan again, since the holder may be
    doing our work; give up when the --lock-timeout budget is spent, naming it.
 3. transaction: BEGIN, lock_timeout LOCK_ATTEMPT, a statement_timeout guard,
-   read the catalog again, plan, execute, COMMIT. A lock not granted within
-   LOCK_ATTEMPT rolls the attempt back; it is retried after a jittered back-off
-   until the budget is spent. So the application's sessions queue behind a
-   waiting ALTER for LOCK_ATTEMPT at most.
+   read the catalog again, plan, execute, read the catalog once more and
+   check that every statement made what the models give (plan.unmet), COMMIT.
+   A lock not granted within LOCK_ATTEMPT rolls the attempt back; it is
+   retried after a jittered back-off until the budget is spent. So the
+   application's sessions queue behind a waiting ALTER for LOCK_ATTEMPT at
+   most. With --atomic the scans (index builds, foreign key checks) run
+   first and the ACCESS EXCLUSIVE statements last, so that lock is held for
+   milliseconds before COMMIT.
 4. online: each statement on its own, with lock_timeout = the budget and
-   statement_timeout = --statement-timeout (default no limit); the locks they
-   take block no reads or writes. They use session settings, so consecutive
-   statements must reach one server backend: a transaction pooler is detected
-   and refused.
+   statement_timeout = --statement-timeout (default no limit), each checked
+   in the catalog before it is logged. They use session settings, so
+   consecutive statements must reach one server backend: a transaction
+   pooler is detected and refused.
+
+Every setting of a role, a database or PGOPTIONS that could end or bound our
+sessions is pinned for our own statements: lock_timeout, statement_timeout,
+idle_in_transaction_session_timeout, transaction_timeout (17+) here;
+idle_session_timeout and the client encoding in connection.configure_session;
+search_path (the target schema), quote_all_identifiers and TimeZone in
+catalog.guarded.
+
+A statement that runs longer than a few seconds is watched (`watch_queries`):
+a third connection reads its progress from pg_stat_progress_create_index and
+pg_stat_activity, logs it every --progress seconds, and ends the run when the
+server stops answering.
 
 Every failure raises MigrationError with one line that names what blocked
 (pid, application_name, how long its transaction has been open) and says in
-which state the database was left.
+which state the database was left, read from the catalog.
 """
 
 import logging
@@ -43,10 +60,18 @@ from contextlib import contextmanager
 import peewee
 import psycopg2.extensions
 
-from catalog import LOCK_ATTEMPT, milliseconds, read_catalog
-from connection import MigrationError, open_side_connection
+from catalog import (
+    LOCK_ATTEMPT,
+    guard_params,
+    guard_sql,
+    has_transaction_timeout,
+    milliseconds,
+    read_catalog,
+    shown,
+)
+from connection import MigrationError, ServerSilent, configure_session, open_side_connection, watch
 from models import MODELS, database
-from plan import lock_name, plan_changes, with_hazards
+from plan import lock_name, plan_changes, search_path_line, unmet, with_hazards
 
 # The advisory lock key the application must not use for a lock of its own.
 MIGRATION_LOCK_KEY = 7_283_145_019_226_431
@@ -56,11 +81,22 @@ MIGRATION_LOCK_KEY = 7_283_145_019_226_431
 TRANSACTION_GUARD = 10.0  # seconds
 LOCK_NOT_AVAILABLE, DEADLOCK_DETECTED, QUERY_CANCELED = "55P03", "40P01", "57014"
 RETRYABLE = (LOCK_NOT_AVAILABLE, DEADLOCK_DETECTED)
+# Errors that reject a statement before it does anything: the next run meets them again.
+REJECTIONS = {
+    "42501": "permission denied",
+    "25006": "the transaction is read-only",
+    "P0001": "an event trigger or function raised an error",
+    "0A000": "the server does not support it",
+    "2BP01": "objects depend on it",
+}
+# A watched statement: the probe looks every PROBE_EVERY seconds and gives the
+# server PROBE_LIMIT seconds to answer it.
+PROBE_EVERY, PROBE_LIMIT = 5.0, 10.0
 
 log = logging.getLogger("migrate")
 
 # What the run has done so far, for the line an interruption prints.
-progress = {"stage": "read", "committed": False}
+progress = {"stage": "read", "committed": False, "left": None}
 
 # --- The budget for waiting --------------------------------------------------------
 
@@ -97,7 +133,7 @@ class Blocked(Exception):
         self.tables, self.mode = tables, mode
 
 
-def with_lock_retries(attempt, budget):
+def with_lock_retries(attempt, budget, target):
     """attempt() until no lock wait in it times out, backing off between tries, within budget."""
     while True:
         try:
@@ -109,7 +145,7 @@ def with_lock_retries(attempt, budget):
                 raise
             failure = Blocked(None, "AccessShareLock")  # a catalog read or a row check
         if budget.spent():
-            raise MigrationError(blocked_message(failure, budget)) from None
+            raise MigrationError(blocked_message(failure, budget, target)) from None
         budget.back_off()
 
 
@@ -165,7 +201,7 @@ FROM pg_locks l
 JOIN pg_class c ON c.oid = l.relation
 JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.pid <> pg_backend_pid() AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())
+  AND c.relnamespace = %(schema)s
   AND (%(tables)s::text[] IS NULL OR c.relname = ANY(%(tables)s)) AND l.mode = ANY(%(modes)s)
 ORDER BY l.granted DESC, a.xact_start
 LIMIT 1
@@ -189,19 +225,24 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
 
 def session_words(pid, application, state, seconds):
     """'pid 4242 (gateway, idle in transaction, transaction open 12 s)'."""
-    return f"pid {pid} ({application or 'no application_name'}, {state}, transaction open {seconds or 0:.0f} s)"
+    application = shown(application) if application else "no application_name"
+    return f"pid {pid} ({application}, {shown(state)}, transaction open {seconds or 0:.0f} s)"
 
 
-def blocked_message(blocked, budget):
+def blocked_message(blocked, budget, target):
     tables = ", ".join(blocked.tables) if blocked.tables else "a table"
     row = database.execute_sql(
         BLOCKERS_QUERY,
-        {"tables": list(blocked.tables or []) or None, "modes": CONFLICTS[blocked.mode]},
+        {
+            "schema": target.oid,
+            "tables": list(blocked.tables or []) or None,
+            "modes": CONFLICTS[blocked.mode],
+        },
     ).fetchone()
     if row:
         pid, application, state, mode, granted, table, seconds = row
         holds = "holds" if granted else "waits for"
-        who = f"{session_words(pid, application, state, seconds)} {holds} {lock_name(mode)} on {table}"
+        who = f"{session_words(pid, application, state, seconds)} {holds} {lock_name(mode)} on {shown(table)}"
     else:
         who = "the session that held it has just let go"
     return (
@@ -222,30 +263,108 @@ def oldest_transaction():
 
 
 def state_words():
-    """What an interrupted or failed run leaves behind, and what the next run does."""
+    """What a failed or interrupted run leaves behind, as far as the catalog shows it."""
+    committed = "the transaction was committed; " if progress["committed"] else ""
     if progress["stage"] == "online":
-        committed = "the transaction was committed; " if progress["committed"] else ""
-        return (
-            f"{committed}an index left INVALID is dropped and rebuilt, and a NOT VALID"
-            " foreign key validated, by the next run"
+        left = progress["left"] or (
+            "an index build or foreign key validation cut short leaves an INVALID index or a"
+            " NOT VALID foreign key, which the next run rebuilds or validates"
         )
+        return committed + left
     if progress["committed"]:
         return "the transaction was committed; the next run does what is left"
     return "nothing was changed"
 
 
+# --- Watching long statements -----------------------------------------------------------
+
+PROGRESS_QUERY = """
+SELECT a.state, a.wait_event_type, a.wait_event, p.phase, p.blocks_done, p.blocks_total,
+       p.tuples_done, p.tuples_total, p.lockers_done, p.lockers_total
+FROM pg_stat_activity a LEFT JOIN pg_stat_progress_create_index p ON p.pid = a.pid
+WHERE a.pid = %s
+"""
+watched = {"statement": None, "every": 10.0, "logged": 0.0, "probe": None}
+
+
+def watch_queries(progress_every):
+    """Watch every wait of this run longer than PROBE_EVERY: a probe on a connection of its
+    own checks that the server still runs our statement, and every `progress_every` seconds
+    (0: never) logs how far a statement of a stage has got."""
+    watched.update(every=progress_every, probe=None)
+    watch.probe, watch.probe_every = probe, PROBE_EVERY
+
+
+def stop_watching():
+    watch.probe = None
+    connection = watched["probe"]
+    watched["probe"] = None
+    if connection is not None and not connection.closed:
+        connection.close()
+
+
+def probe(connection, elapsed):
+    """One look at the session behind `connection`, from the probe's own connection."""
+    if watched["probe"] is None or watched["probe"].closed:
+        watched["probe"] = open_side_connection()
+    limit, watch.silence_limit = watch.silence_limit, PROBE_LIMIT
+    try:
+        with watched["probe"].cursor() as cursor:
+            cursor.execute(PROGRESS_QUERY, (connection.info.backend_pid,))
+            row = cursor.fetchone()
+    finally:
+        watch.silence_limit = limit
+    if row is None:
+        raise ServerSilent(
+            f"the server no longer runs our session (pid {connection.info.backend_pid}),"
+            " yet the connection did not say so"
+        )
+    statement = watched["statement"]
+    if statement and watched["every"] and elapsed - watched["logged"] >= watched["every"]:
+        watched["logged"] = elapsed
+        log.info("%s: %s", ongoing(statement), progress_words(row, elapsed))
+
+
+def progress_words(row, elapsed):
+    """'building index: scanning table, 1,234 of 5,678 blocks (21%), 30 s'."""
+    _state, wait_type, wait_event, phase, *counts = row
+    words = []
+    if phase:
+        words.append(shown(phase))
+        for done, total, unit in zip(
+            counts[::2], counts[1::2], ("blocks", "tuples", "transactions")
+        ):
+            if total:
+                words.append(f"{done:,} of {total:,} {unit} ({100 * done // total}%)")
+                break
+    if wait_type:
+        words.append(f"waiting ({shown(wait_type)}: {shown(wait_event)})")
+    words.append(f"{elapsed:.0f} s")
+    return ", ".join(words)
+
+
+@contextmanager
+def watching(statement):
+    watched.update(statement=statement, logged=0.0)
+    try:
+        yield
+    finally:
+        watched["statement"] = None
+
+
 # --- The stages -------------------------------------------------------------------------
 
 
-def migrate(atomic=False, lock_timeout=5.0, statement_timeout=0.0, models=MODELS):
+def migrate(target, atomic=False, lock_timeout=5.0, statement_timeout=0.0, models=MODELS):
     """Read, plan and apply; returns the last plan and the statements executed (none when up to date)."""
-    progress.update(stage="read", committed=False)
+    progress.update(stage="read", committed=False, left=None)
     budget = Budget(lock_timeout)
 
     def read_plan():
-        return plan_with_retries(atomic, budget, models)
+        return plan_with_retries(target, atomic, budget, models)
 
     plan = read_plan()
+    refuse_blocked(plan)
     if not plan.pending:
         return plan, []
     holder, plan = take_migration_lock(budget, read_plan, plan)
@@ -254,16 +373,42 @@ def migrate(atomic=False, lock_timeout=5.0, statement_timeout=0.0, models=MODELS
     try:
         # Made again inside the transaction: another run may have done part of it.
         # Its online part still holds after the commit.
-        plan, done = run_transaction(atomic, statement_timeout, budget, models)
-        done += run_online(plan, lock_timeout, statement_timeout)
+        plan, done = run_transaction(target, atomic, statement_timeout, budget, models)
+        online, after = run_online(plan, target, atomic, lock_timeout, statement_timeout, budget)
+        done += online
     finally:
         holder.close()  # ends its transaction: the migration lock is released
-    return plan, done
+    return after or plan, done
 
 
-def plan_with_retries(atomic, budget, models=MODELS):
+def refuse_blocked(plan):
+    if plan.blocked:
+        more = f" (and {len(plan.blocked) - 1} more)" if len(plan.blocked) > 1 else ""
+        raise MigrationError(
+            f"{plan.blocked[0].reason}{more}; nothing was changed: python migrate.py --dry-run"
+            " lists the SQL for it and everything else pending"
+        )
+
+
+def plan_with_retries(target, atomic, budget, models=MODELS):
     """Stage 1: the catalog read and the plan, retried while a table lock keeps it waiting."""
-    return with_lock_retries(lambda: plan_changes(read_catalog(models), atomic, models), budget)
+    return with_lock_retries(
+        lambda: plan_changes(read_catalog(target, models), atomic, models), budget, target
+    )
+
+
+def lock_holder_sql():
+    """The migration lock's transaction, in one round trip so that no role timeout can end
+    it before its settings arrive."""
+    timeout = " SET LOCAL transaction_timeout = 0;" if has_transaction_timeout() else ""
+    return (
+        # READ COMMITTED whatever the default: a repeatable-read transaction keeps a
+        # snapshot, and our own CREATE INDEX CONCURRENTLY would wait for it.
+        "BEGIN ISOLATION LEVEL READ COMMITTED;"
+        " SET LOCAL idle_in_transaction_session_timeout = 0;"
+        f"{timeout} SET LOCAL statement_timeout = '{milliseconds(TRANSACTION_GUARD)}ms';"
+        f" SELECT pg_try_advisory_xact_lock({MIGRATION_LOCK_KEY})"
+    )
 
 
 def take_migration_lock(budget, read_plan, plan):
@@ -273,14 +418,7 @@ def take_migration_lock(budget, read_plan, plan):
     announced = False
     while True:
         with holder.cursor() as cursor:
-            # One round trip, so a role's idle_in_transaction_session_timeout cannot end it first.
-            cursor.execute(
-                # READ COMMITTED whatever the default: a repeatable-read transaction keeps a
-                # snapshot, and our own CREATE INDEX CONCURRENTLY would wait for it.
-                "BEGIN ISOLATION LEVEL READ COMMITTED;"
-                " SET LOCAL idle_in_transaction_session_timeout = 0;"
-                f" SELECT pg_try_advisory_xact_lock({MIGRATION_LOCK_KEY})"
-            )
+            cursor.execute(lock_holder_sql())
             if cursor.fetchone()[0]:
                 return holder, plan
             cursor.execute("ROLLBACK")
@@ -297,107 +435,174 @@ def take_migration_lock(budget, read_plan, plan):
             )
         budget.back_off()
         plan = read_plan()
+        refuse_blocked(plan)
         if not plan.pending:
             holder.close()
             return None, plan
 
 
-def run_transaction(atomic, statement_timeout, budget, models):
-    """Stage 3: the catalog read again, the plan made again, its transaction part applied,
-    all or nothing. Returns that plan and the statements executed."""
+def in_lock_order(statements):
+    """The transaction's statements with those taking ACCESS EXCLUSIVE last (and what needs
+    their effect after them), each group in its order: a scan of one table (an index build,
+    a foreign key check) then never runs while reads of another wait behind an ACCESS
+    EXCLUSIVE taken before it, held until COMMIT."""
+    exclusive = [s for s in statements if s.hazard.lock == "AccessExclusiveLock"]
+    effects = {s.effect for s in exclusive}
+    after = [s for s in statements if s not in exclusive and effects & set(s.needs)]
+    return [s for s in statements if s not in exclusive and s not in after] + exclusive + after
+
+
+def run_transaction(target, atomic, statement_timeout, budget, models):
+    """Stage 3: the catalog read again, the plan made again, its transaction part applied
+    and checked in the catalog, all or nothing. Returns that plan and the statements executed."""
     progress["stage"] = "transaction"
     guard = statement_timeout if atomic else TRANSACTION_GUARD
 
     def attempt():
-        with transaction(transaction_settings(guard)):
-            plan = plan_changes(read_catalog(models), atomic, models)
-            for statement in plan.transaction:
+        with transaction(target, guard):
+            plan = plan_changes(read_catalog(target, models), atomic, models)
+            refuse_blocked(plan)
+            for statement in in_lock_order(plan.transaction):
                 execute_statement(statement)
+            if plan.transaction:
+                check_effects(
+                    plan.transaction, plan_changes(read_catalog(target, models), atomic, models)
+                )
         return plan
 
-    plan = with_lock_retries(attempt, budget)
+    plan = with_lock_retries(attempt, budget, target)
     progress["committed"] = bool(plan.transaction)
     for statement in plan.transaction:
         log.info(statement.description)
     return plan, list(plan.transaction)
 
 
-def transaction_settings(statement_timeout):
-    return [
+def check_effects(statements, after):
+    """Raise unless each statement's object is in the catalog `after` was planned from, as
+    the models give it: a statement that succeeded without effect (IF NOT EXISTS finding
+    the name taken) is never reported as done."""
+    for statement in statements:
+        reason = unmet(statement, after)
+        if reason:
+            raise MigrationError(f"{ongoing(statement)} had no effect: {reason}; {state_words()}")
+
+
+def transaction_settings(target, statement_timeout):
+    """The SET LOCALs of the transaction stage, as --dry-run prints them."""
+    settings = [
         f"SET LOCAL lock_timeout = '{milliseconds(LOCK_ATTEMPT)}ms'",
         f"SET LOCAL statement_timeout = '{milliseconds(statement_timeout)}ms'",
         f"SET LOCAL idle_in_transaction_session_timeout = '{milliseconds(TRANSACTION_GUARD)}ms'",
+        search_path_line(target).removesuffix(";").replace("SET ", "SET LOCAL ", 1),
     ]
+    if has_transaction_timeout():
+        settings.append("SET LOCAL transaction_timeout = 0")
+    return settings
 
 
 @contextmanager
-def transaction(settings):
-    """BEGIN with settings in one round trip ... COMMIT, or ROLLBACK on any exception.
+def transaction(target, statement_timeout):
+    """BEGIN with the pinned settings in one round trip ... COMMIT, or ROLLBACK on any exception.
 
     Not Peewee's atomic(): it sends BEGIN alone (a role's
     idle_in_transaction_session_timeout can end the session before the
     settings arrive), and its ROLLBACK on a lost connection raises over the
     error that explains it.
     """
-    database.execute_sql("; ".join(["BEGIN", *settings]))
+    params = guard_params(target, LOCK_ATTEMPT, statement_timeout)
+    params["idle"] = f"{milliseconds(TRANSACTION_GUARD)}ms"
+    database.execute_sql(
+        f"BEGIN; {guard_sql()}, set_config('idle_in_transaction_session_timeout', %(idle)s, true)",
+        params,
+    )
     try:
         yield
     except BaseException:
         try:
             database.execute_sql("ROLLBACK")
-        except peewee.PeeweeException:
+        except (peewee.PeeweeException, psycopg2.Error, ServerSilent):
             pass  # the session is gone, and its transaction with it
         raise
     try:
         database.execute_sql("COMMIT")
     except BaseException:
         # A signal can arrive while COMMIT is on its way: say whether it took effect.
-        status = database.connection().get_transaction_status()
+        connection = database.connection()
+        status = None if connection.closed else connection.get_transaction_status()
         progress["committed"] = status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
         raise
 
 
 def execute_statement(statement):
     try:
-        database.execute_sql(statement.sql)
+        with watching(statement):
+            database.execute_sql(statement.sql)
     except peewee.DatabaseError as exc:
         if pgcode(exc) in RETRYABLE:
             raise Blocked(statement.tables, statement.hazard.lock) from None
         raise
 
 
-def run_online(plan, lock_timeout, statement_timeout):
-    """Stage 4: statements that block no writer, each on its own, on one server backend."""
+def run_online(plan, target, atomic, lock_timeout, statement_timeout, budget):
+    """Stage 4: statements that block no writer, each on its own, on one server backend, each
+    checked in the catalog. Returns them and the plan read after the last."""
     if not plan.online:
-        return []
+        return [], None
     progress["stage"] = "online"
-    done, statement = [], None
+    done, statement, after = [], None, None
     try:
-        backend = start_online_session(plan.snapshot.backend_pid, lock_timeout, statement_timeout)
+        backend = start_online_session(
+            plan.snapshot.backend_pid, target, lock_timeout, statement_timeout
+        )
         for statement in plan.online:
             log.info("%s: started (%s)", ongoing(statement), statement.hazard.work)
-            database.execute_sql(statement.sql)
-            done.append(statement)
+            with watching(statement):
+                database.execute_sql(statement.sql)
             check_same_backend(backend)
+            after = plan_with_retries(target, atomic, budget, plan.models)
+            check_effects([statement], after)
+            done.append(statement)
             log.info(statement.description)
-        database.execute_sql("RESET lock_timeout; RESET statement_timeout")
-    except peewee.DatabaseError as exc:
+        database.execute_sql(
+            "RESET lock_timeout; RESET statement_timeout; RESET search_path"
+            + ("; RESET transaction_timeout" if has_transaction_timeout() else "")
+        )
+    except (peewee.DatabaseError, psycopg2.Error) as exc:
+        if pgcode(exc) is None:  # the connection was lost: say what the catalog shows, then why
+            progress["left"] = left_behind(statement, target) if statement else None
+            raise
         raise MigrationError(
-            online_failure(exc, statement, lock_timeout, statement_timeout)
+            online_failure(exc, statement, target, lock_timeout, statement_timeout)
         ) from None
-    return done
+    except KeyboardInterrupt:
+        if statement is not None:
+            progress["left"] = left_behind(statement, target)
+        raise
+    return done, after
 
 
-def start_online_session(backend, lock_timeout, statement_timeout):
-    """Set the online timeouts on `backend`, the one the catalog was read on; returns it.
+def online_settings(target, lock_timeout, statement_timeout):
+    settings = {
+        "lock_timeout": f"{milliseconds(lock_timeout)}ms",
+        "statement_timeout": f"{milliseconds(statement_timeout)}ms",
+    }
+    if has_transaction_timeout():
+        settings["transaction_timeout"] = "0"
+    return settings
+
+
+def start_online_session(backend, target, lock_timeout, statement_timeout):
+    """Set the online settings on `backend`, the one the catalog was read on; returns it.
 
     set_config only runs on that backend, so a pooler that switched backends
     gets no setting it would hand to another client.
     """
+    settings = online_settings(target, lock_timeout, statement_timeout)
+    calls = " || ".join(f"set_config('{name}', %({name})s, false)" for name in settings)
     row = database.execute_sql(
-        "SELECT pg_backend_pid(), CASE WHEN pg_backend_pid() = %s THEN"
-        " set_config('lock_timeout', %s, false) || set_config('statement_timeout', %s, false) END",
-        (backend, f"{milliseconds(lock_timeout)}ms", f"{milliseconds(statement_timeout)}ms"),
+        f"SELECT pg_backend_pid(), CASE WHEN pg_backend_pid() = %(backend)s THEN {calls}"
+        " || set_config('search_path', quote_ident(%(schema)s) || ', pg_temp', false) END",
+        {**settings, "backend": backend, "schema": target.name},
     ).fetchone()
     check_same_backend(backend, row[0])
     return backend
@@ -415,11 +620,12 @@ def check_same_backend(backend, now=None):
         )
 
 
-def online_failure(exc, statement, lock_timeout, statement_timeout):
-    """One line for a statement of the online stage that failed."""
+def online_failure(exc, statement, target, lock_timeout, statement_timeout):
+    """One line for a statement of the online stage that failed, with what it left behind."""
     code = pgcode(exc)
     if statement is None:
         return f"the online stage could not start ({first_line(exc)}); {state_words()}"
+    progress["left"] = left_behind(statement, target)
     what = ongoing(statement)
     if code == LOCK_NOT_AVAILABLE:
         return (
@@ -432,7 +638,36 @@ def online_failure(exc, statement, lock_timeout, statement_timeout):
             f"{what} ran longer than the --statement-timeout of {statement_timeout:g} s"
             f" (statement_timeout); {state_words()}: raise --statement-timeout, or 0 for no limit"
         )
+    if code in REJECTIONS:
+        return (
+            f"{what} was rejected: {REJECTIONS[code]} ({first_line(exc)}); {state_words()};"
+            " the next run meets the same refusal until that changes"
+        )
     return f"{what} failed ({first_line(exc)}); {state_words()}"
+
+
+def left_behind(statement, target):
+    """What the failed statement left, read from the catalog; None when it cannot be read."""
+    kind, table, name = statement.effect
+    try:
+        if database.connection().closed:  # psycopg2 closes it when a wait ends in an exception
+            database.close()
+            database.connect()
+            configure_session(database.connection())
+        snapshot = read_catalog(target, ())
+    except (peewee.PeeweeException, psycopg2.Error, ServerSilent, KeyboardInterrupt):
+        return None
+    if kind in ("index", "dropped"):
+        live = snapshot.indexes.get(name)
+        if live is not None and not live.valid:
+            return f"index {name} was left INVALID: the next run drops and rebuilds it"
+        return f"index {name} was not left behind"
+    constraint = next(
+        (c for c in snapshot.constraints if c.name == name and c.table == table), None
+    )
+    if constraint is not None and not constraint.validated:
+        return f"foreign key {name} stays NOT VALID: the next run validates it"
+    return "nothing of it was left"
 
 
 def within(budget_seconds):
@@ -441,15 +676,22 @@ def within(budget_seconds):
 
 def ongoing(statement):
     """'created index x' -> 'building index x', for lines about a statement still running."""
-    verbs = {"created": "building", "rebuilt": "rebuilding", "validated": "validating"}
+    verbs = {
+        "created": "building",
+        "rebuilt": "rebuilding",
+        "validated": "validating",
+        "added": "adding",
+        "commented": "commenting",
+        "dropped": "dropping",
+    }
     verb, rest = statement.description.split(" ", 1)
-    return f"{verbs.get(verb, verb.replace('dropped', 'dropping'))} {rest}"
+    return f"{verbs.get(verb, verb)} {rest}"
 
 
 def first_line(exc):
     original = getattr(exc, "orig", exc)
     text = str(original).strip()
-    return text.splitlines()[0] if text else type(original).__name__
+    return shown(text.splitlines()[0]) if text else type(original).__name__
 
 
 # --- What a run sends, for --dry-run ----------------------------------------------------
@@ -457,30 +699,31 @@ def first_line(exc):
 
 def script(plan, atomic, lock_timeout, statement_timeout):
     """Every statement a run sends for this plan, in order, with its hazard, for a reviewer."""
+    target, tables = plan.snapshot.target, plan.snapshot.tables
     lines = [
         f"-- migration lock: on a second connection, held until the run ends (polled {within(lock_timeout)}):",
-        "--   BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL idle_in_transaction_session_timeout = 0;",
-        f"--   SELECT pg_try_advisory_xact_lock({MIGRATION_LOCK_KEY});",
+        *("--   " + part.strip() + ";" for part in lock_holder_sql().split(";")),
     ]
     if plan.transaction:
         guard = statement_timeout if atomic else TRANSACTION_GUARD
         lines += [
             (
                 f"-- each lock waited for {milliseconds(LOCK_ATTEMPT)} ms at most, then the"
-                f" transaction is retried, {within(lock_timeout)}"
+                f" transaction is retried, {within(lock_timeout)}; every lock taken is held"
+                " until COMMIT, ACCESS EXCLUSIVE ones taken last"
             ),
             "BEGIN;",
-            *(setting + ";" for setting in transaction_settings(guard)),
-            *with_hazards(plan.transaction, plan.snapshot.rows),
+            *(setting + ";" for setting in transaction_settings(target, guard)),
+            *with_hazards(in_lock_order(plan.transaction), tables),
             "COMMIT;",
         ]
     if plan.online:
+        settings = online_settings(target, lock_timeout, statement_timeout)
         lines += [
             "-- session settings, sent with set_config() on the backend the catalog was read on:",
-            f"SET lock_timeout = '{milliseconds(lock_timeout)}ms';",
-            f"SET statement_timeout = '{milliseconds(statement_timeout)}ms';",
-            *with_hazards(plan.online, plan.snapshot.rows),
-            "RESET lock_timeout;",
-            "RESET statement_timeout;",
+            *(f"SET {name} = '{value}';" for name, value in settings.items()),
+            search_path_line(target),
+            *with_hazards(plan.online, tables),
+            *(f"RESET {name};" for name in [*settings, "search_path"]),
         ]
     return lines

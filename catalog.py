@@ -1,72 +1,299 @@
 """
-The live schema of the connection's current schema, read from pg_catalog in three queries.
+The live schema of the target schema, read from pg_catalog as structured facts.
 
 Usage::
 
-    from catalog import read_catalog
+    from catalog import read_catalog, target_schema
 
-    snapshot = read_catalog()
-    snapshot.columns["users"]["quota"]      # Column(type='bigint', not_null=True, default='10000')
-    snapshot.indexes["idx_users_status"]    # Index(table='users', definition='CREATE INDEX ...', ...)
-    snapshot.rows["request_logs"]           # the planner's row estimate (reltuples)
+    target = target_schema()                 # the schema a run works in, and where that came from
+    snapshot = read_catalog(target)
+    snapshot.tables["users"].columns["quota"]   # Column(type='bigint', not_null=True, default='10000', ...)
+    snapshot.indexes["idx_users_status"]        # Index(table='users', keys=(IndexKey('status', ...),), ...)
+    snapshot.relations["users_old"].kind        # 'table'
+    shown(name)                                 # catalog text made safe to print on one line
 
-Only the index query takes table locks: pg_get_indexdef opens the table
-(ACCESS SHARE), so it waits behind a session holding ACCESS EXCLUSIVE and
-behind a queued ALTER TABLE. It is called for the models' tables only, so
-another application's locked table holds up nothing. It runs with a short lock_timeout; the caller
-retries (apply.with_lock_retries). Waiting that briefly queues nobody:
-only an ACCESS EXCLUSIVE request conflicts with ours, and it waits for the
-holder anyway. Column defaults are deparsed without the
-table (pg_get_expr(..., 0)), which takes no lock; format_type and
-pg_get_constraintdef take none either.
+The target schema is the connection's current_schema(), the first schema of
+its search_path that exists. A temporary schema, a system schema or none at
+all is refused before anything is read or made. Every query of ours runs
+with settings pinned for it alone (`guarded`): the search_path reduced to
+the target schema, so that DDL lands there and `::regclass` prints
+unqualified; quote_all_identifiers off and TimeZone UTC, so that deparsed
+text does not depend on a role's settings; a short lock_timeout, and no
+statement_timeout or transaction_timeout of the role's.
+
+Structured facts, not deparsed text, wherever PostgreSQL keeps them: index
+keys, sort order, operator classes and collations from pg_index; foreign
+key columns and actions from pg_constraint; sequence ownership from
+pg_depend. Text stays for column defaults and index predicates: PostgreSQL
+exposes no structure for an expression but its node tree, whose text changes
+between versions. Deparsing a predicate or a CHECK opens its table (ACCESS
+SHARE), so it is done for the models' tables only and waits at most
+LOCK_ATTEMPT (the caller retries, apply.with_lock_retries): waiting that
+briefly queues nobody, since only ACCESS EXCLUSIVE conflicts with it, and
+that waits for the holder anyway. Everything else takes no lock.
 """
 
+import math
+import re
+import unicodedata
 from collections import namedtuple
+from contextlib import contextmanager
 
+import peewee
+import psycopg2
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE
+
+from connection import MigrationError, raw_bytes
 from models import MODELS, database
 
-Column = namedtuple("Column", "type not_null default")
-Index = namedtuple("Index", "table definition valid backs_constraint")
-Constraint = namedtuple("Constraint", "table name kind columns ref_table definition validated")
-Snapshot = namedtuple("Snapshot", "columns indexes constraints rows backend_pid")
+Target = namedtuple("Target", "name oid search_path source")
+Table = namedtuple("Table", "name kind rows comment columns parent bound")
+Column = namedtuple("Column", "type not_null default identity generated serial")
+Serial = namedtuple("Serial", "sequence owned type")  # the sequence a nextval() default draws from
+Relation = namedtuple("Relation", "name kind table")  # table: what an index is on
+IndexKey = namedtuple("IndexKey", "column descending nulls_first default_opclass default_collation")
+Index = namedtuple(
+    "Index",
+    "name table unique valid method keys included expressions predicate definition"
+    " backs_constraint partitioned parent",
+)
+Constraint = namedtuple(
+    "Constraint",
+    "table name kind columns ref_table ref_columns actions deferrable validated definition"
+    " inherited evaluable",
+)
+Snapshot = namedtuple("Snapshot", "target tables relations indexes constraints backend_pid")
 
 # How long one attempt waits for a table lock. Every session that then asks
 # for a conflicting lock queues behind ours, so this is the longest a writer
 # can be held up by one attempt of a run (bench.py, section 8).
 LOCK_ATTEMPT = 0.05  # seconds
+# The statement_timeout of a catalog read: generous for a catalog of many
+# thousand tables, short enough that nothing waits silently.
+CATALOG_GUARD = 30.0  # seconds
 
-# One query per kind of object, whatever the number of tables: Peewee's
-# get_columns/get_indexes/get_foreign_keys, and playhouse.schema_diff built on
-# them, cost three queries per table (bench.py, 80 tables: 241 queries and
-# 0.49 s, against 3 and 29 ms here), report neither a varchar's length nor
-# whether an index is valid, and their pg_get_expr calls lock every table.
-COLUMNS_QUERY = """
-SELECT c.relname, c.reltuples, pg_backend_pid(), a.attname, format_type(a.atttypid, a.atttypmod),
-       a.attnotnull, CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, 0) END
+RELATION_KINDS = {
+    "r": "table",
+    "p": "partitioned table",
+    "i": "index",
+    "I": "partitioned index",
+    "v": "view",
+    "m": "materialized view",
+    "S": "sequence",
+    "f": "foreign table",
+    "c": "composite type",
+    "t": "TOAST table",
+}
+
+# --- Printing catalog text -----------------------------------------------------------
+
+
+def shown(text):
+    """Catalog text safe to print inside one line: control and other invisible characters
+    (newlines, carriage returns, Unicode line separators, bidi controls), bytes of unknown
+    encoding and backslashes written as Python-style escapes."""
+    if text is None:
+        return "none"
+    return "".join(escaped_char(char) for char in str(text))
+
+
+def escaped_char(char):
+    if char == "\\":
+        return "\\\\"
+    if raw_bytes["server"] and ord(char) > 0x7F:
+        return f"\\x{ord(char):02x}"
+    if char.isprintable() and unicodedata.category(char) != "Cf":
+        return char
+    if char in "\n\r\t":
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}[char]
+    code = ord(char)
+    return (
+        f"\\x{code:02x}"
+        if code <= 0xFF
+        else f"\\u{code:04x}"
+        if code <= 0xFFFF
+        else f"\\U{code:08x}"
+    )
+
+
+PLAIN_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*")
+
+
+def shown_name(name):
+    """A name as SQL would write it, quoted when it needs to be, then escaped for one line."""
+    if PLAIN_IDENTIFIER.fullmatch(name):
+        return name
+    return shown('"' + name.replace('"', '""') + '"')
+
+
+# --- Pinned settings ------------------------------------------------------------------
+
+# Session settings of a role, a database or PGOPTIONS that would change what
+# a query of ours reads or how long it may run, pinned for each query alone
+# (set_config(..., true) lasts only for its transaction).
+GUARD_SQL = (
+    "SELECT set_config('lock_timeout', %(guard_lock)s, true),"
+    " set_config('statement_timeout', %(guard_statement)s, true),"
+    " set_config('quote_all_identifiers', 'off', true), set_config('TimeZone', 'UTC', true),"
+    " set_config('search_path', quote_ident(%(guard_schema)s) || ', pg_temp', true)"
+    "{transaction_timeout}"
+)
+
+
+def guard_sql():
+    """The guard statement; transaction_timeout exists from PostgreSQL 17."""
+    extra = ", set_config('transaction_timeout', '0', true)" if has_transaction_timeout() else ""
+    return GUARD_SQL.format(transaction_timeout=extra)
+
+
+def has_transaction_timeout():
+    return (database.server_version or 0) >= 170000
+
+
+def guard_params(target, lock_timeout=LOCK_ATTEMPT, statement_timeout=CATALOG_GUARD):
+    return {
+        "guard_lock": f"{milliseconds(lock_timeout)}ms",
+        "guard_statement": f"{milliseconds(statement_timeout)}ms",
+        "guard_schema": target.name,
+    }
+
+
+def guarded(target, sql, params=None, lock_timeout=LOCK_ATTEMPT):
+    """Run sql in one implicit transaction after the guard: nothing set outlives it."""
+    values = {**guard_params(target, lock_timeout), **(params or {})}
+    return database.execute_sql(f"{guard_sql()}; {sql}", values)
+
+
+def milliseconds(seconds):
+    """PostgreSQL's timeout setting for `seconds`: 0 means no limit, and a positive value never rounds to it."""
+    return 0 if seconds == 0 else max(1, round(seconds * 1000))
+
+
+# --- The target schema --------------------------------------------------------------------
+
+TARGET_QUERY = """
+SELECT current_schema(), n.oid, s.setting, s.source, current_user, current_database(),
+       n.oid = pg_my_temp_schema() OR current_schema() ~ '^pg_(toast_)?temp_'
+FROM pg_settings s LEFT JOIN pg_namespace n ON n.nspname = current_schema()
+WHERE s.name = 'search_path'
+"""
+
+
+def target_schema():
+    """The schema a run works in: current_schema(), refused when temporary, a system schema or none."""
+    name, oid, setting, source, role, dbname, temporary = database.execute_sql(
+        TARGET_QUERY
+    ).fetchone()
+    where = f"search_path {shown(setting)}, {setting_source(source, role, dbname)}"
+    if name is None:
+        raise MigrationError(
+            f"no schema of the {where} exists: create the schema, or set search_path"
+            " (ALTER ROLE ... SET search_path, or options='-c search_path=...' in DATABASE_URL);"
+            " nothing was changed"
+        )
+    if temporary:
+        raise MigrationError(
+            f"the target schema would be the temporary schema {shown_name(name)} ({where}):"
+            " its tables vanish when the session ends; put a permanent schema first in"
+            " search_path; nothing was changed"
+        )
+    if name.startswith("pg_") or name == "information_schema":
+        raise MigrationError(
+            f"the target schema would be the system schema {shown_name(name)} ({where}):"
+            " put the application's schema first in search_path; nothing was changed"
+        )
+    return Target(name, oid, setting, setting_source(source, role, dbname))
+
+
+def setting_source(source, role, dbname):
+    """Where a setting's value came from, in words (pg_settings.source)."""
+    words = {
+        "default": "the server's default",
+        "configuration file": "from the server's configuration file",
+        "database": f"set on database {shown_name(dbname)} (ALTER DATABASE ... SET)",
+        "user": f"set on role {shown_name(role)} (ALTER ROLE ... SET)",
+        "database user": f"set on role {shown_name(role)} in database {shown_name(dbname)}"
+        " (ALTER ROLE ... IN DATABASE ... SET)",
+        "client": "from the connection's options (PGOPTIONS, or options in DATABASE_URL)",
+    }
+    return words.get(source, f"set by {shown(source)}")
+
+
+def describe_target(target):
+    """'schema public (search_path "$user", public, the server's default)'."""
+    return f"schema {shown_name(target.name)} (search_path {shown(target.search_path)}, {target.source})"
+
+
+# --- The catalog ------------------------------------------------------------------------------
+
+TABLES_QUERY = """
+SELECT c.relname, c.relkind, c.reltuples::float8, obj_description(c.oid, 'pg_class'), parent.relname,
+       CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, 0) END, pg_backend_pid(),
+       a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+       CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, 0) END,
+       a.attidentity <> '', a.attgenerated <> '', s.relname,
+       EXISTS (SELECT 1 FROM pg_depend o WHERE o.classid = 'pg_class'::regclass AND o.objid = s.oid
+               AND o.refobjid = c.oid AND o.refobjsubid = a.attnum AND o.deptype IN ('a', 'i')),
+       format_type(q.seqtypid, NULL)
 FROM pg_class c
+LEFT JOIN pg_inherits h ON c.relispartition AND h.inhrelid = c.oid
+LEFT JOIN pg_class parent ON parent.oid = h.inhparent
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-WHERE c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema()) AND c.relkind IN ('r', 'p')
+LEFT JOIN LATERAL (
+    SELECT s.oid, s.relname FROM pg_depend dep JOIN pg_class s ON s.oid = dep.refobjid AND s.relkind = 'S'
+    WHERE dep.classid = 'pg_attrdef'::regclass AND dep.objid = d.oid AND dep.refclassid = 'pg_class'::regclass
+    LIMIT 1) s ON true
+LEFT JOIN pg_sequence q ON q.seqrelid = s.oid
+WHERE c.relnamespace = %(schema)s AND c.relkind IN ('r', 'p')
 ORDER BY c.relname, a.attnum
 """
-INDEXES_QUERY = """
-SELECT t.relname, i.relname,
-       CASE WHEN t.relname = ANY(%(tables)s) THEN pg_get_indexdef(i.oid) END, x.indisvalid,
-       x.indisprimary OR EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.oid)
-FROM pg_index x
-JOIN pg_class i ON i.oid = x.indexrelid
-JOIN pg_class t ON t.oid = x.indrelid
-WHERE t.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())
+# Every relation of the schema (what a name is held by), with the facts of those that are indexes.
+RELATIONS_QUERY = """
+SELECT c.relname, c.relkind, t.relname, x.indisunique, x.indisvalid, am.amname, x.indnkeyatts, x.indnatts,
+       ARRAY(SELECT a.attname FROM unnest(x.indkey::int2[]) WITH ORDINALITY k(attnum, i)
+             LEFT JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum ORDER BY k.i),
+       x.indoption::int2[],
+       ARRAY(SELECT o.opcdefault FROM unnest(x.indclass::oid[]) WITH ORDINALITY k(opclass, i)
+             JOIN pg_opclass o ON o.oid = k.opclass ORDER BY k.i),
+       ARRAY(SELECT coalesce(k.coll = a.attcollation, k.coll = 0)
+             FROM unnest(x.indcollation::oid[], x.indkey::int2[]) WITH ORDINALITY k(coll, attnum, i)
+             LEFT JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum ORDER BY k.i),
+       x.indexprs IS NOT NULL,
+       CASE WHEN t.relname = ANY(%(tables)s) THEN pg_get_expr(x.indpred, x.indrelid) END,
+       CASE WHEN t.relname = ANY(%(tables)s) THEN pg_get_indexdef(c.oid) END,
+       x.indisprimary OR EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = c.oid AND k.contype IN ('p', 'u', 'x')),
+       (SELECT pi.relname FROM pg_inherits h JOIN pg_class pi ON pi.oid = h.inhparent WHERE h.inhrelid = c.oid)
+FROM pg_class c
+LEFT JOIN pg_index x ON x.indexrelid = c.oid
+LEFT JOIN pg_class t ON t.oid = x.indrelid
+LEFT JOIN pg_am am ON am.oid = c.relam
+WHERE c.relnamespace = %(schema)s
 """
+# A CHECK is evaluable when it calls only immutable functions and operators of pg_catalog:
+# evaluating it then has no effect beyond its result.
 CONSTRAINTS_QUERY = """
 SELECT t.relname, k.conname, k.contype,
        ARRAY(SELECT a.attname FROM unnest(k.conkey) WITH ORDINALITY u(n, i)
              JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n ORDER BY u.i),
-       r.relname, pg_get_constraintdef(k.oid), k.convalidated
+       r.relname,
+       ARRAY(SELECT a.attname FROM unnest(k.confkey) WITH ORDINALITY u(n, i)
+             JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = u.n ORDER BY u.i),
+       ARRAY[k.confupdtype, k.confdeltype, k.confmatchtype]::text[], k.condeferrable, k.convalidated,
+       CASE WHEN k.contype <> 'c' OR t.relname = ANY(%(tables)s) THEN pg_get_constraintdef(k.oid) END,
+       k.conparentid <> 0,
+       k.contype = 'c' AND NOT EXISTS (
+           SELECT 1 FROM pg_depend d
+           LEFT JOIN pg_proc f ON d.refclassid = 'pg_proc'::regclass AND f.oid = d.refobjid
+           LEFT JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND o.oid = d.refobjid
+           LEFT JOIN pg_proc of ON of.oid = o.oprcode
+           WHERE d.classid = 'pg_constraint'::regclass AND d.objid = k.oid
+             AND (f.pronamespace <> 'pg_catalog'::regnamespace OR f.provolatile <> 'i'
+                  OR o.oprnamespace <> 'pg_catalog'::regnamespace OR of.provolatile <> 'i'))
 FROM pg_constraint k
 JOIN pg_class t ON t.oid = k.conrelid
 LEFT JOIN pg_class r ON r.oid = k.confrelid
-WHERE k.connamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema()) AND k.contype IN ('f', 'u')
+WHERE k.connamespace = %(schema)s AND k.contype IN ('f', 'u', 'c')
 ORDER BY t.relname, k.conname
 """
 # Who else works on an INVALID index: CREATE INDEX CONCURRENTLY holds a
@@ -77,52 +304,123 @@ ORDER BY t.relname, k.conname
 # left alone this once, and the next run rebuilds it.
 INDEX_BUILDER_QUERY = """
 SELECT a.pid, a.application_name
-FROM pg_stat_activity a
+FROM pg_stat_activity a, (SELECT oid FROM pg_class WHERE relnamespace = %(schema)s AND relname = %(index)s) i
 WHERE a.pid <> pg_backend_pid() AND a.backend_type = 'client backend'
   AND (a.pid IN (SELECT l.pid FROM pg_locks l JOIN pg_index x ON l.relation IN (x.indexrelid, x.indrelid)
-                 WHERE x.indexrelid = quote_ident(%(index)s)::regclass
+                 WHERE x.indexrelid = i.oid
                    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                    AND (l.relation = x.indexrelid OR l.mode = 'ShareUpdateExclusiveLock'))
-       OR a.pid IN (SELECT pid FROM pg_stat_progress_create_index
-                    WHERE index_relid = quote_ident(%(index)s)::regclass))
+       OR a.pid IN (SELECT pid FROM pg_stat_progress_create_index WHERE index_relid = i.oid))
 LIMIT 1
 """
 
 
-def bounded(sql, lock_timeout=LOCK_ATTEMPT):
-    """sql preceded by a lock_timeout for it alone: SET LOCAL lasts only for the query's implicit
-    transaction (or the explicit one it runs in), so no setting outlives it."""
-    return f"SET LOCAL lock_timeout = '{milliseconds(lock_timeout)}ms'; {sql}"
+def row_estimate(reltuples):
+    """pg_class.reltuples as a count, None when unknown (-1: never analyzed; NaN or infinite)."""
+    if reltuples is None or not math.isfinite(reltuples) or reltuples < 0:
+        return None
+    return int(reltuples)
 
 
-def milliseconds(seconds):
-    """PostgreSQL's timeout setting for `seconds`: 0 means no limit, and a positive value never rounds to it."""
-    return 0 if seconds == 0 else max(1, round(seconds * 1000))
+def read_catalog(target, models=MODELS):
+    """The live schema: tables and their columns, every relation, indexes, constraints.
 
-
-def read_catalog(models=MODELS):
-    """The live schema: tables and their columns, indexes, FK and UNIQUE constraints, row estimates.
-
-    Index definitions are read for the tables of `models` only.
-
-    A table lock not granted within LOCK_ATTEMPT raises peewee's
-    OperationalError (from psycopg2's LockNotAvailable).
+    Predicates, index definitions and CHECKs are deparsed for the tables of
+    `models` (and their partitions) only. A table lock not granted within
+    LOCK_ATTEMPT raises peewee's OperationalError (psycopg2's LockNotAvailable).
     """
-    columns, rows, backend_pid = {}, {}, None
-    for table, estimate, backend_pid, column, type_, not_null, default in database.execute_sql(
-        COLUMNS_QUERY
-    ):
-        table_columns = columns.setdefault(table, {})
-        rows[table] = int(estimate) if estimate >= 0 else None  # -1: never analyzed
-        if column is not None:
-            table_columns[column] = Column(type_, not_null, default)
-    tables = [model._meta.table_name for model in models]
-    index_rows = database.execute_sql(bounded(INDEXES_QUERY), {"tables": tables})
-    indexes = {row[1]: Index(row[0], *row[2:]) for row in index_rows}
-    constraints = [Constraint(*row) for row in database.execute_sql(CONSTRAINTS_QUERY)]
-    return Snapshot(columns, indexes, constraints, rows, backend_pid)
+    with one_snapshot(target):
+        return read_snapshot(target, models)
 
 
-def index_builder(index_name):
+@contextmanager
+def one_snapshot(target):
+    """The three queries in one REPEATABLE READ snapshot, so that they see one moment: a table
+    another session commits in between would otherwise be missing from the tables yet hold
+    its name among the relations. Inside a transaction of the caller's, its own."""
+    if database.connection().get_transaction_status() != TRANSACTION_STATUS_IDLE:
+        yield
+        return
+    database.execute_sql(
+        f"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {guard_sql()}", guard_params(target)
+    )
+    try:
+        yield
+    except BaseException:
+        rollback_quietly()
+        raise
+    database.execute_sql("COMMIT")
+
+
+def rollback_quietly():
+    try:
+        database.execute_sql("ROLLBACK")
+    except (peewee.PeeweeException, psycopg2.Error):
+        pass  # the session is gone, and its transaction with it
+
+
+def read_snapshot(target, models):
+    tables, backend_pid = read_tables(target)
+    names = [model._meta.table_name for model in models]
+    names += [table.name for table in tables.values() if table.parent in names]
+    params = {"schema": target.oid, "tables": names}
+    relations, indexes = {}, {}
+    for row in guarded(target, RELATIONS_QUERY, params):
+        name, kind, table = row[:3]
+        relations[name] = Relation(name, RELATION_KINDS.get(kind, kind), table)
+        if kind in ("i", "I"):
+            indexes[name] = index_of(name, kind, table, row[3:])
+    constraints = [
+        Constraint(*row[:6], tuple(row[6]), *row[7:])
+        for row in guarded(target, CONSTRAINTS_QUERY, params)
+    ]
+    return Snapshot(target, tables, relations, indexes, constraints, backend_pid)
+
+
+def read_tables(target):
+    tables, backend_pid = {}, None
+    rows = guarded(target, TABLES_QUERY, {"schema": target.oid})
+    for name, kind, reltuples, comment, parent, bound, backend_pid, *column in rows:
+        table = tables.get(name)
+        if table is None:
+            table = tables[name] = Table(
+                name, kind, row_estimate(reltuples), comment, {}, parent, bound
+            )
+        attname, type_, not_null, default, identity, generated, sequence, owned, seq_type = column
+        if attname is not None:
+            serial = Serial(sequence, owned, seq_type) if sequence else None
+            table.columns[attname] = Column(type_, not_null, default, identity, generated, serial)
+    return tables, backend_pid
+
+
+def index_of(name, kind, table, facts):
+    unique, valid, method, key_count, count, columns, options, opclasses, collations = facts[:9]
+    expressions, predicate, definition, backs_constraint, parent = facts[9:]
+    keys = tuple(
+        IndexKey(column, bool(option & 1), bool(option & 2), opclass, collation)
+        for column, option, opclass, collation in zip(
+            columns[:key_count], options, opclasses, collations, strict=False
+        )
+    )
+    return Index(
+        name,
+        table,
+        unique,
+        valid,
+        method,
+        keys,
+        tuple(columns[key_count:count]),
+        expressions,
+        predicate,
+        definition,
+        backs_constraint,
+        kind == "I",
+        parent,
+    )
+
+
+def index_builder(target, index_name):
     """(pid, application_name) of another session building this index, or None."""
-    return database.execute_sql(INDEX_BUILDER_QUERY, {"index": index_name}).fetchone()
+    return guarded(
+        target, INDEX_BUILDER_QUERY, {"schema": target.oid, "index": index_name}
+    ).fetchone()

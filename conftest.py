@@ -41,8 +41,10 @@ import psycopg2
 import pytest
 from psycopg2.extensions import make_dsn, parse_dsn
 
+import apply
 import migrate
 import models
+from catalog import target_schema
 
 HERE = Path(__file__).resolve().parent
 TEST_DATABASE_URL = os.environ.get(
@@ -510,10 +512,15 @@ def empty_db(test_database):
 @pytest.fixture
 def migrated_db(empty_db):
     """The schema made by migrate.py, with the models bound to it as the application binds them."""
-    migrate.connect(empty_db.params)
-    migrate.migrate()
+    migrate_here(empty_db.params)
     bind_models(empty_db.params)
     return empty_db
+
+
+def migrate_here(params, **options):
+    """Run migrate.py's stages in this process (no CLI, no subprocess); returns (plan, done)."""
+    migrate.connect(params)
+    return apply.migrate(target_schema(), **options)
 
 
 def bind_models(params):

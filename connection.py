@@ -14,6 +14,13 @@ form and postgresql:// URLs work, and whatever it leaves out comes from the
 PG* environment variables. Failures raise MigrationError with one line that
 says what to do.
 
+Nothing waits unbounded: `wait`, psycopg2's wait callback for every
+connection (migrate.py installs it), ends a connection attempt after the
+connect timeout, watches a long statement through a probe, and bounds a
+cancel request; TCP keepalives end a connection whose peer vanished. Each
+session is set up once (`configure_session`): a client encoding any server
+encoding converts to, and no idle_session_timeout.
+
 No password is ever printed. Masking is structural: the password parameters,
 the user info of a URL and connection strings nested in a value (libpq can
 read a dbname as one) are masked where they are, never by searching the
@@ -22,7 +29,9 @@ password's text, which garbles every line when it is a short word.
 
 import os
 import re
+import select
 import shlex
+import threading
 import time
 
 import peewee
@@ -61,7 +70,12 @@ def connection_params(url):
         raise MigrationError(
             "DATABASE_URL is not valid UTF-8: set it again from a UTF-8 text"
         ) from None
-    if not (params.get("dbname") or os.environ.get("PGDATABASE")):
+    if not (
+        params.get("dbname")
+        or params.get("service")
+        or os.environ.get("PGDATABASE")
+        or os.environ.get("PGSERVICE")
+    ):
         raise MigrationError(
             "DATABASE_URL names no database: add dbname=NAME (or /NAME to the URL)"
         )
@@ -264,27 +278,65 @@ def url_part_holding(url, token):
     return next((label for label, text in parts if text == token), "URL")
 
 
+# Each connection attempt gives up after this many seconds unless DATABASE_URL
+# (connect_timeout) or PGCONNECT_TIMEOUT says otherwise; libpq's own timer does
+# not run while psycopg2 waits through a wait callback, so `wait` enforces it.
+CONNECT_TIMEOUT = 5
+# TCP keepalives, so that a connection to a peer that vanished (a half-open path)
+# fails within about 25 s of silence instead of never; tcp_user_timeout (libpq 12+)
+# bounds how long data we sent may stay unacknowledged.
+KEEPALIVES = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+}
+TCP_USER_TIMEOUT = "30000"  # milliseconds
+
+
 def session_params(params):
-    """params plus the application_name that marks our sessions, unless the operator chose one."""
-    if "application_name" in params or "PGAPPNAME" in os.environ:
-        return dict(params)
-    return {**params, "application_name": APPLICATION_NAME}
+    """params plus what every session of ours needs, where the operator did not choose it:
+    the application_name that marks our sessions, a connect timeout and TCP keepalives."""
+    params = dict(params)
+    if "application_name" not in params and "PGAPPNAME" not in os.environ:
+        params["application_name"] = APPLICATION_NAME
+    for key, value in KEEPALIVES.items():
+        params.setdefault(key, value)
+    if psycopg2.extensions.libpq_version() >= 120000:
+        params.setdefault("tcp_user_timeout", TCP_USER_TIMEOUT)
+    return params
+
+
+def connect_limit(params):
+    """Seconds one connection attempt may take: connect_timeout, PGCONNECT_TIMEOUT, or
+    CONNECT_TIMEOUT. 0 (libpq's "forever") and values libpq rounds up count as libpq counts
+    them, except that nothing waits forever."""
+    text = params.get("connect_timeout") or os.environ.get("PGCONNECT_TIMEOUT") or ""
+    try:
+        seconds = int(text)
+    except ValueError:
+        seconds = 0
+    return max(2, seconds) if seconds > 0 else CONNECT_TIMEOUT
 
 
 def connect(params, wait_seconds=0, log=None):
     """Bind models.database to params and open it, retrying an unreachable server until wait_seconds."""
     params = session_params(params)
     database.utc_sessions = False
-    database.init(params.pop("dbname", None) or os.environ["PGDATABASE"], **params)
+    dbname = params.pop("dbname", None) or os.environ.get("PGDATABASE", "")
+    database.init(dbname, **params)
+    watch.connect_limit = connect_limit(params)
     deadline = time.monotonic() + wait_seconds
     waiting = False
     while True:
         try:
             database.connect(reuse_if_open=True)
+            configure_session(database.connection())
             return database
-        except peewee.OperationalError as exc:
+        except (peewee.OperationalError, psycopg2.OperationalError, ServerSilent) as exc:
+            database.close() if not database.is_closed() else None
             reason = connection_failure(exc, params)
-            if not reason.startswith("cannot reach") or time.monotonic() >= deadline:
+            if not is_unreachable(exc) or time.monotonic() >= deadline:
                 raise MigrationError(reason) from None
             if not waiting and log:
                 log.info("waiting up to %g s for the server to accept connections", wait_seconds)
@@ -293,20 +345,149 @@ def connect(params, wait_seconds=0, log=None):
 
 
 def open_side_connection():
-    """A second connection, in autocommit mode, opened as models.database opens its own.
+    """Another connection, in autocommit mode, opened as models.database opens its own.
 
     Peewee's _connect, not make_dsn: Peewee turns a postgresql:// database name
     into a connection string, and libpq would take it as a database's name.
     """
     try:
         connection = database._connect()
-    except psycopg2.OperationalError as exc:
+        connection.autocommit = True
+        configure_session(connection)
+    except (psycopg2.OperationalError, ServerSilent) as exc:
         raise MigrationError(
             connection_failure(exc, database.connect_params)
-            + " (a second connection: a run needs two)"
+            + " (another connection: a run needs two, and a third to watch a long statement)"
         ) from None
-    connection.autocommit = True
     return connection
+
+
+# --- Our sessions' settings -------------------------------------------------------------
+
+# What the session setup reads: whether this is a standby, and where a
+# read-only default comes from, so that a refused write can be explained.
+SESSION_QUERY = """
+SELECT pg_is_in_recovery(), s.setting, s.source, current_user, current_database(){extra}
+FROM pg_settings s WHERE s.name = 'default_transaction_read_only'
+"""
+session_facts = {}
+# On a SQL_ASCII server the bytes of a name have no known encoding: they are
+# read as LATIN1 (which keeps every byte) and printed as \xNN (catalog.shown).
+raw_bytes = {"server": False}
+
+
+def configure_session(connection):
+    """Settle what every session of ours needs, in one round trip after the login.
+
+    The client encoding: UTF8, into which every server encoding converts;
+    LATIN1 on a SQL_ASCII server, whose bytes have no known encoding and come
+    back unchanged. idle_session_timeout (PostgreSQL 14+) of the role or
+    database is turned off for the session: a run is idle while it backs off
+    between lock attempts. (The settings that bound one statement or
+    transaction are pinned per transaction instead, see catalog.guarded.)
+    """
+    server_encoding = connection.info.parameter_status("server_encoding")
+    raw_bytes["server"] = server_encoding == "SQL_ASCII"
+    wanted = "LATIN1" if raw_bytes["server"] else "UTF8"
+    if connection.encoding.replace("_", "") != wanted:
+        connection.set_client_encoding(wanted)
+    extra = ", set_config('idle_session_timeout', '0', false)"
+    query = SESSION_QUERY.format(extra=extra if connection.server_version >= 140000 else "")
+    with connection.cursor() as cursor:
+        cursor.execute(query)
+        standby, read_only, source, role, dbname = cursor.fetchone()[:5]
+    if connection.autocommit is False:
+        connection.rollback()  # the query opened a transaction; a run starts outside one
+    session_facts.update(
+        standby=standby,
+        read_only=read_only == "on",
+        read_only_source=source,
+        role=role,
+        dbname=dbname,
+    )
+
+
+# --- Waiting for the server -------------------------------------------------------------
+
+
+class ServerSilent(Exception):
+    """The server (or the path to it) stopped answering; the connection was closed."""
+
+
+# Signals received (SIGINT, SIGTERM); migrate.py's handler appends to it.
+signals_received = []
+TICK = 0.5  # seconds between looks at the clock while waiting
+CANCEL_LIMIT = 5.0  # how long a cancel request and the answer to it may take
+
+
+class Watch:
+    """What `wait` does while a statement runs: connect_limit bounds a connection attempt;
+    `probe(connection, elapsed)`, set by apply for its statements, runs every probe_every seconds of a
+    long wait (progress, and whether the server still answers); `silence_limit` bounds any
+    wait outright (a probe's own)."""
+
+    connect_limit = CONNECT_TIMEOUT
+    probe = None
+    probe_every = 5.0
+    silence_limit = None
+    probing = False
+
+
+watch = Watch()
+
+
+def wait(connection):
+    """psycopg2's wait callback: waits for the server like psycopg2.extras.wait_select, but
+    bounded. A connection attempt ends after connect_limit; a long statement is watched by
+    the probe; a signal sends a cancel request (bounded too) and is raised once the
+    statement has ended."""
+    started, signals_before = time.monotonic(), len(signals_received)
+    connecting = connection.status == psycopg2.extensions.STATUS_SETUP
+    limit = watch.connect_limit if connecting else watch.silence_limit
+    next_probe = started + watch.probe_every
+    cancelled_at = None
+    while True:
+        try:
+            state = connection.poll()
+            if state == psycopg2.extensions.POLL_OK:
+                break
+            readers = [connection.fileno()] if state == psycopg2.extensions.POLL_READ else []
+            writers = [] if readers else [connection.fileno()]
+            if any(select.select(readers, writers, [], TICK)):
+                continue
+            now = time.monotonic()
+            if cancelled_at is not None and now - cancelled_at > CANCEL_LIMIT:
+                raise ServerSilent(
+                    f"the server did not answer a cancel request within {CANCEL_LIMIT:g} s"
+                )
+            if limit is not None and now - started > limit:
+                what = "a connection attempt" if connecting else "a query"
+                raise ServerSilent(f"the server did not answer {what} within {limit:g} s")
+            if watch.probe and not watch.probing and not connecting and now >= next_probe:
+                next_probe = now + watch.probe_every
+                watch.probing = True
+                try:
+                    watch.probe(connection, now - started)
+                finally:
+                    watch.probing = False
+        except KeyboardInterrupt:
+            if cancelled_at is None:
+                cancelled_at = time.monotonic()
+                cancel_bounded(connection)
+            continue
+        except ServerSilent:
+            connection.close()
+            raise
+    if len(signals_received) > signals_before:
+        raise KeyboardInterrupt
+
+
+def cancel_bounded(connection):
+    """Ask the server to cancel the running statement, waiting at most CANCEL_LIMIT:
+    PQcancel blocks, and a frozen path would hold it forever."""
+    sender = threading.Thread(target=connection.cancel, daemon=True)
+    sender.start()
+    sender.join(CANCEL_LIMIT)
 
 
 # libpq's words for a server that is not (yet) there: --wait retries these.
@@ -323,21 +504,53 @@ UNREACHABLE_SIGNS = (
 
 def connection_failure(exc, params):
     """What a failed connection means for the operator, from libpq's message."""
+    where = server_words(params)
+    if isinstance(exc, ServerSilent):
+        return (
+            f"{exc} at {where} (a stopped server, a dead load balancer or a half-open network"
+            " path?): check the server and the path to it, or pass --wait SECONDS"
+        )
     text = without_secrets(str(exc).strip(), params)
     # libpq: 'connection to server at "h", port 5432 failed: FATAL:  <reason>'
     first_line = text.splitlines()[0] if text else "unknown error"
     detail = first_line.split(" failed: ", 1)[-1].replace("FATAL:", "").strip()
-    shown = masked(params)
-    where = f"host={shown.get('host', 'localhost')} port={shown.get('port', '5432')}"
     if "password authentication failed" in text or "no password supplied" in text:
         return f"authentication failed ({detail}): check the password in DATABASE_URL or PGPASSWORD"
     if "no pg_hba.conf entry" in detail or re.match(r'role ".*" does not exist', detail):
         return f"the server refused the login ({detail}): check the user in DATABASE_URL"
     if re.match(r'database ".*" does not exist', detail):
         return missing_database(database.database)
-    if any(sign in text for sign in UNREACHABLE_SIGNS):
+    if re.match(r'definition of service ".*" not found|service file ".*" not found', detail):
+        return f"{detail}: {service_files()}"
+    if is_unreachable(exc):
         return f"cannot reach the server at {where} ({detail}): start it, fix DATABASE_URL, or pass --wait SECONDS"
     return f"cannot connect to {where}: {detail}"
+
+
+def is_unreachable(exc):
+    """Whether a failed connection is one --wait retries: no server (yet), or a silent one."""
+    return isinstance(exc, ServerSilent) or any(sign in str(exc) for sign in UNREACHABLE_SIGNS)
+
+
+def server_words(params):
+    """'host=db port=5432', as far as params and the PG* variables say; a service by its name."""
+    shown = masked(params)
+    host = shown.get("host") or shown.get("hostaddr") or os.environ.get("PGHOST")
+    port = shown.get("port") or os.environ.get("PGPORT") or "5432"
+    service = shown.get("service") or os.environ.get("PGSERVICE")
+    if service and not host:
+        return f"the server of service {service}"
+    return f"host={host or 'localhost (the default socket)'} port={port}"
+
+
+def service_files():
+    """Where libpq looks for a service definition, for the error that names none found."""
+    user_file = os.environ.get("PGSERVICEFILE") or os.path.expanduser("~/.pg_service.conf")
+    system_folder = os.environ.get("PGSYSCONFDIR") or "libpq's built-in system folder"
+    return (
+        f"libpq reads {user_file} (PGSERVICEFILE) and pg_service.conf in {system_folder}"
+        " (PGSYSCONFDIR); define the service there or fix service= in DATABASE_URL"
+    )
 
 
 def missing_database(dbname):

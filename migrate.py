@@ -7,18 +7,21 @@ Usage::
     python migrate.py                  # add what is missing; writers never wait long
     python migrate.py --atomic         # ... all of it in one transaction instead
     python migrate.py --dry-run        # print the SQL a run would send, with each lock; change nothing
-    python migrate.py --check          # print pending changes and drift; exit 1 if any
-    python migrate.py --sql > schema.sql   # the whole schema as plain SQL
+    python migrate.py --check          # print pending changes and drift; exit 1 or 3 if any
+    python migrate.py --check --format json   # the same as one JSON document
+    python migrate.py --sql > schema.sql      # the whole schema as plain SQL
 
-The work is split by module: connection.py (DATABASE_URL, login), catalog.py
-(reading the live schema), plan.py (models against catalog: staged
-statements with their hazards, drift), apply.py (locks, retries, timeouts,
-the stages). This file is the command line: flags, output, signals and exit
-codes.
+The work is split by module: connection.py (DATABASE_URL, login, bounded
+waits), catalog.py (reading the live schema), plan.py (models against
+catalog: staged statements with their hazards, drift), apply.py (locks,
+retries, timeouts, the stages, what each statement made). This file is the
+command line: flags, output, signals and exit codes.
 
-Exit codes: 0 success; 1 --check found pending changes or drift; 2 error;
-130 and 143 interrupted by SIGINT and SIGTERM. Errors are one line on
-stderr (the traceback only with --verbose); a password is never printed.
+Exit codes: 0 success (--check: the database matches); 1 --check: changes
+are pending that a run makes; 3 --check: only drift is left, which a run
+leaves alone; 2 error (a blocked plan included); 130 and 143 interrupted by
+SIGINT and SIGTERM. Errors are one line on stderr (the traceback only with
+--verbose); a password is never printed.
 """
 
 import sys
@@ -31,6 +34,7 @@ if sys.version_info < (3, 11):  # noqa: UP036 -- run by older Pythons too, befor
     sys.exit(2)
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -40,27 +44,50 @@ import time
 try:
     import peewee
     import psycopg2
-    import psycopg2.extras
+    import psycopg2.extensions
 except ImportError as missing:
     sys.stderr.write(
         f"migrate: error: {missing.name} is not installed: pip install -r requirements.txt\n"
     )
     sys.exit(2)
 
-from apply import Budget, migrate, plan_with_retries, progress, script, state_words
-from connection import DEFAULT_DATABASE_URL, MigrationError, connect, connection_params, describe
+from apply import (
+    Budget,
+    in_lock_order,
+    migrate,
+    plan_with_retries,
+    progress,
+    script,
+    state_words,
+    stop_watching,
+    watch_queries,
+)
+from catalog import describe_target, shown, shown_name, target_schema
+from connection import (
+    DEFAULT_DATABASE_URL,
+    MigrationError,
+    ServerSilent,
+    connect,
+    connection_failure,
+    connection_params,
+    describe,
+    session_facts,
+    signals_received,
+    wait,
+)
 from models import database
-from plan import plural, report, schema_sql
+from plan import describe_unknown, lock_name, plural, report, schema_sql, search_path_line
 
-EXIT_OK, EXIT_PENDING, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_PENDING, EXIT_ERROR, EXIT_DRIFT = 0, 1, 2, 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 DEFAULT_LOCK_TIMEOUT = 5.0  # seconds
+DEFAULT_PROGRESS = 10.0  # seconds between progress lines of a long statement
 MINIMUM_SERVER_VERSION = 120000  # pg_stat_progress_create_index, attgenerated
 # PostgreSQL's timeouts are int milliseconds; --wait gets a day.
 MAX_TIMEOUT, MAX_WAIT = 2_147_483.647, 86_400.0
+JSON_FORMAT_VERSION = 1
 
 log = logging.getLogger("migrate")
-signals_received = []
 
 
 # --- Flags ------------------------------------------------------------------------------
@@ -89,6 +116,9 @@ class OneLineErrors(argparse.ArgumentParser):
     def error(self, message):
         self.exit(EXIT_ERROR, f"migrate: error: {message} (see --help)\n")
 
+    def _print_message(self, message, file=None):
+        write_out(message) if file in (None, sys.stdout) else super()._print_message(message, file)
+
 
 def parse_args(argv):
     parser = OneLineErrors(
@@ -99,14 +129,17 @@ def parse_args(argv):
         " nothing but an INVALID index it rebuilds; differences it will not fix are reported"
         " with the SQL that would.",
         epilog="Exit codes: 0 success (with --check: the database matches the models),"
-        " 1 --check found pending changes or drift, 2 error, 130/143 interrupted by SIGINT/SIGTERM.",
+        " 1 --check: changes are pending (run python migrate.py), 3 --check: only drift is left"
+        " (a run changes nothing; a person must look), 2 error, 130/143 interrupted by"
+        " SIGINT/SIGTERM.",
     )
     parser.add_argument(
         "--wait",
         type=seconds_up_to(MAX_WAIT),
         default=0,
         metavar="SECONDS",
-        help="retry the connection until the server accepts it or SECONDS pass (default 0)",
+        help="retry the connection until the server accepts it or SECONDS pass (default 0);"
+        " each attempt gives up after connect_timeout (default 5 s)",
     )
     parser.add_argument(
         "--lock-timeout",
@@ -123,6 +156,14 @@ def parse_args(argv):
         default=0,
         metavar="SECONDS",
         help="the longest an index build or foreign key validation may run (default 0: no limit)",
+    )
+    parser.add_argument(
+        "--progress",
+        type=seconds_up_to(MAX_WAIT),
+        default=DEFAULT_PROGRESS,
+        metavar="SECONDS",
+        help="log how far a statement running longer than SECONDS has got, every SECONDS"
+        f" (default {DEFAULT_PROGRESS:g}; 0: never)",
     )
     stage = parser.add_mutually_exclusive_group()
     stage.add_argument(
@@ -147,7 +188,8 @@ def parse_args(argv):
     mode.add_argument(
         "--check",
         action="store_true",
-        help="change nothing; print pending changes and drift; exit 1 if there are any",
+        help="change nothing; print pending changes and drift; exit 1 if a run would change"
+        " something, 3 if only drift is left",
     )
     mode.add_argument(
         "--sql",
@@ -155,18 +197,64 @@ def parse_args(argv):
         help="print the whole schema as SQL for psql -f (as schema.sql) and exit; connects to nothing",
     )
     parser.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="with --check or --dry-run: text (SQL with comments, the default) or one JSON"
+        " document on stdout",
+    )
+    parser.add_argument(
         "-v", "--verbose", action="store_true", help="print the traceback of an unexpected error"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.format == "json" and not (args.check or args.dry_run):
+        parser.error("--format json goes with --check or --dry-run")
+    return args
 
 
 # --- Output -------------------------------------------------------------------------------
 
 
+class OutputError(Exception):
+    """stdout or stderr cannot be written: closed, a broken pipe, a full disk."""
+
+
+def write_out(text):
+    """Write to stdout, turning every way that can fail into OutputError."""
+    if sys.stdout is None:
+        raise OutputError("stdout is closed")
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except (OSError, ValueError) as exc:
+        silence_stdout()
+        raise OutputError(f"stdout: {exc.strerror or exc}") from None
+
+
+def silence_stdout():
+    """Point stdout at /dev/null, so that the interpreter's flush at exit cannot fail again."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+class LineHandler(logging.StreamHandler):
+    """stderr lines; a failed write is remembered (the run then exits 2), never a traceback."""
+
+    failed = None
+
+    def handleError(self, record):
+        LineHandler.failed = LineHandler.failed or "stderr cannot be written"
+
+
 def setup_logging():
-    handler = logging.StreamHandler(sys.stderr)
+    # A closed stderr (2>&-) is None: the lines then go nowhere, and the exit code says it.
+    handler = LineHandler(sys.stderr or open(os.devnull, "w"))  # noqa: SIM115 -- lives as long as the process
     handler.setFormatter(logging.Formatter("migrate: %(message)s"))
     log.handlers[:] = [handler]
+    log.propagate = False
     log.setLevel(logging.INFO)
     return handler
 
@@ -175,37 +263,68 @@ def elapsed(started):
     return f"{time.monotonic() - started:.2f} s"
 
 
-def check(plan, started):
-    sys.stdout.write(report(plan))
-    if plan.pending or plan.drift or plan.in_progress:
-        log.info(
-            "%s pending, %s (%s)",
-            plural(len(plan.pending) + len(plan.in_progress), "change"),
-            plural(len(plan.drift), "drift"),
-            elapsed(started),
-        )
+def check_status(plan):
+    if plan.blocked:
+        return EXIT_ERROR
+    if plan.pending or plan.in_progress:
         return EXIT_PENDING
-    log.info("the database matches the models (%s)", elapsed(started))
-    return EXIT_OK
+    return EXIT_DRIFT if plan.drift else EXIT_OK
 
 
-def dry_run(plan, args):
-    if plan.pending:
-        lines = script(plan, args.atomic, args.lock_timeout, args.statement_timeout)
-        sys.stdout.write("".join(line + "\n" for line in lines))
+def summary(plan, status, started):
+    """The last line of --check and --dry-run: what is left, and what to run."""
+    changes = plural(len(plan.pending) + len(plan.in_progress), "change")
+    drifts = plural(len(plan.drift), "drift")
+    if status == EXIT_ERROR:
+        return (
+            f"error: {plural(len(plan.blocked), 'blocker')} stop every run (listed above with the"
+            f" SQL to resolve them by hand); besides, {changes} pending, {drifts}"
+        )
+    if status == EXIT_PENDING:
+        return (
+            f"{changes} pending, {drifts} ({elapsed(started)}): run python migrate.py to make them"
+        )
+    if status == EXIT_DRIFT:
+        return (
+            f"nothing for a run to add; {drifts} left alone ({elapsed(started)}):"
+            " review the SQL above, a run will not change it"
+        )
+    return f"the database matches the models ({elapsed(started)})"
+
+
+def text_report(plan, args):
+    """--check: the plan as SQL to review; --dry-run: the statements a run sends."""
+    if args.check:
+        body = report(plan)
     else:
-        log.info("nothing to do: the run would send no statement")
-    log_leftovers(plan)
-    return EXIT_OK
+        body = "".join(line + "\n" for line in dry_run_lines(plan, args))
+    if not body:
+        return ""
+    target = plan.snapshot.target
+    header = [f"-- {describe_target(target)}", search_path_line(target)]
+    return "\n".join(header) + "\n" + body
+
+
+def dry_run_lines(plan, args):
+    lines = []
+    if plan.blocked:
+        lines += report(
+            plan._replace(transaction=[], online=[], drift=[], unknown=[], in_progress=[])
+        ).splitlines()
+    if plan.pending:
+        lines += script(plan, args.atomic, args.lock_timeout, args.statement_timeout)
+    return lines
 
 
 def log_leftovers(plan):
     for item in plan.in_progress:
         log.info("left to another session: %s", item)
     for drift in plan.drift:
-        log.warning("drift: %s; to fix: %s", drift.problem, drift.fix.replace("\n", " "))
+        fix = " ".join(statement + ";" for statement in drift.fix)
+        how = "to fix" if drift.safe else "not safe to run as is"
+        log.warning("drift: %s; %s: %s", drift.problem, how, fix or "see --check")
     for item in plan.unknown:
-        log.info("not in the models, left alone: %s", item)
+        log.info("not in the models, left alone: %s", describe_unknown(item))
 
 
 def log_run(plan, done, started):
@@ -222,6 +341,47 @@ def log_run(plan, done, started):
         log.info("schema is up to date (%s)", elapsed(started))
 
 
+# --- JSON -----------------------------------------------------------------------------------
+
+
+def plan_document(plan, args, params, status):
+    """--format json: the plan as one document (the format JSON.md describes)."""
+    target, tables = plan.snapshot.target, plan.snapshot.tables
+    order = {"transaction": in_lock_order(plan.transaction), "online": plan.online}
+    return {
+        "format": "migrate.py plan",
+        "version": JSON_FORMAT_VERSION,
+        "mode": "check" if args.check else "dry-run",
+        "atomic": args.atomic,
+        "database": describe(params),
+        "schema": {"name": target.name, "search_path": target.search_path, "source": target.source},
+        "pending": [
+            {
+                "stage": stage,
+                "sql": statement.sql,
+                "description": statement.description,
+                "tables": list(statement.tables),
+                "lock": lock_name(statement.hazard.lock) if statement.hazard.lock else None,
+                "blocks": statement.hazard.blocks,
+                "work": statement.hazard.work,
+                "rows": {t: tables[t].rows if t in tables else None for t in statement.tables},
+            }
+            for stage, statements in order.items()
+            for statement in statements
+        ],
+        "drift": [
+            {"problem": d.problem, "fix": d.fix, "safe": d.safe, "cost": d.cost} for d in plan.drift
+        ],
+        "blocked": [{"problem": b.reason, "sql": b.steps} for b in plan.blocked],
+        "in_progress": plan.in_progress,
+        "unknown": [
+            {"kind": u.kind, "table": u.table, "name": u.name, "shown": describe_unknown(u)}
+            for u in plan.unknown
+        ],
+        "exit": status,
+    }
+
+
 # --- Faults ---------------------------------------------------------------------------------
 
 
@@ -235,14 +395,6 @@ def on_signal(signum, frame):
         raise KeyboardInterrupt
 
 
-def wait_honouring_signals(connection):
-    """psycopg2's wait_select, which turns a signal into a cancel request for the running
-    statement; when the statement ends before the cancel lands, the signal is raised here."""
-    psycopg2.extras.wait_select(connection)
-    if signals_received:
-        raise KeyboardInterrupt
-
-
 def interrupted_line():
     name = signal.Signals(signals_received[0]).name if signals_received else "SIGINT"
     return f"interrupted by {name} during the {progress['stage']} stage: {state_words()}"
@@ -251,10 +403,34 @@ def interrupted_line():
 def lost_connection(exc):
     """A session that died under us: the server rolled back whatever was open."""
     reason = str(getattr(exc, "orig", exc)).strip().splitlines()
-    detail = reason[0] if reason else type(exc).__name__
+    detail = shown(reason[0]) if reason else type(exc).__name__
+    if "statement pooling" in detail or "transaction blocks not allowed" in detail:
+        return (
+            f"the connection refuses transactions ({detail}): DATABASE_URL goes through a"
+            " statement pooler (pgbouncer pool_mode=statement); point it at the server or a"
+            f" session-mode pool; {state_words()}"
+        )
     return (
         f"lost the connection to the server ({detail}) during the {progress['stage']} stage:"
         f" {state_words()}; rerun when the server is back"
+    )
+
+
+def read_only_words():
+    """Why the server refused a write: a standby, or a read-only default and where it is set."""
+    if session_facts.get("standby"):
+        return "the server is a standby (in recovery): point DATABASE_URL at the primary"
+    source = session_facts.get("read_only_source")
+    where = {
+        "user": f"on role {session_facts.get('role')} (ALTER ROLE ... RESET default_transaction_read_only)",
+        "database": f"on database {session_facts.get('dbname')} (ALTER DATABASE ... RESET default_transaction_read_only)",
+        "database user": "on the role in this database (ALTER ROLE ... IN DATABASE ... RESET default_transaction_read_only)",
+        "client": "by the connection's options (PGOPTIONS or options in DATABASE_URL)",
+        "configuration file": "in the server's configuration file",
+    }.get(source, f"by {source}")
+    return (
+        f"default_transaction_read_only is on, set {shown(where)}: reset it there, or add"
+        " options='-c default_transaction_read_only=off' to DATABASE_URL"
     )
 
 
@@ -262,11 +438,13 @@ def database_failure(exc):
     """One line for a database error outside the stages' own messages."""
     original = getattr(exc, "orig", exc)
     code = getattr(original, "pgcode", None)
-    detail = str(original).strip().splitlines()[0] if str(original).strip() else type(exc).__name__
+    text = str(original).strip()
+    detail = shown(text.splitlines()[0]) if text else type(exc).__name__
     if code == "42501":
-        return f"permission denied ({detail}): run as the database owner or GRANT CREATE ON SCHEMA public; {state_words()}"
+        schema = shown_name(progress.get("schema") or "public")
+        return f"permission denied ({detail}): run as the database owner or GRANT CREATE ON SCHEMA {schema}; {state_words()}"
     if code == "25006":
-        return f"the server is read-only (a standby?): point DATABASE_URL at the primary; {state_words()}"
+        return f"{read_only_words()}; {state_words()}"
     if code == "57014":
         return f"a statement was cancelled ({detail}); {state_words()}"
     if code is None or code[:2] in ("08", "57"):  # None: the socket closed, no server error
@@ -278,13 +456,17 @@ def error_line(exc):
     """The one line for an exception that ends a run."""
     if isinstance(exc, MigrationError):
         return str(exc)
+    if isinstance(exc, ServerSilent):
+        return f"{connection_failure(exc, database.connect_params)}; {state_words()}"
     if isinstance(exc, (peewee.InterfaceError, psycopg2.InterfaceError)):
         return lost_connection(exc)
     if isinstance(exc, (peewee.DatabaseError, psycopg2.Error)):
         return database_failure(exc)
-    if isinstance(exc, OSError):  # stdout or stderr closed or full
+    if isinstance(exc, OutputError):
+        return f"cannot write the output ({exc})"
+    if isinstance(exc, OSError):
         return f"cannot write the output ({exc.strerror or exc})"
-    first = str(exc).splitlines()[0] if str(exc) else ""
+    first = shown(str(exc).splitlines()[0]) if str(exc) else ""
     return f"unexpected {type(exc).__name__}: {first} (run with --verbose for the traceback)"
 
 
@@ -301,34 +483,52 @@ def refuse_old_server():
 
 
 def run(args, started):
+    if args.sql:
+        write_out(schema_sql())
+        return EXIT_OK
     url = os.environ.get("DATABASE_URL")
     params = connection_params(DEFAULT_DATABASE_URL if url is None else url)
     default = " (the default: DATABASE_URL is not set)" if url is None else ""
     log.info("database %s%s", describe(params), default)
+    watch_queries(args.progress)
     connect(params, args.wait, log)
     refuse_old_server()
+    target = target_schema()
+    progress["schema"] = target.name
+    log.info(describe_target(target))
     if args.check or args.dry_run:
-        plan = plan_with_retries(args.atomic, Budget(args.lock_timeout))
-        status = check(plan, started) if args.check else dry_run(plan, args)
-        sys.stdout.flush()  # a full or closed stdout fails here, inside the error handling
+        plan = plan_with_retries(target, args.atomic, Budget(args.lock_timeout))
+        status = check_status(plan) if args.check else (EXIT_ERROR if plan.blocked else EXIT_OK)
+        if args.format == "json":
+            write_out(json.dumps(plan_document(plan, args, params, status), indent=2) + "\n")
+        else:
+            write_out(text_report(plan, args))
+        if args.dry_run:
+            log_leftovers(plan)
+            if not plan.pending:
+                log.info("nothing to do: the run would send no statement")
+        line = summary(plan, check_status(plan), started)
+        (log.error if line.startswith("error: ") else log.info)("%s", line)
         return status
-    plan, done = migrate(args.atomic, args.lock_timeout, args.statement_timeout)
+    plan, done = migrate(target, args.atomic, args.lock_timeout, args.statement_timeout)
     log_run(plan, done, started)
     return EXIT_OK
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.sql:
-        sys.stdout.write(schema_sql())
-        return EXIT_OK
     setup_logging()
-    psycopg2.extensions.set_wait_callback(wait_honouring_signals)
+    try:
+        args = parse_args(argv)
+    except OutputError as exc:  # --help into a closed or full stdout
+        log.error("error: cannot write the output (%s)", exc)
+        return EXIT_ERROR
+    psycopg2.extensions.set_wait_callback(wait)
     for signum in EXIT_SIGNAL:
         signal.signal(signum, on_signal)
     started = time.monotonic()
+    status = EXIT_ERROR
     try:
-        return run(args, started)
+        status = run(args, started)
     except BaseException as exc:
         if isinstance(exc, SystemExit):
             raise
@@ -338,15 +538,17 @@ def main(argv=None):
         if args.verbose and not isinstance(exc, MigrationError):
             log.error("traceback of the error below:", exc_info=exc)
         log.error("error: %s", error_line(exc))
+        status = EXIT_ERROR
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stop_watching()
         if not database.is_closed():
             try:
                 database.close()
-            except peewee.PeeweeException:
+            except (peewee.PeeweeException, psycopg2.Error):
                 pass
-    return EXIT_ERROR
+    return EXIT_ERROR if LineHandler.failed else status
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ import time
 import psycopg2
 
 import migrate
-from catalog import read_catalog
+from catalog import read_catalog, target_schema
 from conftest import (
     assert_clean_failure,
     catalog,
+    error_line,
     open_write_transaction,
     record_ddl,
     run_in_parallel,
@@ -177,13 +178,13 @@ def test_legacy_database_gets_what_is_missing_and_keeps_every_row_and_type(empty
     assert rows_after == without_new_columns(rows_before, set())
 
 
-def test_check_on_a_legacy_database_reports_the_drift_and_exits_1(empty_db):
+def test_check_on_a_legacy_database_reports_only_drift_and_exits_3(empty_db):
     build_legacy(empty_db)
     assert run_migrate(empty_db.url).returncode == 0
 
     result = run_migrate(empty_db.url, "--check")
 
-    assert result.returncode == migrate.EXIT_PENDING, result.stderr
+    assert result.returncode == migrate.EXIT_DRIFT, result.stderr
     report = result.stdout
     assert "-- users.id is integer; the models say bigint" in report
     assert 'ALTER TABLE "users" ALTER COLUMN "id" TYPE BIGINT;' in report
@@ -191,7 +192,12 @@ def test_check_on_a_legacy_database_reports_the_drift_and_exits_1(empty_db):
         "-- users.created_at is timestamp without time zone; the models say timestamp with time zone"
         in report
     )
+    assert (
+        'ALTER TABLE "users" ALTER COLUMN "created_at" TYPE TIMESTAMPTZ USING "created_at"'
+        " AT TIME ZONE 'UTC';" in report.splitlines()
+    )
     assert "-- users.created_at should be nullable" in report
+    assert 'ALTER SEQUENCE "users_id_seq" AS bigint;' in report.splitlines()
     assert (
         "-- foreign key api_keys.user_id is named api_keys_user_id_fkey, not fk_api_keys_user"
         in report
@@ -249,7 +255,33 @@ def test_not_null_column_without_default_on_a_table_with_rows_stops_before_any_c
     result = run_migrate(migrated_db.url)
 
     assert_clean_failure(result, "cannot add NOT NULL column users.password_hash without a default")
+    assert "--dry-run lists the SQL for it" in error_line(result)
     assert "sign_in_records" not in migrated_db.tables()
+
+
+def test_a_blocked_column_leaves_the_rest_of_the_plan_listed_with_sql_that_adds_it_online(
+    migrated_db,
+):
+    migrated_db.rows("INSERT INTO users (username, email, password_hash) VALUES ('a', 'a@x', 'h')")
+    migrated_db.rows("ALTER TABLE users DROP COLUMN password_hash")
+    migrated_db.rows("DROP INDEX idx_request_logs_model")
+
+    for flag in ("--check", "--dry-run"):
+        result = run_migrate(migrated_db.url, flag)
+        assert result.returncode == migrate.EXIT_ERROR, result.stderr
+        lines = result.stdout.splitlines()
+        assert "-- blocked: no run adds anything until these are resolved" in lines
+        assert '-- ALTER TABLE "users" ADD COLUMN "password_hash" VARCHAR(255);' in lines
+        assert (
+            '-- ALTER TABLE "users" ADD CONSTRAINT "users_password_hash_not_null"'
+            ' CHECK ("password_hash" IS NOT NULL) NOT VALID;' in lines
+        )
+        assert '-- ALTER TABLE "users" ALTER COLUMN "password_hash" SET NOT NULL;' in lines
+        assert any(
+            line.startswith('CREATE INDEX CONCURRENTLY IF NOT EXISTS "idx_request_logs_model"')
+            for line in lines
+        )
+        assert error_line(result).startswith("migrate: error: 1 blocker stop every run")
 
 
 def test_not_null_column_without_default_is_added_to_an_empty_table(migrated_db):
@@ -289,10 +321,11 @@ def test_index_with_the_contract_name_but_another_definition_is_reported_not_reb
 
     result = run_migrate(migrated_db.url, "--check")
 
-    assert result.returncode == migrate.EXIT_PENDING
+    assert result.returncode == migrate.EXIT_DRIFT
     assert (
-        "-- index idx_users_status is 'CREATE INDEX idx_users_status ON public.users USING btree (status)'"
-        in (result.stdout)
+        "-- index idx_users_status differs from the models (its predicate is none): it is"
+        " CREATE INDEX idx_users_status ON public.users USING btree (status)"
+        in result.stdout.splitlines()
     )
     assert run_migrate(migrated_db.url).returncode == 0
     assert "WHERE" not in migrated_db.value(
@@ -309,10 +342,10 @@ def test_foreign_key_with_the_contract_name_but_another_definition_is_reported(m
 
     result = run_migrate(migrated_db.url, "--check")
 
-    assert result.returncode == migrate.EXIT_PENDING
+    assert result.returncode == migrate.EXIT_DRIFT
     assert (
-        "-- foreign key fk_api_keys_user is 'FOREIGN KEY (user_id) REFERENCES users(id) ON DELETE"
-        " CASCADE'; the models say 'FOREIGN KEY (user_id) REFERENCES users(id)'" in result.stdout
+        "-- foreign key fk_api_keys_user is FOREIGN KEY (user_id) REFERENCES users(id) ON DELETE"
+        " CASCADE; the models say FOREIGN KEY (user_id) REFERENCES users(id)" in result.stdout
     )
     assert "-- pending" not in result.stdout
 
@@ -340,10 +373,10 @@ def test_catalog_is_read_in_three_queries_however_many_tables(migrated_db, monke
         migrate.database, "execute_sql", lambda sql, *a: queries.append(sql) or execute_sql(sql, *a)
     )
 
-    snapshot = read_catalog()
+    snapshot = read_catalog(target_schema())
 
-    assert len(queries) == 3
-    assert len(snapshot.columns) == 46
+    assert len(queries) == 4  # the target schema, then the tables, relations and constraints
+    assert len(snapshot.tables) == 46
 
 
 # --- --dry-run ---------------------------------------------------------------------
@@ -364,14 +397,20 @@ def test_dry_run_prints_the_statements_with_transaction_boundaries_and_changes_n
 
     assert result.returncode == 0, result.stderr
     statements = [line for line in result.stdout.splitlines() if not line.startswith("--")]
-    assert statements[:4] == [
+    assert statements[:6] == [
+        'SET search_path TO "public", pg_temp;',
         "BEGIN;",
         "SET LOCAL lock_timeout = '50ms';",
         "SET LOCAL statement_timeout = '10000ms';",
         "SET LOCAL idle_in_transaction_session_timeout = '10000ms';",
+        'SET LOCAL search_path TO "public", pg_temp;',
     ]
     assert 'ALTER TABLE "request_logs" ADD COLUMN IF NOT EXISTS "error_msg" TEXT;' in statements
-    assert statements[-2:] == ["RESET lock_timeout;", "RESET statement_timeout;"]
+    assert statements[-3:] == [
+        "RESET lock_timeout;",
+        "RESET statement_timeout;",
+        "RESET search_path;",
+    ]
     assert migrated_db.rows("SELECT command FROM audit.ddl_log") == []
     assert catalog(migrated_db) == before
 
@@ -396,8 +435,12 @@ def test_dry_run_builds_indexes_on_existing_tables_online_after_the_commit(migra
     statements = run_migrate(migrated_db.url, "--dry-run").stdout.splitlines()
     commit = statements.index("COMMIT;")
     online = [line for line in statements[commit + 1 :] if not line.startswith("--")]
-    assert online[:2] == ["SET lock_timeout = '5000ms';", "SET statement_timeout = '0ms';"]
-    assert sorted(online[2:-2]) == [
+    assert online[:3] == [
+        "SET lock_timeout = '5000ms';",
+        "SET statement_timeout = '0ms';",
+        'SET search_path TO "public", pg_temp;',
+    ]
+    assert sorted(online[3:-3]) == [
         'CREATE INDEX CONCURRENTLY IF NOT EXISTS "idx_request_logs_model_created" ON "request_logs" ("model", "created_at" DESC);',
         'CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS "idx_users_email" ON "users" ("email");',
     ]
@@ -473,7 +516,7 @@ def test_failed_concurrent_build_leaves_an_invalid_index_that_the_next_run_rebui
 
     failed = run_migrate(migrated_db.url)
 
-    assert_clean_failure(failed, "an index left INVALID is dropped and rebuilt")
+    assert_clean_failure(failed, "was left INVALID: the next run drops and rebuilds it")
     assert not migrated_db.value(
         "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx_api_keys_key'::regclass"
     )
@@ -581,13 +624,20 @@ def test_with_atomic_the_same_build_makes_inserts_wait(migrated_db):
 # --- Defaults and schemas that once broke the planner ------------------------------------
 
 
-def test_a_renamed_id_sequence_is_drift_with_a_fix_not_a_crash(migrated_db):
+def test_a_renamed_id_sequence_the_column_still_owns_is_no_drift(migrated_db):
+    # GORM's AutoMigrate skips primary keys; the sequence is the column's, whatever its name.
     migrated_db.rows("ALTER SEQUENCE sign_in_records_id_seq RENAME TO sign_in_ids")
     result = run_migrate(migrated_db.url, "--check")
-    assert result.returncode == migrate.EXIT_PENDING, result.stderr
+    assert result.returncode == migrate.EXIT_OK, result.stdout
+
+
+def test_an_id_without_its_sequence_default_is_drift_with_a_commented_fix(migrated_db):
+    migrated_db.rows("ALTER TABLE sign_in_records ALTER COLUMN id DROP DEFAULT")
+    result = run_migrate(migrated_db.url, "--check")
+    assert result.returncode == migrate.EXIT_DRIFT, result.stderr
     assert (
-        """ALTER TABLE "sign_in_records" ALTER COLUMN "id" SET DEFAULT"""
-        """ nextval('sign_in_records_id_seq'::regclass);""" in result.stdout
+        """-- ALTER TABLE "sign_in_records" ALTER COLUMN "id" SET DEFAULT"""
+        """ nextval('"sign_in_records_id_seq"'::regclass);""" in result.stdout.splitlines()
     )
 
 

@@ -243,11 +243,13 @@ def test_libpq_environment_variables_fill_what_the_url_leaves_out(empty_db):
     assert empty_db.tables() == TABLES
 
 
-def test_failure_midway_leaves_the_database_empty(empty_db):
-    # A view in the way of the last table: the first five are made before it fails.
+def test_a_table_name_held_by_a_view_stops_the_run_before_any_change(empty_db):
     empty_db.rows("CREATE VIEW sign_in_records AS SELECT 1 AS id")
     result = run_migrate(empty_db.url)
-    assert_clean_failure(result, "nothing was changed")
+    assert_clean_failure(
+        result, "table sign_in_records cannot be created: the name is held by the view"
+    )
+    assert "nothing was changed" in error_line(result)
     assert empty_db.tables() == []
     assert empty_db.value("SELECT count(*) FROM pg_class WHERE relname LIKE 'idx_%'") == 0
 
@@ -373,7 +375,9 @@ def test_permission_denied_is_reported_and_nothing_is_created(empty_db):
 def test_read_only_server_is_reported_and_nothing_is_created(empty_db):
     url = empty_db.url_with(options="-c default_transaction_read_only=on", password=PASSWORD)
     result = run_migrate(url)
-    assert_clean_failure(result, "the server is read-only")
+    assert_clean_failure(
+        result, "default_transaction_read_only is on, set by the connection's options"
+    )
     assert empty_db.tables() == []
 
 
@@ -400,7 +404,8 @@ def test_help_documents_the_flags_and_exit_codes():
     ):
         assert flag in text
     assert "Exit codes: 0 success" in text
-    assert "1 --check found pending changes or drift, 2 error, 130/143 interrupted" in text
+    assert "1 --check: changes are pending (run python migrate.py), 3 --check: only drift" in text
+    assert "2 error, 130/143 interrupted" in text
 
 
 # --- schema.sql ---------------------------------------------------------------

@@ -7,18 +7,17 @@ request_logs, but for the counts that read most of it.
 import pytest
 
 import bench
-import migrate
 import models
+from conftest import migrate_here
 
 
 @pytest.fixture(scope="module")
 def plans(test_database):
     """bench.explain() of every gateway query, on one database loaded for the module."""
     test_database.reset()
-    migrate.connect(test_database.params)
-    migrate.migrate()
+    migrate_here(test_database.params)
     bench.load_gateway_data(test_database.execute, request_logs=100_000)
-    migrate.migrate()  # build back the request_logs indexes the load dropped
+    migrate_here(test_database.params)  # build back the request_logs indexes the load dropped
     test_database.execute("ANALYZE")
     assert test_database.value("SELECT count(*) FROM request_logs") == 100_000
     yield {name: bench.explain(test_database.execute, name) for name in bench.GATEWAY_QUERIES}
