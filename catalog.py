@@ -43,7 +43,7 @@ import peewee
 import psycopg2
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
-from connection import MigrationError, raw_bytes
+from connection import MigrationError, text_limits
 from models import MODELS, database
 
 Target = namedtuple("Target", "name oid search_path source")
@@ -59,8 +59,8 @@ Index = namedtuple(
 )
 Constraint = namedtuple(
     "Constraint",
-    "table name kind columns ref_table ref_columns actions deferrable validated definition"
-    " inherited evaluable",
+    "table name kind columns ref_table ref_columns actions deferrable validated enforced"
+    " definition inherited evaluable",
 )
 Snapshot = namedtuple("Snapshot", "target tables relations indexes constraints backend_pid")
 
@@ -100,8 +100,10 @@ def shown(text):
 def escaped_char(char):
     if char == "\\":
         return "\\\\"
-    if raw_bytes["server"] and ord(char) > 0x7F:
+    if ord(char) > 0x7F and text_limits["raw_server_bytes"]:
         return f"\\x{ord(char):02x}"
+    if ord(char) > 0x7F and text_limits["ascii_output"]:
+        return f"\\u{ord(char):04x}" if ord(char) <= 0xFFFF else f"\\U{ord(char):08x}"
     if char.isprintable() and unicodedata.category(char) != "Cf":
         return char
     if char in "\n\r\t":
@@ -276,10 +278,11 @@ CONSTRAINTS_QUERY = """
 SELECT t.relname, k.conname, k.contype,
        ARRAY(SELECT a.attname FROM unnest(k.conkey) WITH ORDINALITY u(n, i)
              JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n ORDER BY u.i),
-       r.relname,
+       CASE WHEN r.relnamespace = %(schema)s THEN r.relname ELSE r.oid::regclass::text END,
        ARRAY(SELECT a.attname FROM unnest(k.confkey) WITH ORDINALITY u(n, i)
              JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = u.n ORDER BY u.i),
-       ARRAY[k.confupdtype, k.confdeltype, k.confmatchtype]::text[], k.condeferrable, k.convalidated,
+       ARRAY[k.confupdtype, k.confdeltype, k.confmatchtype]::text[], k.condeferrable,
+       k.convalidated, {enforced},
        CASE WHEN k.contype <> 'c' OR t.relname = ANY(%(tables)s) THEN pg_get_constraintdef(k.oid) END,
        k.conparentid <> 0,
        k.contype = 'c' AND NOT EXISTS (
@@ -370,9 +373,11 @@ def read_snapshot(target, models):
         relations[name] = Relation(name, RELATION_KINDS.get(kind, kind), table)
         if kind in ("i", "I"):
             indexes[name] = index_of(name, kind, table, row[3:])
+    # PostgreSQL 18 has NOT ENFORCED foreign keys: one is no more a check than a NOT VALID one.
+    enforced = "k.conenforced" if (database.server_version or 0) >= 180000 else "true"
     constraints = [
         Constraint(*row[:6], tuple(row[6]), *row[7:])
-        for row in guarded(target, CONSTRAINTS_QUERY, params)
+        for row in guarded(target, CONSTRAINTS_QUERY.format(enforced=enforced), params)
     ]
     return Snapshot(target, tables, relations, indexes, constraints, backend_pid)
 

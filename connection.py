@@ -371,9 +371,11 @@ SELECT pg_is_in_recovery(), s.setting, s.source, current_user, current_database(
 FROM pg_settings s WHERE s.name = 'default_transaction_read_only'
 """
 session_facts = {}
-# On a SQL_ASCII server the bytes of a name have no known encoding: they are
-# read as LATIN1 (which keeps every byte) and printed as \xNN (catalog.shown).
-raw_bytes = {"server": False}
+# What output may hold (catalog.shown): on a SQL_ASCII server the bytes of a
+# name have no known encoding, so they are read as LATIN1 (which keeps every
+# byte) and printed as \xNN; where stdout is not UTF-8 (migrate.py sets
+# ascii_output), every non-ASCII character is printed escaped.
+text_limits = {"raw_server_bytes": False, "ascii_output": False}
 
 
 def configure_session(connection):
@@ -387,8 +389,8 @@ def configure_session(connection):
     transaction are pinned per transaction instead, see catalog.guarded.)
     """
     server_encoding = connection.info.parameter_status("server_encoding")
-    raw_bytes["server"] = server_encoding == "SQL_ASCII"
-    wanted = "LATIN1" if raw_bytes["server"] else "UTF8"
+    text_limits["raw_server_bytes"] = server_encoding == "SQL_ASCII"
+    wanted = "LATIN1" if text_limits["raw_server_bytes"] else "UTF8"
     if connection.encoding.replace("_", "") != wanted:
         connection.set_client_encoding(wanted)
     extra = ", set_config('idle_session_timeout', '0', false)"

@@ -73,6 +73,7 @@ from connection import (
     describe,
     session_facts,
     signals_received,
+    text_limits,
     wait,
 )
 from models import database
@@ -517,6 +518,12 @@ def run(args, started):
 
 def main(argv=None):
     setup_logging()
+    encodings = [
+        getattr(stream, "encoding", None) or "utf-8" for stream in (sys.stdout, sys.stderr)
+    ]
+    text_limits["ascii_output"] = not all(
+        e.lower().replace("-", "").startswith("utf") for e in encodings
+    )
     try:
         args = parse_args(argv)
     except OutputError as exc:  # --help into a closed or full stdout

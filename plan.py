@@ -43,11 +43,15 @@ catalog holds.
 
 import re
 from collections import namedtuple
+from contextlib import contextmanager
+from datetime import UTC, datetime
 
+import peewee
 from peewee import SQL, BigIntegerField, Entity, NodeList, Value, ValueLiterals
 from playhouse.migrate import PostgresqlMigrator
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
-from catalog import guarded, index_builder, shown, shown_name
+from catalog import guard_params, guard_sql, guarded, index_builder, shown, shown_name
 from models import MODELS, database
 
 # --- Hazards ---------------------------------------------------------------------
@@ -467,6 +471,26 @@ def column_drift(table, field, actual, expected):
     where = f"{table}.{column}"
     key = ("column", table, column)
     drift = []
+    if actual.generated or (actual.identity and expected.default != OWN_SEQUENCE):
+        kind = "a generated column" if actual.generated else "an identity column"
+        drift.append(
+            Drift(
+                f"{where} is {kind}, which refuses the values the models insert",
+                [
+                    sql_text(
+                        "ALTER TABLE",
+                        Entity(table),
+                        "ALTER COLUMN",
+                        Entity(column),
+                        "DROP EXPRESSION" if actual.generated else "DROP IDENTITY",
+                    )
+                ],
+                True,
+                INSTANT_ALTER.format(table=table),
+                key,
+            )
+        )
+        return drift
     if actual.type != expected.type:
         drift.append(type_drift(table, field, actual, expected))
     if actual.not_null != expected.not_null:
@@ -508,6 +532,10 @@ def sequence_drift(table, column, actual):
     """An id column draws from a bigint sequence it owns (bigserial), whatever its name."""
     where, key = f"{table}.{column}", ("column", table, column)
     serial = actual.serial
+    if actual.identity:
+        # Inserts that leave the id out work; GORM's AutoMigrate skips primary keys.
+        problem = f"{where} is an identity column; the models (and GORM) make it bigserial"
+        return [Drift(problem, [], False, "a rewrite of the column's default by hand", key)]
     if serial is None or not actual.default:
         sequence = f"{table}_{column}_seq"
         name, relation = render(Entity(column)), render(Entity(table))
@@ -649,7 +677,127 @@ def writes_that_fail(model, snapshot):
                     ("column", table, name),
                 )
             )
-    return drift
+    return drift + checks_the_defaults_violate(model, snapshot)
+
+
+def checks_the_defaults_violate(model, snapshot):
+    """CHECK constraints the models do not declare that refuse the row the models insert when
+    given nothing but their defaults (created_at and updated_at: now).
+
+    Evaluated by the server, never by pasting the CHECK's text into SQL: a temporary copy of
+    the table (CREATE TEMP TABLE ... LIKE, with its CHECKs and no NOT NULL) takes the row in
+    a transaction that is always rolled back. Only CHECKs on columns the defaults decide,
+    that call nothing but immutable functions of pg_catalog (catalog: evaluable), are tried.
+    """
+    table = model._meta.table_name
+    values = default_row(model)
+    declared = {field.column_name for field in model._meta.sorted_fields}
+    decided = set(values) | (set(snapshot.tables[table].columns) - declared)
+    candidates = {
+        c.name: c
+        for c in snapshot.constraints
+        if c.table == table
+        and c.kind == "c"
+        and not c.inherited
+        and c.evaluable
+        and c.columns
+        and set(c.columns) <= decided
+    }
+    if not candidates:
+        return []
+    migrator = PostgresqlMigrator(database)
+    return [
+        Drift(
+            f"{table}: CHECK constraint {shown_name(name)}, {shown(candidates[name].definition)},"
+            " refuses the row the models insert with their defaults: every such insert fails",
+            [sql_of(migrator.drop_constraint(table, name))],
+            False,
+            INSTANT_ALTER.format(table=table),
+            ("check", table, name),
+        )
+        for name in sorted(violated_checks(snapshot, table, set(candidates), values))
+    ]
+
+
+def default_row(model):
+    """{column: value} of what the models insert when given nothing else."""
+    now = datetime.now(UTC)
+    row = {}
+    for field in model._meta.sorted_fields:
+        if field.name in ("created_at", "updated_at"):
+            row[field.column_name] = now
+        elif field.default is not None:
+            default = field.default() if callable(field.default) else field.default
+            row[field.column_name] = field.db_value(default)
+    return row
+
+
+PROBE = Entity("pg_temp", "migrate_probe")
+CHECK_VIOLATION = "23514"
+
+
+def violated_checks(snapshot, table, candidates, values):
+    """The names among candidates whose CHECK refuses `values` in a temporary copy of table."""
+    columns = snapshot.tables[table].columns
+    insert = sql_text("INSERT INTO", PROBE, "(", NodeList([Entity(c) for c in values], ", "), ")")
+    insert += " VALUES (" + ", ".join(["%s"] * len(values)) + ")"
+    violated = set()
+    with probe_transaction(snapshot.target) as ok:
+        if not ok:
+            return violated
+        database.execute_sql(
+            sql_text(
+                "CREATE TEMP TABLE",
+                PROBE,
+                "(LIKE",
+                Entity(table),
+                "INCLUDING DEFAULTS INCLUDING CONSTRAINTS)",
+            )
+        )
+        not_null = [c for c, facts in columns.items() if facts.not_null]
+        if not_null:
+            clauses = ", ".join(
+                sql_text("ALTER COLUMN", Entity(c), "DROP NOT NULL") for c in not_null
+            )
+            database.execute_sql(f"{sql_text('ALTER TABLE', PROBE)} {clauses}")
+        for _ in range(len(snapshot.constraints) + 1):
+            database.execute_sql("SAVEPOINT migrate_attempt")
+            try:
+                database.execute_sql(insert, list(values.values()))
+                break
+            except peewee.IntegrityError as exc:
+                original = getattr(exc, "orig", exc)
+                if getattr(original, "pgcode", None) != CHECK_VIOLATION:
+                    break
+                database.execute_sql("ROLLBACK TO SAVEPOINT migrate_attempt")
+                name = original.diag.constraint_name
+                if name in candidates:
+                    violated.add(name)
+                database.execute_sql(
+                    sql_text("ALTER TABLE", PROBE, "DROP CONSTRAINT", Entity(name))
+                )
+    return violated
+
+
+@contextmanager
+def probe_transaction(target):
+    """A transaction (or, inside one, a savepoint) that is rolled back whatever happens; yields
+    False where a temporary table cannot be made (a standby)."""
+    nested = database.connection().get_transaction_status() != TRANSACTION_STATUS_IDLE
+    try:
+        if nested:
+            database.execute_sql("SAVEPOINT migrate_probe")
+        else:
+            database.execute_sql(f"BEGIN READ WRITE; {guard_sql()}", guard_params(target))
+    except peewee.DatabaseError:
+        yield False
+        return
+    try:
+        yield True
+    except peewee.DatabaseError:
+        pass  # not evaluated: a lock not granted in time, a read-only server
+    finally:
+        database.execute_sql("ROLLBACK TO SAVEPOINT migrate_probe" if nested else "ROLLBACK")
 
 
 # --- Foreign keys ----------------------------------------------------------------------------
@@ -687,6 +835,24 @@ def plan_foreign_keys(model, snapshot, drift, later):
             ]
             cost = "instant, then VALIDATE scans online; SHARE ROW EXCLUSIVE on both tables until COMMIT"
             drift.append(Drift(problem, fix, True, cost, key))
+        elif named and not named.enforced:
+            drift.append(
+                Drift(
+                    f"foreign key {wanted} is NOT ENFORCED: nothing checks {table}.{field.column_name}",
+                    [
+                        sql_text(
+                            "ALTER TABLE",
+                            Entity(table),
+                            "ALTER CONSTRAINT",
+                            Entity(wanted),
+                            "ENFORCED",
+                        )
+                    ],
+                    True,
+                    f"scans {table} to validate it; SHARE ROW EXCLUSIVE on {table} (blocks writes) until COMMIT",
+                    key,
+                )
+            )
         elif named and not named.validated:
             changes.append((later, validate))
         elif not named and other:
@@ -938,10 +1104,17 @@ def unmet(statement, plan):
     if kind == "dropped":
         live = snapshot.indexes.get(name)
         return None if live is None or live.valid else "the INVALID index is still there"
-    if statement.effect not in plan.open_keys():
+    if kind == "table":
+        open_columns = [k for k in plan.open_keys() if k[0] == "column" and k[1] == table]
+        if table in snapshot.tables and not open_columns:
+            return None
+    elif statement.effect not in plan.open_keys():
         return None
-    reasons = [drift.problem for drift in plan.drift if drift.key == statement.effect]
-    reasons += [s.description for s in plan.pending if s.effect == statement.effect]
+    concerned = {statement.effect} | (
+        {k for k in plan.open_keys() if k[:2] == ("column", table)} if kind == "table" else set()
+    )
+    reasons = [drift.problem for drift in plan.drift if drift.key in concerned]
+    reasons += [s.description for s in plan.pending if s.effect in concerned]
     return "; ".join(reasons) or "it is still pending"
 
 
