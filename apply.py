@@ -69,7 +69,14 @@ from catalog import (
     read_catalog,
     shown,
 )
-from connection import MigrationError, ServerSilent, configure_session, open_side_connection, watch
+from connection import (
+    MigrationError,
+    ServerSilent,
+    configure_session,
+    open_side_connection,
+    read_only_words,
+    watch,
+)
 from models import MODELS, database
 from plan import lock_name, plan_changes, search_path_line, unmet, with_hazards
 
@@ -638,6 +645,8 @@ def online_failure(exc, statement, target, lock_timeout, statement_timeout):
             f"{what} ran longer than the --statement-timeout of {statement_timeout:g} s"
             f" (statement_timeout); {state_words()}: raise --statement-timeout, or 0 for no limit"
         )
+    if code == "25006":
+        return f"{what} was rejected: {read_only_words()}; {state_words()}"
     if code in REJECTIONS:
         return (
             f"{what} was rejected: {REJECTIONS[code]} ({first_line(exc)}); {state_words()};"
@@ -714,7 +723,7 @@ def script(plan, atomic, lock_timeout, statement_timeout):
             ),
             "BEGIN;",
             *(setting + ";" for setting in transaction_settings(target, guard)),
-            *with_hazards(in_lock_order(plan.transaction), tables),
+            *with_hazards(in_lock_order(plan.transaction), tables, until_commit=True),
             "COMMIT;",
         ]
     if plan.online:

@@ -323,8 +323,11 @@ def connect(params, wait_seconds=0, log=None):
     """Bind models.database to params and open it, retrying an unreachable server until wait_seconds."""
     params = session_params(params)
     database.utc_sessions = False
-    dbname = params.pop("dbname", None) or os.environ.get("PGDATABASE", "")
-    database.init(dbname, **params)
+    dbname = params.pop("dbname", None) or os.environ.get("PGDATABASE")
+    if dbname:
+        database.init(dbname, **params)
+    else:  # the service names it: Peewee needs a name, libpq must get none (make_dsn drops None)
+        database.init(f"the database of service {params.get('service')}", dbname=None, **params)
     watch.connect_limit = connect_limit(params)
     deadline = time.monotonic() + wait_seconds
     waiting = False
@@ -406,6 +409,29 @@ def configure_session(connection):
         read_only_source=source,
         role=role,
         dbname=dbname,
+    )
+
+
+def read_only_words():
+    """Why the server refused a write: a standby, or a read-only default and where it is set."""
+    from catalog import shown_name  # here, not at the top: catalog imports this module
+
+    if session_facts.get("standby"):
+        return "the server is a standby (in recovery): point DATABASE_URL at the primary"
+    source = session_facts.get("read_only_source")
+    where = {
+        "user": f"on role {shown_name(session_facts.get('role', '?'))}"
+        " (ALTER ROLE ... RESET default_transaction_read_only)",
+        "database": f"on database {shown_name(session_facts.get('dbname', '?'))}"
+        " (ALTER DATABASE ... RESET default_transaction_read_only)",
+        "database user": "on the role in this database"
+        " (ALTER ROLE ... IN DATABASE ... RESET default_transaction_read_only)",
+        "client": "by the connection's options (PGOPTIONS or options in DATABASE_URL)",
+        "configuration file": "in the server's configuration file",
+    }.get(source, f"by {source}")
+    return (
+        f"default_transaction_read_only is on, set {where}: reset it there, or add"
+        " options='-c default_transaction_read_only=off' to DATABASE_URL"
     )
 
 

@@ -52,6 +52,7 @@ except ImportError as missing:
     sys.exit(2)
 
 from apply import (
+    REJECTIONS,
     Budget,
     in_lock_order,
     migrate,
@@ -71,7 +72,7 @@ from connection import (
     connection_failure,
     connection_params,
     describe,
-    session_facts,
+    read_only_words,
     signals_received,
     text_limits,
     wait,
@@ -222,6 +223,8 @@ class OutputError(Exception):
 
 def write_out(text):
     """Write to stdout, turning every way that can fail into OutputError."""
+    if not text:
+        return
     if sys.stdout is None:
         raise OutputError("stdout is closed")
     try:
@@ -417,24 +420,6 @@ def lost_connection(exc):
     )
 
 
-def read_only_words():
-    """Why the server refused a write: a standby, or a read-only default and where it is set."""
-    if session_facts.get("standby"):
-        return "the server is a standby (in recovery): point DATABASE_URL at the primary"
-    source = session_facts.get("read_only_source")
-    where = {
-        "user": f"on role {session_facts.get('role')} (ALTER ROLE ... RESET default_transaction_read_only)",
-        "database": f"on database {session_facts.get('dbname')} (ALTER DATABASE ... RESET default_transaction_read_only)",
-        "database user": "on the role in this database (ALTER ROLE ... IN DATABASE ... RESET default_transaction_read_only)",
-        "client": "by the connection's options (PGOPTIONS or options in DATABASE_URL)",
-        "configuration file": "in the server's configuration file",
-    }.get(source, f"by {source}")
-    return (
-        f"default_transaction_read_only is on, set {shown(where)}: reset it there, or add"
-        " options='-c default_transaction_read_only=off' to DATABASE_URL"
-    )
-
-
 def database_failure(exc):
     """One line for a database error outside the stages' own messages."""
     original = getattr(exc, "orig", exc)
@@ -448,6 +433,11 @@ def database_failure(exc):
         return f"{read_only_words()}; {state_words()}"
     if code == "57014":
         return f"a statement was cancelled ({detail}); {state_words()}"
+    if code in REJECTIONS:
+        return (
+            f"rejected: {REJECTIONS[code]} ({detail}); {state_words()}; the next run meets the"
+            " same refusal until that changes"
+        )
     if code is None or code[:2] in ("08", "57"):  # None: the socket closed, no server error
         return lost_connection(exc)
     return f"migration failed ({detail}); {state_words()}"

@@ -1121,14 +1121,15 @@ def unmet(statement, plan):
 # --- Reporting --------------------------------------------------------------------------
 
 
-def hazard_comment(statement, tables):
+def hazard_comment(statement, tables, until_commit=False):
     """'-- locks users ACCESS EXCLUSIVE (blocks reads and writes until COMMIT); instant, no rewrite; users ~3 rows'."""
     hazard = statement.hazard
     if hazard.lock is None:
         return f"-- {hazard.work}: blocks nothing"
     names = ", ".join(statement.tables)
     sizes = ", ".join(size_words(table, tables) for table in statement.tables)
-    return f"-- locks {names} {lock_name(hazard.lock)} (blocks {hazard.blocks}); {hazard.work}; {sizes}"
+    held = " until COMMIT" if until_commit and hazard.blocks != "nothing" else ""
+    return f"-- locks {names} {lock_name(hazard.lock)} (blocks {hazard.blocks}{held}); {hazard.work}; {sizes}"
 
 
 def size_words(table, tables):
@@ -1137,10 +1138,10 @@ def size_words(table, tables):
     return f"{table} ~? rows (not analyzed yet)" if rows is None else f"{table} ~{rows:,} rows"
 
 
-def with_hazards(statements, tables):
+def with_hazards(statements, tables, until_commit=False):
     lines = []
     for statement in statements:
-        lines += [hazard_comment(statement, tables), statement.sql + ";"]
+        lines += [hazard_comment(statement, tables, until_commit), statement.sql + ";"]
     return lines
 
 
@@ -1169,7 +1170,7 @@ def report(plan):
             lines += commented(step + ";" for step in blocker.steps)
     if plan.transaction:
         lines.append("-- pending, in one transaction:")
-        lines += with_hazards(plan.transaction, tables)
+        lines += with_hazards(plan.transaction, tables, until_commit=True)
     if plan.online:
         lines.append("-- pending, online after the transaction (one statement at a time):")
         lines += with_hazards(plan.online, tables)

@@ -1,0 +1,611 @@
+"""
+A run is bounded and clean in the environments operators have: servers and paths that stop
+answering, session settings that end sessions, any server encoding, outputs that fail, an
+--atomic transaction that must not hold ACCESS EXCLUSIVE while it scans, and refusals that
+are named for what they are.
+
+No timing assertions: a bound shows as the run ending (with a subprocess timeout far above it)
+with the documented line and exit code.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+import migrate
+from conftest import (
+    HERE,
+    SERVER_OS_USER,
+    LocalServer,
+    assert_clean_failure,
+    check_server_tools,
+    error_line,
+    record_ddl,
+    run_migrate,
+    server_binary_folders,
+    skip_missing_tool,
+)
+from test_online import add_users_and_logs, end_after, session, transaction_pooler  # noqa: F401
+
+
+def poll(description, condition, seconds=30):
+    """Wait for condition() to hold, checking every 50 ms; fail naming it after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {description}")
+        time.sleep(0.05)
+
+
+# --- Servers and paths that stop answering -------------------------------------------------
+
+
+@contextmanager
+def silent_listener():
+    """A TCP port that accepts connections and never answers: a stopped postmaster, a dead
+    load balancer. Yields the port."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        for connection in accepted:
+            connection.close()
+        server.close()
+
+
+class FreezingProxy:
+    """A TCP proxy to the database server that forwards until freeze(), then holds every
+    connection open and forwards nothing, new connections included: a half-open path."""
+
+    def __init__(self, host, port):
+        self.target = (host, int(port))
+        self.frozen = threading.Event()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.sockets = []
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sockets.append(client)
+            if self.frozen.is_set():
+                continue
+            upstream = socket.create_connection(self.target)
+            self.sockets.append(upstream)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.forward, args=(source, sink), daemon=True).start()
+
+    def forward(self, source, sink):
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            if self.frozen.is_set():
+                self.frozen.wait()  # hold it forever: the bytes never arrive
+                return
+            try:
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def freeze(self):
+        self.frozen.set()
+
+    def close(self):
+        self.listener.close()
+        for connection in self.sockets:
+            connection.close()
+
+
+def test_a_server_that_accepts_and_never_answers_ends_the_run_with_one_line(empty_db):
+    with silent_listener() as port:
+        result = run_migrate(
+            f"host=127.0.0.1 port={port} user=postgres dbname=x",
+            "--wait",
+            "3",
+            "--lock-timeout",
+            "2",
+        )
+    assert_clean_failure(result, "the server did not answer a connection attempt within 5 s")
+    assert f"at host=127.0.0.1 port={port}" in error_line(result)
+
+
+def test_connect_timeout_in_database_url_bounds_each_attempt(empty_db):
+    with silent_listener() as port:
+        result = run_migrate(f"host=127.0.0.1 port={port} user=postgres dbname=x connect_timeout=2")
+    assert_clean_failure(result, "did not answer a connection attempt within 2 s")
+
+
+def test_a_path_that_freezes_mid_statement_ends_the_run_with_one_line(migrated_db):
+    add_users_and_logs(migrated_db, logs=1000)
+    migrated_db.rows("DROP INDEX idx_request_logs_model")
+    writer = session(
+        migrated_db,
+        "INSERT INTO request_logs (user_id, api_key_id, api_config_id,"
+        " model, method, path, status_code, response_time) SELECT user_id, id, 1,"
+        " 'm', 'GET', '/', 200, 5 FROM api_keys",
+    )  # the online build waits for it
+    params = migrated_db.params
+    proxy = FreezingProxy(params.get("host", "localhost"), params.get("port", 5432))
+    run = subprocess.Popen(
+        [sys.executable, str(HERE / "migrate.py"), "--lock-timeout", "600"],
+        env={
+            **os.environ,
+            "DATABASE_URL": migrated_db.url_with(host="127.0.0.1", port=str(proxy.port)),
+        },
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        poll(
+            "the online build to wait for the writer",
+            lambda: migrated_db.rows(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'migrate.py'"
+                " AND query LIKE 'CREATE INDEX CONCURRENTLY%%' AND wait_event_type = 'Lock'"
+            ),
+        )
+        proxy.freeze()
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+        writer.rollback()
+        writer.close()
+        migrated_db.rows(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'migrate.py' AND datname = current_database()"
+        )
+        proxy.close()
+    assert run.returncode == migrate.EXIT_ERROR, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("migrate: error: the server did not answer"), stderr
+    assert "Traceback" not in stderr
+
+
+# --- Session settings that end sessions ------------------------------------------------------
+
+
+@pytest.fixture
+def database_setting(empty_db):
+    """Set a parameter on the test database (ALTER DATABASE ... SET), undone afterwards."""
+    made = []
+
+    def set_parameter(name, value):
+        statement = sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+            sql.Identifier(empty_db.name), sql.Identifier(name), sql.Literal(value)
+        )
+        empty_db.rows(statement.as_string(empty_db.connection))
+        made.append(name)
+
+    yield set_parameter
+    for name in made:
+        statement = sql.SQL("ALTER DATABASE {} RESET {}").format(
+            sql.Identifier(empty_db.name), sql.Identifier(name)
+        )
+        empty_db.rows(statement.as_string(empty_db.connection))
+
+
+def run_with_setting(db, how, name, value, *args, database_setting=None):
+    """migrate.py with a session setting given by the connection's options, PGOPTIONS or the database."""
+    if how == "options":
+        return run_migrate(db.url_with(options=f"-c {name}={value}"), *args)
+    if how == "PGOPTIONS":
+        return run_migrate(db.url, *args, PGOPTIONS=f"-c {name}={value}")
+    database_setting(name, value)
+    return run_migrate(db.url, *args)
+
+
+SOURCES = ["options", "PGOPTIONS", "database"]
+
+
+@pytest.mark.parametrize("how", SOURCES)
+def test_transaction_timeout_of_the_session_does_not_kill_an_online_build(
+    migrated_db, pg_server, database_setting, how
+):
+    if pg_server.major < 17:
+        pytest.skip("transaction_timeout exists from PostgreSQL 17")
+    add_users_and_logs(migrated_db, logs=300_000)
+    migrated_db.rows("DROP INDEX idx_request_logs_model, idx_request_logs_model_created")
+
+    result = run_with_setting(
+        migrated_db, how, "transaction_timeout", "100ms", database_setting=database_setting
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert migrated_db.value(
+        "SELECT bool_and(indisvalid) FROM pg_index WHERE indexrelid::regclass::text LIKE 'idx_request_logs_model%'"
+    )
+
+
+@pytest.mark.parametrize("how", SOURCES)
+def test_idle_session_timeout_does_not_end_the_run_while_it_backs_off(
+    migrated_db, database_setting, how
+):
+    migrated_db.rows("ALTER TABLE api_keys DROP COLUMN last_used_at")
+    holder = session(migrated_db, "LOCK TABLE api_keys IN ACCESS SHARE MODE")
+    timer = end_after(holder, 1.5)  # the application lets go well inside the budget
+    try:
+        result = run_with_setting(
+            migrated_db,
+            how,
+            "idle_session_timeout",
+            "300ms",
+            "--lock-timeout",
+            "5",
+            database_setting=database_setting,
+        )
+    finally:
+        timer.join()
+    assert result.returncode == 0, result.stderr
+    assert "migrate: added column api_keys.last_used_at" in result.stderr
+
+
+@pytest.mark.parametrize("how", SOURCES)
+def test_idle_in_transaction_timeout_does_not_end_the_migration_locks_session(
+    migrated_db, database_setting, how
+):
+    add_users_and_logs(migrated_db, logs=10)
+    migrated_db.rows("DROP INDEX idx_request_logs_model")
+    writer = session(migrated_db, "UPDATE request_logs SET tokens_used = 1 WHERE id = 1")
+    timer = end_after(writer, 1.0)  # the online build waits this long for it
+    try:
+        result = run_with_setting(
+            migrated_db,
+            how,
+            "idle_in_transaction_session_timeout",
+            "200ms",
+            database_setting=database_setting,
+        )
+    finally:
+        timer.join()
+    assert result.returncode == 0, result.stderr
+    assert "migrate: created index idx_request_logs_model" in result.stderr
+
+
+# --- Any encoding ------------------------------------------------------------------------------
+
+
+@contextmanager
+def database_in_encoding(db, encoding, name_bytes, client_encoding):
+    """A database of the server in `encoding` (named after the test database) holding a table
+    of another application whose name is `name_bytes`, written by a client in client_encoding."""
+    name = f"{db.name}_{encoding.lower()}"
+    db.rows(f'DROP DATABASE IF EXISTS "{name}"')
+    db.rows(
+        f"CREATE DATABASE \"{name}\" ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+    )
+    url = db.url_with(dbname=name)
+    try:
+        with (
+            psycopg2.connect(url, client_encoding=client_encoding) as connection,
+            connection.cursor() as cursor,
+        ):
+            # Quoted here: psycopg2's sql.Identifier escapes the name as UTF-8 whatever the encoding.
+            name_text = name_bytes.decode(client_encoding.replace("SQL_ASCII", "latin-1"))
+            cursor.execute('CREATE TABLE "' + name_text + '" (id int)')
+        connection.close()
+        yield url
+    finally:
+        db.rows(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+        db.rows(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+@pytest.mark.parametrize(
+    ("encoding", "name_bytes", "client", "shown"),
+    [
+        ("SQL_ASCII", b"caf\xe9", "LATIN1", 'table "caf\\xe9"'),  # not valid UTF-8
+        ("LATIN1", "café".encode("latin-1"), "LATIN1", 'table "café"'),
+        ("EUC_JP", "日本".encode("euc_jp"), "EUC_JP", 'table "日本"'),
+    ],
+)
+def test_every_mode_works_on_a_server_encoding_with_names_of_other_applications(
+    empty_db, encoding, name_bytes, client, shown
+):
+    with database_in_encoding(empty_db, encoding, name_bytes, client) as url:
+        run = run_migrate(url)
+        check = run_migrate(url, "--check")
+        dry_run = run_migrate(url, "--dry-run")
+    assert run.returncode == 0, run.stderr
+    assert check.returncode == migrate.EXIT_OK, check.stderr
+    assert dry_run.returncode == 0, dry_run.stderr
+    assert f"--   {shown}" in check.stdout.splitlines()
+    assert f"migrate: not in the models, left alone: {shown}" in run.stderr.splitlines()
+
+
+# --- Output failures -------------------------------------------------------------------------
+
+
+def run_with_stdout(stdout, *args, url=None):
+    return subprocess.run(
+        [sys.executable, str(HERE / "migrate.py"), *args],
+        env={**os.environ, **({"DATABASE_URL": url} if url else {})},
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def assert_one_error_line(result, text):
+    assert result.returncode == migrate.EXIT_ERROR, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith(f"migrate: error: {text}"), result.stderr
+
+
+def test_sql_into_a_full_disk_is_one_error_line():
+    with open("/dev/full", "w") as full:
+        result = run_with_stdout(full, "--sql")
+    assert_one_error_line(result, "cannot write the output (stdout: No space left on device)")
+
+
+def test_sql_into_a_closed_pipe_is_one_error_line():
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = run_with_stdout(write_end, "--sql")
+    finally:
+        os.close(write_end)
+    assert_one_error_line(result, "cannot write the output (stdout: Broken pipe)")
+
+
+@pytest.mark.parametrize("args", [["--check"], ["--sql"], ["--help"]])
+def test_a_closed_stdout_is_one_error_line(migrated_db, args):
+    command = " ".join([sys.executable, str(HERE / "migrate.py"), *args])
+    result = subprocess.run(
+        ["bash", "-c", f"exec {command} >&-"],
+        env={**os.environ, "DATABASE_URL": migrated_db.url},
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if args == ["--check"]:  # nothing to print: the database matches
+        assert result.returncode == migrate.EXIT_OK, result.stderr
+        return
+    assert result.returncode == migrate.EXIT_ERROR, result.stderr
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "migrate: error: cannot write the output (stdout is closed)"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_a_closed_stdout_with_something_to_print_is_one_error_line(migrated_db):
+    migrated_db.rows("DROP INDEX idx_users_status")
+    result = subprocess.run(
+        ["bash", "-c", f"exec {sys.executable} {HERE / 'migrate.py'} --check >&-"],
+        env={**os.environ, "DATABASE_URL": migrated_db.url},
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == migrate.EXIT_ERROR, result.stderr
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "migrate: error: cannot write the output (stdout is closed)"
+    )
+
+
+@pytest.mark.parametrize("reltuples", ["Infinity", "-1", "NaN"])
+def test_odd_row_estimates_are_shown_as_unknown(migrated_db, reltuples):
+    migrated_db.rows("DROP INDEX idx_request_logs_model")
+    migrated_db.rows(
+        "UPDATE pg_class SET reltuples = %s::real WHERE oid = 'request_logs'::regclass", reltuples
+    )
+    for args in (["--dry-run"], ["--check", "--format", "json"]):
+        result = run_migrate(migrated_db.url, *args)
+        assert result.returncode in (0, 1), result.stderr
+        assert "Traceback" not in result.stderr
+    assert (
+        "request_logs ~? rows (not analyzed yet)"
+        in run_migrate(migrated_db.url, "--dry-run").stdout
+    )
+
+
+# --- --atomic holds ACCESS EXCLUSIVE last --------------------------------------------------
+
+
+def test_atomic_runs_scans_before_the_statements_that_take_access_exclusive(migrated_db):
+    migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
+    migrated_db.rows("DROP INDEX idx_request_logs_model, idx_request_logs_status_code")
+    record_ddl(migrated_db)
+
+    dry_run = run_migrate(migrated_db.url, "--atomic", "--dry-run")
+    result = run_migrate(migrated_db.url, "--atomic")
+
+    assert result.returncode == 0, result.stderr
+    executed = [query for (query,) in migrated_db.rows("SELECT query FROM audit.ddl_log")]
+    assert [query.split(" ")[0:3] for query in executed] == [
+        ["CREATE", "INDEX", '"idx_request_logs_model"'],
+        ["CREATE", "INDEX", '"idx_request_logs_status_code"'],
+        ["ALTER", "TABLE", '"users"'],
+    ]
+    printed = [line for line in dry_run.stdout.splitlines() if line.startswith(("CREATE", "ALTER"))]
+    assert printed == [query + ";" for query in executed]
+    assert (
+        "-- locks users ACCESS EXCLUSIVE (blocks reads and writes until COMMIT);" in dry_run.stdout
+    )
+
+
+# --- Right words ------------------------------------------------------------------------------
+
+
+def test_a_role_read_only_default_is_named_not_called_a_standby(empty_db):
+    result = run_migrate(empty_db.url_with(options="-c default_transaction_read_only=on"))
+    assert_clean_failure(
+        result, "default_transaction_read_only is on, set by the connection's options"
+    )
+    assert "standby" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def standby_server():
+    """A primary of our own and a hot standby streaming from it; yields the standby's URL."""
+    folders = server_binary_folders()
+    folder = next((f for f in folders.values() if (f / "pg_basebackup").exists()), None)
+    problem = check_server_tools(folder)
+    if problem:
+        pytest.skip(problem)
+    primary = LocalServer(folder)
+    primary.start()
+    standby = LocalServer(folder)
+    shutil.rmtree(standby.data)
+    standby._as_server_user(
+        "pg_basebackup",
+        "-D",
+        standby.data,
+        "-R",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(primary.port),
+        "-U",
+        "postgres",
+        "-X",
+        "stream",
+    )
+    standby.start()
+    yield standby.url(dbname="postgres")
+    standby.stop()
+    primary.stop()
+    standby.remove()
+    primary.remove()
+
+
+def test_a_standby_is_told_apart_from_a_read_only_default(standby_server):
+    result = run_migrate(standby_server)
+    assert_clean_failure(
+        result, "the server is a standby (in recovery): point DATABASE_URL at the primary"
+    )
+
+
+def test_an_event_trigger_that_rejects_a_build_promises_no_repair(migrated_db):
+    migrated_db.rows("DROP INDEX idx_users_status")
+    migrated_db.rows(
+        "CREATE FUNCTION no_indexes() RETURNS event_trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'indexes are built by the DBA'; END $$"
+    )
+    migrated_db.rows(
+        "CREATE EVENT TRIGGER no_indexes ON ddl_command_start WHEN TAG IN ('CREATE INDEX')"
+        " EXECUTE FUNCTION no_indexes()"
+    )
+
+    result = run_migrate(migrated_db.url)
+
+    assert_clean_failure(result, "building index idx_users_status was rejected: an event trigger")
+    assert "indexes are built by the DBA" in error_line(result)
+    assert "the next run meets the same refusal until that changes" in error_line(result)
+    assert "INVALID" not in error_line(result).replace("was not left behind", "")
+
+
+def test_an_event_trigger_that_rejects_the_transaction_says_nothing_was_changed(migrated_db):
+    migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
+    migrated_db.rows(
+        "CREATE FUNCTION no_alters() RETURNS event_trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'no ALTER today'; END $$"
+    )
+    migrated_db.rows(
+        "CREATE EVENT TRIGGER no_alters ON ddl_command_start WHEN TAG IN ('ALTER TABLE')"
+        " EXECUTE FUNCTION no_alters()"
+    )
+    result = run_migrate(migrated_db.url)
+    assert_clean_failure(
+        result, "rejected: an event trigger or function raised an error (no ALTER today)"
+    )
+    assert "nothing was changed; the next run meets the same refusal" in error_line(result)
+
+
+def test_statement_pooling_is_named_like_transaction_pooling(migrated_db):
+    binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if binary is None:
+        skip_missing_tool("pgbouncer", "apt-get install pgbouncer")
+    with pgbouncer(migrated_db, binary, "statement") as url:
+        result = run_migrate(url)
+    assert_clean_failure(result, "DATABASE_URL goes through a statement pooler")
+
+
+@contextmanager
+def pgbouncer(db, binary, pool_mode):
+    folder = Path(tempfile.mkdtemp(prefix="migrate-test-pgbouncer-"))
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    params = db.params
+    (folder / "users.txt").write_text(f'"{params["user"]}" ""\n')
+    (folder / "pgbouncer.ini").write_text(
+        f"[databases]\n{db.name} = host={params.get('host', 'localhost')}"
+        f" port={params.get('port', 5432)} dbname={db.name}\n"
+        f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n"
+        f"unix_socket_dir =\nauth_type = trust\nauth_file = {folder}/users.txt\n"
+        f"pool_mode = {pool_mode}\ndefault_pool_size = 4\nmax_client_conn = 100\n"
+        f"logfile = {folder}/log\npidfile = {folder}/pid\n"
+        "ignore_startup_parameters = extra_float_digits\n"
+    )
+    command = [binary, "-d", str(folder / "pgbouncer.ini")]
+    if os.geteuid() == 0:  # pgbouncer refuses to run as root
+        shutil.chown(folder, SERVER_OS_USER)
+        command[1:1] = ["-u", SERVER_OS_USER]
+    subprocess.run(command, check=True, timeout=30)
+    url = db.url_with(host="127.0.0.1", port=str(port))
+
+    def accepts():
+        try:
+            psycopg2.connect(url).close()
+        except psycopg2.OperationalError:
+            return False
+        return True
+
+    try:
+        poll("pgbouncer to accept connections", accepts)
+        yield url
+    finally:
+        os.kill(int((folder / "pid").read_text()), 15)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_an_unknown_service_names_the_service_and_the_files_libpq_read(tmp_path):
+    service_file = tmp_path / "services.conf"
+    service_file.write_text("[other]\nhost=localhost\n")
+    result = run_migrate("service=nosuch", PGSERVICEFILE=str(service_file))
+    assert_clean_failure(result, 'definition of service "nosuch" not found')
+    assert f"libpq reads {service_file} (PGSERVICEFILE)" in error_line(result)
+    assert "host=localhost" not in error_line(result)
