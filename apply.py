@@ -56,6 +56,7 @@ import logging
 import random
 import time
 from contextlib import contextmanager
+from datetime import UTC, datetime
 
 import peewee
 import psycopg2.extensions
@@ -78,7 +79,8 @@ from connection import (
     watch,
 )
 from models import MODELS, database
-from plan import lock_name, plan_changes, search_path_line, unmet, with_hazards
+from partition import not_ready_to_swap, retention_plan, with_partitions
+from plan import STEP_KINDS, lock_name, plan_changes, search_path_line, unmet, with_hazards
 
 # The advisory lock key the application must not use for a lock of its own.
 MIGRATION_LOCK_KEY = 7_283_145_019_226_431
@@ -362,13 +364,39 @@ def watching(statement):
 # --- The stages -------------------------------------------------------------------------
 
 
-def migrate(target, atomic=False, lock_timeout=5.0, statement_timeout=0.0, models=MODELS):
-    """Read, plan and apply; returns the last plan and the statements executed (none when up to date)."""
+class Planner:
+    """The plan of a run, from a catalog snapshot: the models' changes, then the partition
+    layout's steps (partition.py), or retention's steps alone. `now` is fixed for the run,
+    so that each plan made again agrees on the months."""
+
+    def __init__(self, atomic=False, models=MODELS, partition=False, retain_days=None, now=None):
+        self.atomic, self.models, self.partition, self.retain_days = (
+            atomic,
+            models,
+            partition,
+            retain_days,
+        )
+        self.now = now or datetime.now(UTC)
+
+    def __call__(self, snapshot):
+        plan = plan_changes(snapshot, self.atomic, self.models)
+        if self.retain_days is not None:
+            return retention_plan(plan, self.retain_days, self.now)
+        return with_partitions(plan, self.partition, self.now)
+
+    def read(self, target):
+        return self(read_catalog(target, self.models))
+
+
+def migrate(target, atomic=False, lock_timeout=5.0, statement_timeout=0.0, models=MODELS, **layout):
+    """Read, plan and apply; returns the last plan and the statements executed (none when up
+    to date). `layout`: partition=True (--partition-request-logs), retain_days=N, now=."""
     progress.update(stage="read", committed=False, left=None)
     budget = Budget(lock_timeout)
+    planner = Planner(atomic, models, **layout)
 
     def read_plan():
-        return plan_with_retries(target, atomic, budget, models)
+        return plan_with_retries(target, planner, budget)
 
     plan = read_plan()
     refuse_blocked(plan)
@@ -380,9 +408,14 @@ def migrate(target, atomic=False, lock_timeout=5.0, statement_timeout=0.0, model
     try:
         # Made again inside the transaction: another run may have done part of it.
         # Its online part still holds after the commit.
-        plan, done = run_transaction(target, atomic, statement_timeout, budget, models)
-        online, after = run_online(plan, target, atomic, lock_timeout, statement_timeout, budget)
-        done += online
+        plan, done = run_transaction(target, planner, statement_timeout, budget)
+        online, after = run_online(
+            plan.online, plan, target, planner, lock_timeout, statement_timeout, budget
+        )
+        steps, after = run_steps(
+            after or plan, target, planner, lock_timeout, statement_timeout, budget
+        )
+        done += online + steps
     finally:
         holder.close()  # ends its transaction: the migration lock is released
     return after or plan, done
@@ -397,11 +430,9 @@ def refuse_blocked(plan):
         )
 
 
-def plan_with_retries(target, atomic, budget, models=MODELS):
+def plan_with_retries(target, planner, budget):
     """Stage 1: the catalog read and the plan, retried while a table lock keeps it waiting."""
-    return with_lock_retries(
-        lambda: plan_changes(read_catalog(target, models), atomic, models), budget, target
-    )
+    return with_lock_retries(lambda: planner.read(target), budget, target)
 
 
 def lock_holder_sql():
@@ -459,29 +490,109 @@ def in_lock_order(statements):
     return [s for s in statements if s not in exclusive and s not in after] + exclusive + after
 
 
-def run_transaction(target, atomic, statement_timeout, budget, models):
-    """Stage 3: the catalog read again, the plan made again, its transaction part applied
-    and checked in the catalog, all or nothing. Returns that plan and the statements executed."""
-    progress["stage"] = "transaction"
-    guard = statement_timeout if atomic else TRANSACTION_GUARD
+def run_transaction(target, planner, statement_timeout, budget, step=None):
+    """Stage 3 (or a step of kind "transaction"): the catalog read again, the plan made again,
+    its statements applied and checked in the catalog, all or nothing. Returns that plan and
+    the statements executed."""
+    progress["stage"] = step or "transaction"
+    guard = statement_timeout if planner.atomic and step is None else TRANSACTION_GUARD
+
+    def pick(plan):
+        if step is None:
+            return in_lock_order(plan.transaction)
+        return next((s.statements for s in plan.steps if s.name == step), [])
 
     def attempt():
         with transaction(target, guard):
-            plan = plan_changes(read_catalog(target, models), atomic, models)
+            plan = planner.read(target)
             refuse_blocked(plan)
-            for statement in in_lock_order(plan.transaction):
+            reason = (
+                not_ready_to_swap(plan)
+                if step and step.startswith("swap ") and pick(plan)
+                else None
+            )
+            if reason:
+                raise MigrationError(f"{step}: not now, {reason}; {state_words()}")
+            statements = pick(plan)
+            for statement in statements:
                 execute_statement(statement)
-            if plan.transaction:
-                check_effects(
-                    plan.transaction, plan_changes(read_catalog(target, models), atomic, models)
-                )
-        return plan
+            if statements:
+                check_effects(statements, planner.read(target))
+        return plan, statements
 
-    plan = with_lock_retries(attempt, budget, target)
-    progress["committed"] = bool(plan.transaction)
-    for statement in plan.transaction:
-        log.info(statement.description)
-    return plan, list(plan.transaction)
+    plan, statements = with_lock_retries(attempt, budget, target)
+    progress["committed"] = progress["committed"] or bool(statements)
+    for statement in statements:
+        if statement.description:  # the swap's minor statements say nothing of their own
+            log.info(statement.description)
+    return plan, list(statements)
+
+
+def run_steps(plan, target, planner, lock_timeout, statement_timeout, budget):
+    """The plan's steps, each planned again from the catalog right before it runs (another
+    run, or an earlier step, may have done it). Returns the statements run and the last plan."""
+    done, after = [], None
+    for name in [step.name for step in plan.steps]:
+        fresh = plan_with_retries(target, planner, budget)
+        step = next((s for s in fresh.steps if s.name == name), None)
+        if step is None:
+            continue
+        if step.kind == "transaction":
+            _, statements = run_transaction(target, planner, statement_timeout, budget, step=name)
+            done += statements
+        elif step.kind == "online":
+            statements, after = run_online(
+                step.statements,
+                fresh,
+                target,
+                planner,
+                lock_timeout,
+                statement_timeout,
+                budget,
+                name,
+            )
+            done += statements
+        else:
+            done += run_batches(
+                step, fresh, target, planner, lock_timeout, statement_timeout, budget
+            )
+    if done:
+        after = plan_with_retries(target, planner, budget)
+    return done, after
+
+
+def run_batches(step, plan, target, planner, lock_timeout, statement_timeout, budget):
+    """A "batched" step: its statement repeated, each time its own transaction, until it
+    changes no row; a line every --progress seconds with the rows so far."""
+    progress.update(
+        stage=step.name, left="the rows deleted so far stay deleted; the next run deletes the rest"
+    )
+    backend = start_online_session(
+        plan.snapshot.backend_pid, target, lock_timeout, statement_timeout
+    )
+    done = []
+    for statement in step.statements:
+        started = last = time.monotonic()
+        total = 0
+        log.info("%s: started (%s)", ongoing(statement), statement.hazard.work)
+        while True:
+            with watching(statement):
+                rows = database.execute_sql(statement.sql).rowcount
+            check_same_backend(backend)
+            total += rows
+            now = time.monotonic()
+            if watched["every"] and now - last >= watched["every"]:
+                last = now
+                log.info(
+                    "%s: %s rows so far, %.0f s", ongoing(statement), f"{total:,}", now - started
+                )
+            if rows == 0:
+                break
+        reset_online_session()
+        check_effects([statement], plan_with_retries(target, planner, budget))
+        log.info("%s: %s rows", statement.description.split(" (~")[0], f"{total:,}")
+        done.append(statement)
+    return done
 
 
 def check_effects(statements, after):
@@ -550,30 +661,30 @@ def execute_statement(statement):
         raise
 
 
-def run_online(plan, target, atomic, lock_timeout, statement_timeout, budget):
-    """Stage 4: statements that block no writer, each on its own, on one server backend, each
-    checked in the catalog. Returns them and the plan read after the last."""
-    if not plan.online:
+def run_online(
+    statements, plan, target, planner, lock_timeout, statement_timeout, budget, stage="online"
+):
+    """Stage 4 (or a step of kind "online"): statements that block no writer, each on its own,
+    on one server backend, each checked in the catalog. Returns them and the plan read after
+    the last."""
+    if not statements:
         return [], None
-    progress["stage"] = "online"
+    progress["stage"] = stage
     done, statement, after = [], None, None
     try:
         backend = start_online_session(
             plan.snapshot.backend_pid, target, lock_timeout, statement_timeout
         )
-        for statement in plan.online:
+        for statement in statements:
             log.info("%s: started (%s)", ongoing(statement), statement.hazard.work)
             with watching(statement):
                 database.execute_sql(statement.sql)
             check_same_backend(backend)
-            after = plan_with_retries(target, atomic, budget, plan.models)
+            after = plan_with_retries(target, planner, budget)
             check_effects([statement], after)
             done.append(statement)
             log.info(statement.description)
-        database.execute_sql(
-            "RESET lock_timeout; RESET statement_timeout; RESET search_path"
-            + ("; RESET transaction_timeout" if has_transaction_timeout() else "")
-        )
+        reset_online_session()
     except (peewee.DatabaseError, psycopg2.Error) as exc:
         if pgcode(exc) is None:  # the connection was lost: say what the catalog shows, then why
             progress["left"] = left_behind(statement, target) if statement else None
@@ -586,6 +697,13 @@ def run_online(plan, target, atomic, lock_timeout, statement_timeout, budget):
             progress["left"] = left_behind(statement, target)
         raise
     return done, after
+
+
+def reset_online_session():
+    database.execute_sql(
+        "RESET lock_timeout; RESET statement_timeout; RESET search_path"
+        + ("; RESET transaction_timeout" if has_transaction_timeout() else "")
+    )
 
 
 def online_settings(target, lock_timeout, statement_timeout):
@@ -692,6 +810,12 @@ def ongoing(statement):
         "added": "adding",
         "commented": "commenting",
         "dropped": "dropping",
+        "deleted": "deleting",
+        "detached": "detaching",
+        "attached": "attaching",
+        "bounded": "bounding",
+        "converted": "converting",
+        "moved": "moving",
     }
     verb, rest = statement.description.split(" ", 1)
     return f"{verbs.get(verb, verb)} {rest}"
@@ -735,4 +859,15 @@ def script(plan, atomic, lock_timeout, statement_timeout):
             *with_hazards(plan.online, tables),
             *(f"RESET {name};" for name in [*settings, "search_path"]),
         ]
+    for step in plan.steps:
+        lines.append(f"-- then: {step.name} ({STEP_KINDS[step.kind]}):")
+        if step.kind == "transaction":
+            lines += [
+                "BEGIN;",
+                *(s + ";" for s in transaction_settings(target, TRANSACTION_GUARD)),
+                *with_hazards(step.statements, tables, until_commit=True),
+                "COMMIT;",
+            ]
+        else:
+            lines += with_hazards(step.statements, tables)
     return lines

@@ -47,7 +47,8 @@ from connection import MigrationError, text_limits
 from models import MODELS, database
 
 Target = namedtuple("Target", "name oid search_path source")
-Table = namedtuple("Table", "name kind rows comment columns parent bound")
+# bound: pg_get_expr(relpartbound) in UTC (TimeZone is pinned): 'FOR VALUES FROM (...) TO (...)'.
+Table = namedtuple("Table", "name kind rows comment columns parent bound detach_pending")
 Column = namedtuple("Column", "type not_null default identity generated serial")
 Serial = namedtuple("Serial", "sequence owned type")  # the sequence a nextval() default draws from
 Relation = namedtuple("Relation", "name kind table")  # table: what an index is on
@@ -230,7 +231,8 @@ def describe_target(target):
 
 TABLES_QUERY = """
 SELECT c.relname, c.relkind, c.reltuples::float8, obj_description(c.oid, 'pg_class'), parent.relname,
-       CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, 0) END, pg_backend_pid(),
+       CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, 0) END, {detach_pending},
+       pg_backend_pid(),
        a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
        CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, 0) END,
        a.attidentity <> '', a.attgenerated <> '', s.relname,
@@ -384,12 +386,15 @@ def read_snapshot(target, models):
 
 def read_tables(target):
     tables, backend_pid = {}, None
-    rows = guarded(target, TABLES_QUERY, {"schema": target.oid})
-    for name, kind, reltuples, comment, parent, bound, backend_pid, *column in rows:
+    # DETACH PARTITION ... CONCURRENTLY, and its pending state, exist from PostgreSQL 14.
+    pending = "h.inhdetachpending" if (database.server_version or 0) >= 140000 else "false"
+    query = TABLES_QUERY.format(detach_pending=f"coalesce({pending}, false)")
+    rows = guarded(target, query, {"schema": target.oid})
+    for name, kind, reltuples, comment, parent, bound, detach, backend_pid, *column in rows:
         table = tables.get(name)
         if table is None:
             table = tables[name] = Table(
-                name, kind, row_estimate(reltuples), comment, {}, parent, bound
+                name, kind, row_estimate(reltuples), comment, {}, parent, bound, detach
             )
         attname, type_, not_null, default, identity, generated, sequence, owned, seq_type = column
         if attname is not None:

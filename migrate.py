@@ -54,6 +54,7 @@ except ImportError as missing:
 from apply import (
     REJECTIONS,
     Budget,
+    Planner,
     in_lock_order,
     migrate,
     plan_with_retries,
@@ -199,6 +200,21 @@ def parse_args(argv):
         help="print the whole schema as SQL for psql -f (as schema.sql) and exit; connects to nothing",
     )
     parser.add_argument(
+        "--partition-request-logs",
+        action="store_true",
+        help="make request_logs partitioned by month (a fresh database), or convert it online"
+        " (its rows stay where they are); every plain run then keeps this and next month's"
+        " partitions ready",
+    )
+    parser.add_argument(
+        "--retain-request-logs",
+        type=positive_days,
+        metavar="DAYS",
+        help="delete request logs whose created_at is older than DAYS: drop the partitions"
+        " wholly older, delete the rest in small batches (a real DELETE, not a soft delete);"
+        " alone or with --dry-run",
+    )
+    parser.add_argument(
         "--format",
         choices=("text", "json"),
         default="text",
@@ -211,7 +227,20 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.format == "json" and not (args.check or args.dry_run):
         parser.error("--format json goes with --check or --dry-run")
+    if args.retain_request_logs is not None and (
+        args.check or args.sql or args.partition_request_logs
+    ):
+        parser.error(
+            "--retain-request-logs goes alone or with --dry-run (--check ignores retention)"
+        )
     return args
+
+
+def positive_days(text):
+    """An argparse type: a whole number of days, 1 or more."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days of 1 or more")
+    return int(text)
 
 
 # --- Output -------------------------------------------------------------------------------
@@ -275,7 +304,17 @@ def check_status(plan):
     return EXIT_DRIFT if plan.drift else EXIT_OK
 
 
-def summary(plan, status, started):
+def run_command(args):
+    """The command that makes what --check or --dry-run listed."""
+    words = ["python migrate.py"]
+    if args.partition_request_logs:
+        words.append("--partition-request-logs")
+    if args.retain_request_logs is not None:
+        words.append(f"--retain-request-logs {args.retain_request_logs}")
+    return " ".join(words)
+
+
+def summary(plan, status, started, command="python migrate.py"):
     """The last line of --check and --dry-run: what is left, and what to run."""
     changes = plural(len(plan.pending) + len(plan.in_progress), "change")
     drifts = plural(len(plan.drift), "drift")
@@ -352,6 +391,7 @@ def plan_document(plan, args, params, status):
     """--format json: the plan as one document (the format JSON.md describes)."""
     target, tables = plan.snapshot.target, plan.snapshot.tables
     order = {"transaction": in_lock_order(plan.transaction), "online": plan.online}
+    order.update({f"{step.kind}: {step.name}": step.statements for step in plan.steps})
     return {
         "format": "migrate.py plan",
         "version": JSON_FORMAT_VERSION,
@@ -487,8 +527,10 @@ def run(args, started):
     target = target_schema()
     progress["schema"] = target.name
     log.info(describe_target(target))
+    layout = {"partition": args.partition_request_logs, "retain_days": args.retain_request_logs}
     if args.check or args.dry_run:
-        plan = plan_with_retries(target, args.atomic, Budget(args.lock_timeout))
+        planner = Planner(args.atomic, **layout)
+        plan = plan_with_retries(target, planner, Budget(args.lock_timeout))
         status = check_status(plan) if args.check else (EXIT_ERROR if plan.blocked else EXIT_OK)
         if args.format == "json":
             write_out(json.dumps(plan_document(plan, args, params, status), indent=2) + "\n")
@@ -498,10 +540,10 @@ def run(args, started):
             log_leftovers(plan)
             if not plan.pending:
                 log.info("nothing to do: the run would send no statement")
-        line = summary(plan, check_status(plan), started)
+        line = summary(plan, check_status(plan), started, run_command(args))
         (log.error if line.startswith("error: ") else log.info)("%s", line)
         return status
-    plan, done = migrate(target, args.atomic, args.lock_timeout, args.statement_timeout)
+    plan, done = migrate(target, args.atomic, args.lock_timeout, args.statement_timeout, **layout)
     log_run(plan, done, started)
     return EXIT_OK
 

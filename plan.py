@@ -277,14 +277,24 @@ Unknown = namedtuple("Unknown", "kind table name")
 Blocker = namedtuple("Blocker", "reason steps", defaults=((),))
 
 
+# Work after the online stage, in the order given: each "transaction" step in a short
+# transaction of its own (lock attempts of LOCK_ATTEMPT), each "online" step one statement
+# at a time, each "batched" step a statement repeated until it changes no row.
+Step = namedtuple("Step", "name kind statements")
+
+
 class Plan(
-    namedtuple("Plan", "transaction online drift blocked unknown in_progress snapshot models")
+    namedtuple(
+        "Plan",
+        "transaction online drift blocked unknown in_progress snapshot models steps",
+        defaults=((),),
+    )
 ):
-    """What a run does (two stages of statements) and what it leaves to a human."""
+    """What a run does (two stages of statements, then steps) and what it leaves to a human."""
 
     @property
     def pending(self):
-        return self.transaction + self.online
+        return self.transaction + self.online + [s for step in self.steps for s in step.statements]
 
     def open_keys(self):
         """The effects still to make and the objects still in drift."""
@@ -293,7 +303,7 @@ class Plan(
 
 def plan_changes(snapshot, atomic=False, models=MODELS):
     """Compare the live schema with the models: staged additions, drift, unknowns."""
-    stages = {"transaction": [], "online": []}
+    stages = {"transaction": [], "online": [], "attach": []}
     drift, blocked, in_progress = [], [], []
     for model in models:
         table = model._meta.table_name
@@ -313,6 +323,11 @@ def plan_changes(snapshot, atomic=False, models=MODELS):
             stages[stage].append(statement)
         drift += writes_that_fail(model, snapshot)
     unknown = unknown_objects(snapshot, models)
+    steps = (
+        [Step("attach partition indexes", "transaction", stages["attach"])]
+        if stages["attach"]
+        else []
+    )
     return Plan(
         stages["transaction"],
         stages["online"],
@@ -322,6 +337,7 @@ def plan_changes(snapshot, atomic=False, models=MODELS):
         in_progress,
         snapshot,
         models,
+        steps,
     )
 
 
@@ -911,12 +927,100 @@ def plan_indexes(model, snapshot, drift, in_progress, later):
             enforced_by = unique_constraint_for(index, table, snapshot)
             if enforced_by:
                 drift.append(unique_constraint_drift(model, index, enforced_by))
+            elif snapshot.tables[table].kind == "p":
+                changes.append(build_index_on_only(model, index))
+                changes += build_partition_indexes(model, index, snapshot, later)
             else:
                 changes.append(build_index(model, index, later))
         elif differences := index_differences(live, model, index):
             drift.append(index_definition_drift(model, index, live, differences))
+        elif not live.valid and live.partitioned:
+            changes += build_partition_indexes(model, index, snapshot, later)
         elif not live.valid:
             changes += rebuild_invalid_index(model, index, snapshot, in_progress, later)
+    return changes
+
+
+# --- Indexes of a partitioned table ------------------------------------------------------
+# CREATE INDEX CONCURRENTLY is refused on a partitioned table: the index is made on the
+# parent alone (ON ONLY, instant, INVALID), built concurrently on each partition, and each
+# partition's index attached; the parent's is valid once every partition has one.
+
+CREATE_INDEX_ON_ONLY = Hazard("ShareLock", "writes", "instant: ON ONLY builds nothing")
+ATTACH_INDEX = Hazard("AccessExclusiveLock", "queries that use the partition's index", "instant")
+
+
+def build_index_on_only(model, index):
+    table = model._meta.table_name
+    sql = index_sql(model, index, safe=True).replace(
+        f" ON {render(Entity(table))} ", f" ON ONLY {render(Entity(table))} ", 1
+    )
+    return "transaction", Statement(
+        sql,
+        f"created index {index._name} on {table} alone (valid once every partition has it)",
+        (table,),
+        CREATE_INDEX_ON_ONLY,
+        ("index", table, index._name),
+    )
+
+
+def partition_index_name(partition, index_name, table):
+    suffix = index_name.removeprefix(f"idx_{table}_")
+    return f"{partition}_{suffix}".encode()[:63].decode(errors="ignore")
+
+
+def build_partition_indexes(model, index, snapshot, later):
+    """The index built on each partition that lacks it, then attached to the parent's."""
+    table, name = model._meta.table_name, index._name
+    changes = []
+    for partition in sorted(t.name for t in snapshot.tables.values() if t.parent == table):
+        if any(i.table == partition and i.parent == name for i in snapshot.indexes.values()):
+            continue
+        child = partition_index_name(partition, name, table)
+        live = snapshot.indexes.get(child)
+        if live is None or not live.valid:
+            stage, build = build_index(model, index, later)
+            sql = build.sql.replace(render(Entity(name)), render(Entity(child)), 1).replace(
+                f" ON {render(Entity(table))} ", f" ON {render(Entity(partition))} ", 1
+            )
+            if live is not None:
+                changes.append(
+                    (
+                        later,
+                        Statement(
+                            sql_text(
+                                "DROP INDEX CONCURRENTLY IF EXISTS"
+                                if later == "online"
+                                else "DROP INDEX",
+                                Entity(child),
+                            ),
+                            f"dropped invalid index {child}",
+                            (partition,),
+                            DROP_INDEX_CONCURRENTLY if later == "online" else DROP_INDEX,
+                            ("dropped", partition, child),
+                        ),
+                    )
+                )
+            changes.append(
+                (
+                    stage,
+                    build._replace(
+                        sql=sql,
+                        description=f"created index {child} for {name}",
+                        tables=(partition,),
+                        effect=("partition index", partition, child),
+                    ),
+                )
+            )
+        attach = Statement(
+            sql_text("ALTER INDEX", Entity(name), "ATTACH PARTITION", Entity(child)),
+            f"attached index {child} to {name}",
+            (partition,),
+            ATTACH_INDEX,
+            ("attached index", partition, name),
+            (("partition index", partition, child),),
+        )
+        changes.append(("transaction" if later == "transaction" else "attach", attach))
     return changes
 
 
@@ -1145,6 +1249,13 @@ def with_hazards(statements, tables, until_commit=False):
     return lines
 
 
+STEP_KINDS = {
+    "transaction": "in one short transaction",
+    "online": "one statement at a time",
+    "batched": "repeated until it changes no row, each batch its own transaction",
+}
+
+
 def plural(count, noun):
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
@@ -1174,6 +1285,9 @@ def report(plan):
     if plan.online:
         lines.append("-- pending, online after the transaction (one statement at a time):")
         lines += with_hazards(plan.online, tables)
+    for step in plan.steps:
+        lines.append(f"-- pending, then: {step.name} ({STEP_KINDS[step.kind]}):")
+        lines += with_hazards(step.statements, tables, until_commit=step.kind == "transaction")
     if plan.in_progress:
         lines.append("-- in progress in another session (left to it):")
         lines += ["--   " + item for item in plan.in_progress]

@@ -303,10 +303,10 @@ def test_dry_run_names_the_lock_of_each_statement_what_it_blocks_and_the_rows(mi
         return lines[index - 1]
 
     assert hazard_of('ALTER TABLE "users" ADD COLUMN') == (
-        "-- locks users ACCESS EXCLUSIVE (blocks reads and writes); instant, no rewrite; users ~1 rows"
+        "-- locks users ACCESS EXCLUSIVE (blocks reads and writes until COMMIT); instant, no rewrite; users ~1 rows"
     )
     assert hazard_of('ALTER TABLE "request_logs" ADD CONSTRAINT').startswith(
-        "-- locks request_logs, users SHARE ROW EXCLUSIVE (blocks writes); instant, no scan;"
+        "-- locks request_logs, users SHARE ROW EXCLUSIVE (blocks writes until COMMIT); instant, no scan;"
     )
     assert hazard_of('ALTER TABLE "request_logs" VALIDATE').startswith(
         "-- locks request_logs SHARE UPDATE EXCLUSIVE (blocks nothing); scans the table;"
@@ -317,7 +317,7 @@ def test_dry_run_names_the_lock_of_each_statement_what_it_blocks_and_the_rows(mi
 def test_check_prints_the_hazard_of_each_pending_statement(migrated_db):
     break_three_ways(migrated_db)
     report = run_migrate(migrated_db.url, "--check").stdout
-    assert "-- locks users ACCESS EXCLUSIVE (blocks reads and writes)" in report
+    assert "-- locks users ACCESS EXCLUSIVE (blocks reads and writes until COMMIT)" in report
     assert "-- pending, online after the transaction (one statement at a time):" in report
 
 

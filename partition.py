@@ -1,0 +1,745 @@
+"""
+request_logs by month: the partitioned layout, its online conversion, upkeep and retention.
+
+Usage::
+
+    from partition import retention_plan, with_partitions
+
+    plan = with_partitions(plan_changes(snapshot), convert=True)   # conversion or upkeep steps
+    plan = retention_plan(plan_changes(snapshot), days=90)          # what --retain-request-logs 90 removes
+
+Each returns the plan with steps (plan.Step) that apply.py runs after the online stage,
+each statement with its hazard and the effect the next plan is asked about, so that
+--dry-run, --check and --format json show them like every other statement.
+
+The layout: request_logs partitioned by RANGE (created_at) into request_logs_YYYY_MM, one a
+calendar month in UTC, [YYYY-MM-01 00:00+00, next month) whatever the server's or session's
+time zone; request_logs_default takes what no month holds (a NULL created_at, a date past the
+partitions made). No primary key on the parent (it would have to include created_at, and the
+Go backend's AutoMigrate then fails to DROP NOT NULL on it): idx_request_logs_id stands in for
+lookups by id. Every plain run keeps this month's and the next month's partitions there.
+
+The conversion of a plain request_logs keeps its rows where they are: the table becomes the
+partition request_logs_legacy, FROM (MINVALUE) TO (the first month it does not hold).
+
+1. transaction: CHECK (created_at IS NOT NULL AND created_at < boundary) NOT VALID, instant
+   under ACCESS EXCLUSIVE (until it is valid, an insert with a NULL or later created_at fails).
+2. online: VALIDATE the CHECK (SHARE UPDATE EXCLUSIVE: blocks no writer), and the index on id
+   built concurrently.
+3. transaction, the swap: the partitioned twin with its default and monthly partitions,
+   indexes and foreign keys (all empty: instant); the renames; ATTACH PARTITION, which the
+   valid CHECK spares its scan and which adopts the table's indexes and foreign keys as they
+   are. No statement scans, so its length does not grow with the rows (BENCHMARKS.md).
+
+Each step is planned again from the catalog, so an interrupted conversion is finished by the
+next run with the flag (kill -9 leaves the table as it was before a step or after it).
+"""
+
+import re
+from datetime import UTC, datetime, timedelta
+
+from peewee import Entity, Value
+
+from catalog import guarded, shown_name
+from models import RequestLog, database
+from plan import (
+    Blocker,
+    Drift,
+    Hazard,
+    Statement,
+    Step,
+    build_index_on_only,
+    build_partition_indexes,
+    index_sql,
+    plural,
+    render,
+    sql_text,
+)
+
+PARENT = RequestLog._meta.table_name
+DEFAULT_PARTITION = f"{PARENT}_default"
+LEGACY = f"{PARENT}_legacy"
+TWIN = f"{PARENT}_partitioned"
+ID_INDEX = RequestLog.index(RequestLog.id, name=f"idx_{PARENT}_id")
+LEGACY_ID_INDEX = f"{LEGACY}_id"
+CHECK_PREFIX = f"{PARENT}_before_"  # + YYYY_MM: the boundary the CHECK proves
+MONTHS_AHEAD = 1  # partitions for this month and the next
+BATCH_ROWS = 5_000  # rows a retention DELETE removes per transaction
+
+ADD_CHECK_NOT_VALID = Hazard("AccessExclusiveLock", "reads and writes", "instant, no scan")
+VALIDATE_CHECK = Hazard("ShareUpdateExclusiveLock", "nothing", "scans the table")
+SWAP = Hazard(
+    "AccessExclusiveLock",
+    "reads and writes",
+    "instant, no scan: renames, and ATTACH spared its scan",
+)
+ATTACH_MONTH = Hazard(
+    "ShareUpdateExclusiveLock",
+    "nothing on request_logs; NULL-dated inserts (ACCESS EXCLUSIVE on the default partition)"
+    " and writes to users and api_keys (their foreign keys)",
+    "instant: the new partition is empty",
+)
+DETACH_CONCURRENTLY = Hazard(
+    "ShareUpdateExclusiveLock", "nothing", "instant, waits for older transactions"
+)
+DETACH = Hazard("AccessExclusiveLock", "reads and writes", "instant, no scan")
+DROP_DETACHED = Hazard("AccessExclusiveLock", "nothing: the table is detached", "instant")
+BATCHED_DELETE = Hazard(
+    "RowExclusiveLock", "nothing (rows it deletes are locked)", f"{BATCH_ROWS:,} rows a batch"
+)
+
+
+# --- Months ------------------------------------------------------------------------------
+
+
+def month_start(moment):
+    moment = moment.astimezone(UTC)
+    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def add_months(month, count):
+    index = month.year * 12 + month.month - 1 + count
+    return month.replace(year=index // 12, month=index % 12 + 1)
+
+
+def month_name(month):
+    return f"{PARENT}_{month:%Y_%m}"
+
+
+def literal(moment):
+    """A timestamptz literal with its offset, read the same in every session time zone."""
+    return render(Value(moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S+00")))
+
+
+def boundary_after(now):
+    """The first month a converted table does not hold: the next, or the one after when the
+    next starts within a day (the conversion may take that long; the CHECK must admit now)."""
+    month = add_months(month_start(now), 1)
+    return add_months(month, 1) if month - now < timedelta(days=1) else month
+
+
+# --- What the catalog holds --------------------------------------------------------------
+
+BOUND = re.compile(r"FOR VALUES FROM \((.+)\) TO \((.+)\)")
+
+
+def bound_value(text):
+    """A bound of pg_get_expr(relpartbound): None for MINVALUE/MAXVALUE, else the moment.
+    Text, as PostgreSQL offers no structured bound; TimeZone is pinned to UTC for it."""
+    if text in ("MINVALUE", "MAXVALUE"):
+        return None
+    return datetime.fromisoformat(text.strip("'"))
+
+
+def partitions(snapshot):
+    """{name: (lower, upper)} of request_logs' range partitions (None: unbounded)."""
+    found = {}
+    for table in snapshot.tables.values():
+        match = BOUND.fullmatch(table.bound or "") if table.parent == PARENT else None
+        if match:
+            found[table.name] = (bound_value(match.group(1)), bound_value(match.group(2)))
+    return found
+
+
+def covered(ranges, month):
+    end = add_months(month, 1)
+    return any(
+        (lower is None or lower <= month) and (upper is None or upper >= end)
+        for lower, upper in ranges.values()
+    )
+
+
+def conversion_check(snapshot):
+    """(name, boundary) of the CHECK a conversion put on request_logs, or None."""
+    for constraint in snapshot.constraints:
+        if constraint.table == PARENT and constraint.kind == "c":
+            match = re.fullmatch(re.escape(CHECK_PREFIX) + r"(\d{4})_(\d{2})", constraint.name)
+            if match:
+                month = datetime(int(match.group(1)), int(match.group(2)), 1, tzinfo=UTC)
+                return constraint, month
+    return None
+
+
+# --- The plan ----------------------------------------------------------------------------
+
+
+def with_partitions(plan, convert=False, now=None):
+    """plan with what the layout needs: on a partitioned request_logs the upkeep and its
+    health; with `convert`, the partitioned layout made (fresh) or converted to (plain)."""
+    now = now or datetime.now(UTC)
+    table = plan.snapshot.tables.get(PARENT)
+    if table is None:
+        return fresh_layout(plan, now) if convert else plan
+    if table.kind == "p":
+        return upkeep(plan, now)
+    if convert:
+        return conversion(plan, now)
+    return leftover_conversion(plan)
+
+
+def fresh_layout(plan, now):
+    """The plain CREATE TABLE request_logs and its indexes, replaced by the partitioned layout."""
+    ours = [s for s in plan.transaction if s.effect[1] == PARENT]
+    if not ours:
+        return plan
+    at = plan.transaction.index(ours[0])
+    create = ours[0].sql.replace(
+        '("id" BIGSERIAL NOT NULL PRIMARY KEY,', '("id" BIGSERIAL NOT NULL,', 1
+    )
+    statements = [ours[0]._replace(sql=create + ' PARTITION BY RANGE ("created_at")')]
+    statements += [s for s in ours[1:]] + [
+        Statement(
+            index_sql(RequestLog, ID_INDEX),
+            f"created index {ID_INDEX._name}",
+            (),
+            ours[1].hazard,
+            ("index", PARENT, ID_INDEX._name),
+        )
+    ]
+    statements += [partition_of(PARENT, DEFAULT_PARTITION, None, ours[1].hazard)]
+    month = month_start(now)
+    for offset in range(MONTHS_AHEAD + 1):
+        statements.append(
+            partition_of(
+                PARENT,
+                month_name(add_months(month, offset)),
+                add_months(month, offset),
+                ours[1].hazard,
+            )
+        )
+    transaction = (
+        plan.transaction[:at] + statements + [s for s in plan.transaction[at:] if s not in ours]
+    )
+    return plan._replace(transaction=transaction)
+
+
+def partition_of(parent, name, month, hazard):
+    bounds = (
+        "DEFAULT"
+        if month is None
+        else f"FOR VALUES FROM ({literal(month)}) TO ({literal(add_months(month, 1))})"
+    )
+    return Statement(
+        sql_text("CREATE TABLE", Entity(name), "PARTITION OF", Entity(parent)) + " " + bounds,
+        f"created partition {name}",
+        (),
+        hazard,
+        ("partition", PARENT, name),
+    )
+
+
+def upkeep(plan, now):
+    """Partitions for this month and the next, the default partition, the id index; the
+    health of the layout as drift."""
+    snapshot = plan.snapshot
+    ranges = partitions(snapshot)
+    steps, drift = list(plan.steps), list(plan.drift)
+    default = snapshot.tables.get(DEFAULT_PARTITION)
+    if default is None or default.parent != PARENT:
+        steps.append(Step(f"attach {DEFAULT_PARTITION}", "transaction", attach_default(snapshot)))
+    month = month_start(now)
+    for offset in range(MONTHS_AHEAD + 1):
+        start = add_months(month, offset)
+        if not covered(ranges, start):
+            steps.append(
+                Step(f"attach {month_name(start)}", "transaction", attach_month(snapshot, start))
+            )
+    transaction, online = list(plan.transaction), list(plan.online)
+    if ID_INDEX._name not in snapshot.indexes:
+        stage, statement = build_index_on_only(RequestLog, ID_INDEX)
+        transaction.append(statement)
+    if ID_INDEX._name not in snapshot.indexes or not snapshot.indexes[ID_INDEX._name].valid:
+        for stage, statement in build_partition_indexes(RequestLog, ID_INDEX, snapshot, "online"):
+            if stage == "attach":
+                steps.insert(0, Step("attach partition indexes", "transaction", [statement]))
+            else:
+                online.append(statement)
+    if default is not None and default.parent == PARENT:
+        drift += dated_rows_in_default(snapshot)
+    unknown = [
+        u for u in plan.unknown if (u.kind, u.table, u.name) != ("index", PARENT, ID_INDEX._name)
+    ]
+    return plan._replace(
+        transaction=transaction,
+        online=online,
+        steps=merge_attach_steps(steps),
+        drift=drift,
+        unknown=unknown,
+    )
+
+
+def merge_attach_steps(steps):
+    """One step attaches every partition index, whoever planned it."""
+    attach = [
+        s for step in steps if step.name == "attach partition indexes" for s in step.statements
+    ]
+    rest = [step for step in steps if step.name != "attach partition indexes"]
+    return ([Step("attach partition indexes", "transaction", attach)] if attach else []) + rest
+
+
+def attach_default(snapshot):
+    return [
+        Statement(
+            sql_text(
+                "CREATE TABLE",
+                Entity(DEFAULT_PARTITION),
+                "(LIKE",
+                Entity(PARENT),
+                "INCLUDING DEFAULTS)",
+            ),
+            f"created table {DEFAULT_PARTITION}",
+            (),
+            Hazard(None, "nothing", "a new empty table"),
+            ("table", DEFAULT_PARTITION, DEFAULT_PARTITION),
+        ),
+        Statement(
+            sql_text(
+                "ALTER TABLE",
+                Entity(PARENT),
+                "ATTACH PARTITION",
+                Entity(DEFAULT_PARTITION),
+                "DEFAULT",
+            ),
+            f"attached partition {DEFAULT_PARTITION}",
+            (PARENT, "users", "api_keys"),
+            ATTACH_MONTH,
+            ("partition", PARENT, DEFAULT_PARTITION),
+        ),
+    ]
+
+
+def attach_month(snapshot, month):
+    """A month's partition made empty beside the table, given the default partition's rows of
+    that month, then attached: ATTACH takes SHARE UPDATE EXCLUSIVE on request_logs, where
+    CREATE TABLE ... PARTITION OF would take ACCESS EXCLUSIVE."""
+    name, end = month_name(month), add_months(month, 1)
+    within = f"{render(Entity('created_at'))} >= {literal(month)} AND {render(Entity('created_at'))} < {literal(end)}"
+    statements = [
+        Statement(
+            sql_text("CREATE TABLE", Entity(name), "(LIKE", Entity(PARENT), "INCLUDING DEFAULTS)"),
+            f"created table {name}",
+            (),
+            Hazard(None, "nothing", "a new empty table"),
+            ("table", name, name),
+        )
+    ]
+    if DEFAULT_PARTITION in snapshot.tables:
+        statements += [
+            Statement(
+                f"INSERT INTO {render(Entity(name))} SELECT * FROM ONLY {render(Entity(DEFAULT_PARTITION))} WHERE {within}",
+                f"moved the rows of {month:%Y-%m} out of {DEFAULT_PARTITION} (1/2)",
+                (DEFAULT_PARTITION,),
+                Hazard(
+                    "AccessShareLock", "nothing", "reads the default partition's rows of the month"
+                ),
+                ("moved", name, "insert"),
+            ),
+            Statement(
+                f"DELETE FROM ONLY {render(Entity(DEFAULT_PARTITION))} WHERE {within}",
+                f"moved the rows of {month:%Y-%m} out of {DEFAULT_PARTITION} (2/2)",
+                (DEFAULT_PARTITION,),
+                Hazard(
+                    "RowExclusiveLock",
+                    "nothing",
+                    "deletes the default partition's rows of the month",
+                ),
+                ("moved", name, "delete"),
+            ),
+        ]
+    statements.append(
+        Statement(
+            sql_text("ALTER TABLE", Entity(PARENT), "ATTACH PARTITION", Entity(name))
+            + f" FOR VALUES FROM ({literal(month)}) TO ({literal(end)})",
+            f"attached partition {name}",
+            (PARENT, "users", "api_keys"),
+            ATTACH_MONTH,
+            ("partition", PARENT, name),
+        )
+    )
+    return statements
+
+
+def dated_rows_in_default(snapshot):
+    query = sql_text(
+        "SELECT count(*) FROM ONLY",
+        Entity(DEFAULT_PARTITION),
+        "WHERE",
+        Entity("created_at"),
+        "IS NOT NULL",
+    )
+    count = guarded(snapshot.target, query).fetchone()[0]
+    if not count:
+        return []
+    return [
+        Drift(
+            f"{DEFAULT_PARTITION} holds {plural(count, 'row')} with a created_at that no partition covers"
+            " (dates past next month, or of months without a partition): a run moves a month's"
+            " rows into its partition when it makes it, for this month and the next",
+            [],
+            False,
+            "none until their month's partition is made",
+            ("default rows", PARENT, DEFAULT_PARTITION),
+        )
+    ]
+
+
+def conversion(plan, now):
+    """The steps that turn a plain request_logs into the partitioned layout, from where the
+    catalog shows the conversion to be."""
+    snapshot = plan.snapshot
+    found = conversion_check(snapshot)
+    steps, blocked = list(plan.steps), list(plan.blocked)
+    if found is None:
+        if has_undated_rows(snapshot):
+            blocked.append(undated_rows_blocker())
+            return plan._replace(blocked=blocked)
+        boundary = boundary_after(now)
+        steps.append(Step("bound request_logs by created_at", "transaction", [add_check(boundary)]))
+        validated = False
+    else:
+        constraint, boundary = found
+        validated = constraint.validated
+    online = []
+    name = CHECK_PREFIX + f"{boundary:%Y_%m}"
+    if not validated:
+        online.append(
+            Statement(
+                sql_text("ALTER TABLE", Entity(PARENT), "VALIDATE CONSTRAINT", Entity(name)),
+                f"validated the bound {name} of {PARENT}",
+                (PARENT,),
+                VALIDATE_CHECK,
+                ("validated check", PARENT, name),
+            )
+        )
+    legacy_id = snapshot.indexes.get(LEGACY_ID_INDEX)
+    if legacy_id is None or not legacy_id.valid:
+        build = index_sql(RequestLog, ID_INDEX, safe=True, concurrently=True).replace(
+            render(Entity(ID_INDEX._name)), render(Entity(LEGACY_ID_INDEX)), 1
+        )
+        if legacy_id is not None:
+            online.append(
+                Statement(
+                    sql_text("DROP INDEX CONCURRENTLY IF EXISTS", Entity(LEGACY_ID_INDEX)),
+                    f"dropped invalid index {LEGACY_ID_INDEX}",
+                    (PARENT,),
+                    Hazard(
+                        "ShareUpdateExclusiveLock",
+                        "nothing",
+                        "instant, waits for older transactions",
+                    ),
+                    ("dropped", PARENT, LEGACY_ID_INDEX),
+                )
+            )
+        online.append(
+            Statement(
+                build,
+                f"created index {LEGACY_ID_INDEX}",
+                (PARENT,),
+                Hazard(
+                    "ShareUpdateExclusiveLock",
+                    "nothing",
+                    "scans the table twice, waits for older transactions",
+                ),
+                ("index", PARENT, LEGACY_ID_INDEX),
+            )
+        )
+    if online:
+        steps.append(Step("check and index request_logs online", "online", online))
+    steps.append(
+        Step(
+            "swap request_logs for its partitioned twin",
+            "transaction",
+            swap(snapshot, boundary, now),
+        )
+    )
+    unknown = [
+        u for u in plan.unknown if not (u.table == PARENT and u.name in (name, LEGACY_ID_INDEX))
+    ]
+    return plan._replace(steps=steps, blocked=blocked, unknown=unknown)
+
+
+def has_undated_rows(snapshot):
+    query = sql_text(
+        "SELECT EXISTS (SELECT 1 FROM ONLY",
+        Entity(PARENT),
+        "WHERE",
+        Entity("created_at"),
+        "IS NULL)",
+    )
+    return guarded(snapshot.target, query).fetchone()[0]
+
+
+def undated_rows_blocker():
+    relation, column = render(Entity(PARENT)), render(Entity("created_at"))
+    return Blocker(
+        f"{PARENT} has rows whose created_at is NULL, which no month's partition can hold, and"
+        " the conversion keeps every row where it is: give them a time (or delete them), then"
+        " run --partition-request-logs again",
+        [
+            f"SELECT count(*) FROM {relation} WHERE {column} IS NULL",
+            f"UPDATE {relation} SET {column} = PLACEHOLDER WHERE {column} IS NULL",
+        ],
+    )
+
+
+def add_check(boundary):
+    name = CHECK_PREFIX + f"{boundary:%Y_%m}"
+    column = render(Entity("created_at"))
+    return Statement(
+        sql_text("ALTER TABLE", Entity(PARENT), "ADD CONSTRAINT", Entity(name))
+        + f" CHECK ({column} IS NOT NULL AND {column} < {literal(boundary)}) NOT VALID",
+        f"bounded {PARENT} by created_at before {boundary:%Y-%m-%d} (NOT VALID)",
+        (PARENT,),
+        ADD_CHECK_NOT_VALID,
+        ("conversion check", PARENT, name),
+    )
+
+
+def twin_index_name(name):
+    return f"{name}_partitioned".encode()[:63].decode(errors="ignore")
+
+
+def legacy_index_name(name):
+    return name.replace(f"idx_{PARENT}_", f"{LEGACY}_", 1)
+
+
+def swap(snapshot, boundary, now):
+    """The one transaction of the swap. No statement scans: each is a catalog change."""
+    indexes = [*RequestLog._meta.fields_to_index(), ID_INDEX]
+    parent, twin = render(Entity(PARENT)), render(Entity(TWIN))
+    new = Hazard(None, "nothing", "a new empty table")
+    key = ("partitioned", PARENT, PARENT)
+
+    def step(sql, description="", hazard=new, tables=()):
+        return Statement(sql, description, tables, hazard, key)
+
+    statements = [
+        step(
+            sql_text("CREATE TABLE", Entity(TWIN), "(LIKE", Entity(PARENT), "INCLUDING DEFAULTS)")
+            + ' PARTITION BY RANGE ("created_at")',
+            f"created {TWIN}, partitioned by created_at",
+        ),
+        step(sql_text("COMMENT ON TABLE", Entity(TWIN), "IS", Value(RequestLog._meta.comment))),
+    ]
+    for field in RequestLog._meta.refs:
+        fk = render(RequestLog._schema._create_foreign_key(field))
+        statements.append(
+            step(
+                fk.replace(f"ALTER TABLE {parent} ", f"ALTER TABLE {twin} ", 1),
+                hazard=Hazard("ShareRowExclusiveLock", "writes", "instant: the table is empty"),
+                tables=(field.rel_model._meta.table_name,),
+            )
+        )
+    for index in indexes:
+        statements.append(
+            step(
+                index_sql(RequestLog, index)
+                .replace(
+                    render(Entity(index._name)), render(Entity(twin_index_name(index._name))), 1
+                )
+                .replace(f" ON {parent} ", f" ON {twin} ", 1)
+            )
+        )
+    statements.append(
+        step(
+            sql_text(
+                "CREATE TABLE", Entity(DEFAULT_PARTITION), "PARTITION OF", Entity(TWIN), "DEFAULT"
+            ),
+            f"created partition {DEFAULT_PARTITION}",
+        )
+    )
+    month = boundary
+    while month <= add_months(month_start(now), MONTHS_AHEAD):
+        statements.append(
+            step(
+                sql_text("CREATE TABLE", Entity(month_name(month)), "PARTITION OF", Entity(TWIN))
+                + f" FOR VALUES FROM ({literal(month)}) TO ({literal(add_months(month, 1))})",
+                f"created partition {month_name(month)}",
+            )
+        )
+        month = add_months(month, 1)
+    renames = [sql_text("ALTER TABLE", Entity(PARENT), "RENAME TO", Entity(LEGACY))]
+    renames += [
+        sql_text("ALTER INDEX", Entity(i._name), "RENAME TO", Entity(legacy_index_name(i._name)))
+        for i in RequestLog._meta.fields_to_index()
+        if i._name in snapshot.indexes
+    ]
+    renames.append(sql_text("ALTER TABLE", Entity(TWIN), "RENAME TO", Entity(PARENT)))
+    renames += [
+        sql_text("ALTER INDEX", Entity(twin_index_name(i._name)), "RENAME TO", Entity(i._name))
+        for i in indexes
+    ]
+    serial = snapshot.tables[PARENT].columns["id"].serial
+    if serial is not None:  # the sequence goes with the parent, not with the partition
+        renames.append(
+            sql_text("ALTER SEQUENCE", Entity(serial.sequence), "OWNED BY", Entity(PARENT, "id"))
+        )
+    exclusive = Hazard("AccessExclusiveLock", "reads and writes", "instant, a catalog change")
+    statements += [step(sql, hazard=exclusive, tables=(PARENT,)) for sql in renames]
+    statements.append(
+        step(
+            sql_text("ALTER TABLE", Entity(PARENT), "ATTACH PARTITION", Entity(LEGACY))
+            + f" FOR VALUES FROM (MINVALUE) TO ({literal(boundary)})",
+            f"converted {PARENT} to monthly partitions: {LEGACY} holds its rows before"
+            f" {boundary:%Y-%m-%d}",
+            SWAP,
+            (LEGACY, "users", "api_keys"),
+        )
+    )
+    statements.append(
+        step(
+            sql_text(
+                "ALTER TABLE",
+                Entity(LEGACY),
+                "DROP CONSTRAINT",
+                Entity(CHECK_PREFIX + f"{boundary:%Y_%m}"),
+            ),
+            hazard=exclusive,
+            tables=(LEGACY,),
+        )
+    )
+    return statements
+
+
+def not_ready_to_swap(plan):
+    """Why the swap cannot run now (a regular change or drift on request_logs), or None."""
+    if plan.snapshot.tables.get(PARENT) is None or plan.snapshot.tables[PARENT].kind == "p":
+        return "request_logs is already partitioned"
+    waiting = [s.description for s in plan.transaction + plan.online if PARENT in s.effect[1:2]]
+    waiting += [d.problem for d in plan.drift if d.key[1] == PARENT]
+    if waiting:
+        return f"request_logs must match the models first: {waiting[0]}"
+    return None
+
+
+def leftover_conversion(plan):
+    """A conversion started by --partition-request-logs and not finished: its CHECK refuses
+    inserts with a NULL created_at until the conversion ends."""
+    found = conversion_check(plan.snapshot)
+    if found is None:
+        return plan
+    constraint, boundary = found
+    drift = plan.drift + [
+        Drift(
+            f"a conversion of {PARENT} to monthly partitions is not finished: its CHECK"
+            f" {shown_name(constraint.name)} refuses inserts with a NULL created_at or one after"
+            f" {boundary:%Y-%m-%d}; finish it (python migrate.py --partition-request-logs) or drop it",
+            [sql_text("ALTER TABLE", Entity(PARENT), "DROP CONSTRAINT", Entity(constraint.name))],
+            True,
+            "instant; ACCESS EXCLUSIVE on request_logs until COMMIT",
+            ("conversion check", PARENT, constraint.name),
+        )
+    ]
+    unknown = [
+        u
+        for u in plan.unknown
+        if not (u.table == PARENT and u.name in (constraint.name, LEGACY_ID_INDEX))
+    ]
+    return plan._replace(drift=drift, unknown=unknown)
+
+
+# --- Retention -----------------------------------------------------------------------------
+
+
+def retention_plan(plan, days, now=None):
+    """What --retain-request-logs DAYS removes: partitions wholly older than the cutoff
+    detached (concurrently) and dropped; older rows of partitions that also hold newer ones
+    (the converted table, the default partition, a plain request_logs) deleted in batches.
+    A real DELETE, not a soft delete: the point is disk space."""
+    now = now or datetime.now(UTC)
+    cutoff = now.astimezone(UTC) - timedelta(days=days)
+    snapshot = plan.snapshot
+    table = snapshot.tables.get(PARENT)
+    steps = []
+    if table is not None and table.kind == "p":
+        for name, (lower, upper) in sorted(partitions(snapshot).items()):
+            if upper is not None and upper <= cutoff:
+                steps.append(drop_partition(snapshot, name))
+            elif (lower is None or lower < cutoff) and has_rows_before(snapshot, name, cutoff):
+                steps.append(
+                    Step(f"delete from {name}", "batched", [batched_delete(snapshot, name, cutoff)])
+                )
+        if DEFAULT_PARTITION in snapshot.tables and has_rows_before(
+            snapshot, DEFAULT_PARTITION, cutoff
+        ):
+            steps.append(
+                Step(
+                    f"delete from {DEFAULT_PARTITION}",
+                    "batched",
+                    [batched_delete(snapshot, DEFAULT_PARTITION, cutoff)],
+                )
+            )
+    elif table is not None and has_rows_before(snapshot, PARENT, cutoff):
+        steps.append(
+            Step(f"delete from {PARENT}", "batched", [batched_delete(snapshot, PARENT, cutoff)])
+        )
+    return plan._replace(
+        transaction=[], online=[], steps=steps, drift=[], in_progress=[], unknown=[]
+    )
+
+
+def drop_partition(snapshot, name):
+    """The step that detaches and drops a partition. DETACH ... CONCURRENTLY blocks nothing, but
+    PostgreSQL refuses it beside a DEFAULT partition (and before 14): then a plain DETACH and the
+    DROP go in one short transaction, whose ACCESS EXCLUSIVE on request_logs is tried in
+    LOCK_ATTEMPT attempts like every other instant statement."""
+    concurrently = (
+        database.server_version or 0
+    ) >= 140000 and DEFAULT_PARTITION not in snapshot.tables
+    pending = snapshot.tables[name].detach_pending
+    if pending or concurrently:
+        word = "FINALIZE" if pending else "CONCURRENTLY"
+        detach = Statement(
+            sql_text("ALTER TABLE", Entity(PARENT), "DETACH PARTITION", Entity(name), word),
+            f"detached partition {name}",
+            (PARENT,),
+            DETACH_CONCURRENTLY,
+            ("detached", PARENT, name),
+        )
+    else:
+        detach = Statement(
+            sql_text("ALTER TABLE", Entity(PARENT), "DETACH PARTITION", Entity(name)),
+            f"detached partition {name}",
+            (PARENT, name, DEFAULT_PARTITION),
+            DETACH,
+            ("detached", PARENT, name),
+        )
+    drop = Statement(
+        sql_text("DROP TABLE", Entity(name)),
+        f"dropped partition {name}",
+        (name,),
+        DROP_DETACHED,
+        ("dropped partition", PARENT, name),
+        (("detached", PARENT, name),),
+    )
+    return Step(
+        f"drop {name}", "online" if pending or concurrently else "transaction", [detach, drop]
+    )
+
+
+def rows_before(name, cutoff):
+    return (
+        f"FROM ONLY {render(Entity(name))} WHERE {render(Entity('created_at'))} < {literal(cutoff)}"
+    )
+
+
+def has_rows_before(snapshot, name, cutoff):
+    return guarded(
+        snapshot.target, f"SELECT EXISTS (SELECT 1 {rows_before(name, cutoff)})"
+    ).fetchone()[0]
+
+
+def batched_delete(snapshot, name, cutoff):
+    estimate = guarded(
+        snapshot.target, f"EXPLAIN (FORMAT JSON) SELECT 1 {rows_before(name, cutoff)}"
+    ).fetchone()[0]
+    rows = int(estimate[0]["Plan"]["Plan Rows"])
+    relation = render(Entity(name))
+    return Statement(
+        f"DELETE FROM ONLY {relation} WHERE ctid = ANY (ARRAY (SELECT ctid {rows_before(name, cutoff)}"
+        f" LIMIT {BATCH_ROWS}))",
+        f"deleted the rows of {name} older than {cutoff:%Y-%m-%d %H:%M} UTC (~{rows:,} rows)",
+        (name,),
+        BATCHED_DELETE,
+        ("rows before", name, cutoff.isoformat()),
+    )

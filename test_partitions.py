@@ -1,0 +1,511 @@
+"""
+request_logs by month: --partition-request-logs makes the layout on a fresh database and
+converts a live table online; every plain run keeps this month's and the next month's
+partitions there; --retain-request-logs drops whole partitions and deletes the rest in
+batches; --check reports the layout's health; the Go backend's AutoMigrate sees what it sees
+on a plain table.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime, timedelta
+
+import psycopg2
+import pytest
+
+import migrate
+import partition
+from conftest import HERE, catalog, error_line, migrate_here, record_ddl, run_migrate
+from test_environments import poll
+from test_online import add_users_and_logs, session
+
+CONTRACT_LOG_INDEXES = sorted(
+    [
+        "idx_request_logs_api_config_id",
+        "idx_request_logs_api_key_id",
+        "idx_request_logs_created_at",
+        "idx_request_logs_deleted_at",
+        "idx_request_logs_model",
+        "idx_request_logs_model_created",
+        "idx_request_logs_status_code",
+        "idx_request_logs_user_created",
+        "idx_request_logs_user_id",
+    ]
+)
+INSERT_LOG = (
+    "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model, method, path,"
+    " status_code, response_time) SELECT {created_at}, user_id, id, 1, 'm', 'GET', '/', 200, 5"
+    " FROM api_keys LIMIT 1"
+)
+
+
+def layout(db):
+    """{partition: bound} of request_logs, the bounds deparsed in UTC."""
+    db.rows("SET TimeZone = 'UTC'")
+    rows = db.rows(
+        "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits h"
+        " JOIN pg_class c ON c.oid = h.inhrelid WHERE h.inhparent = 'request_logs'::regclass"
+    )
+    db.rows("RESET TimeZone")
+    return dict(rows)
+
+
+def is_partitioned(db):
+    return db.value("SELECT relkind FROM pg_class WHERE oid = 'request_logs'::regclass") == "p"
+
+
+def log_indexes(db):
+    return [
+        name
+        for (name,) in db.rows(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'request_logs' ORDER BY 1"
+        )
+    ]
+
+
+def add_dated_logs(db, logs):
+    """Users, keys and `logs` request logs a second apart up to now, as the gateway writes them."""
+    add_users_and_logs(db, logs=logs)
+    db.rows("UPDATE request_logs SET created_at = now() - id * interval '1 second'")
+
+
+def month(moment, offset=0):
+    return partition.add_months(partition.month_start(moment), offset)
+
+
+# --- A fresh database ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zone", ["Pacific/Kiritimati", "America/Los_Angeles"])
+def test_a_fresh_layout_has_utc_month_partitions_whatever_the_session_zone(empty_db, zone):
+    result = run_migrate(empty_db.url, "--partition-request-logs", PGOPTIONS=f"-c TimeZone={zone}")
+
+    assert result.returncode == 0, result.stderr
+    now = datetime.now(UTC)
+    this, following = month(now), month(now, 1)
+    assert layout(empty_db) == {
+        "request_logs_default": "DEFAULT",
+        partition.month_name(this): f"FOR VALUES FROM ('{this:%Y-%m-%d} 00:00:00+00')"
+        f" TO ('{following:%Y-%m-%d} 00:00:00+00')",
+        partition.month_name(following): f"FOR VALUES FROM ('{following:%Y-%m-%d} 00:00:00+00')"
+        f" TO ('{month(now, 2):%Y-%m-%d} 00:00:00+00')",
+    }
+    assert log_indexes(empty_db) == sorted([*CONTRACT_LOG_INDEXES, "idx_request_logs_id"])
+
+
+def test_a_fresh_layout_matches_and_a_plain_run_then_sends_no_ddl(empty_db):
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    record_ddl(empty_db)
+    check = run_migrate(empty_db.url, "--check")
+    rerun = run_migrate(empty_db.url)
+    again = run_migrate(empty_db.url, "--partition-request-logs")
+    assert check.returncode == migrate.EXIT_OK, check.stdout
+    assert "schema is up to date" in rerun.stderr and "schema is up to date" in again.stderr
+    assert empty_db.rows("SELECT command FROM audit.ddl_log") == []
+
+
+def test_no_insert_fails_for_want_of_a_partition(empty_db):
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    empty_db.rows("INSERT INTO users (username, email, password_hash) VALUES ('u', 'e', 'h')")
+    empty_db.rows("INSERT INTO api_keys (user_id, key, name) SELECT id, 'k', 'n' FROM users")
+    for created_at in ("NULL", "now()", "'2999-01-01 00:00+00'", "'1999-01-01 00:00+00'"):
+        empty_db.rows(INSERT_LOG.format(created_at=created_at))
+    assert empty_db.value("SELECT count(*) FROM request_logs") == 4
+    assert empty_db.value("SELECT count(*) FROM ONLY request_logs_default") == 3
+
+
+# --- Converting a live table ----------------------------------------------------------------
+
+
+def insert_while(db, stop, outcomes):
+    """Single-row inserts into request_logs, one per transaction, until `stop` is set."""
+    connection = psycopg2.connect(db.url)
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        while not stop.is_set():
+            try:
+                cursor.execute(INSERT_LOG.format(created_at="now()") + " RETURNING id")
+                outcomes.append(cursor.fetchone()[0])
+            except psycopg2.Error as exc:
+                outcomes.append(exc)
+    connection.close()
+
+
+def test_conversion_under_inserts_keeps_every_row_id_and_foreign_key(migrated_db):
+    add_dated_logs(migrated_db, 200_000)
+    migrated_db.rows("UPDATE request_logs SET deleted_at = now() WHERE id % 10 = 0")
+    before = migrated_db.value("SELECT count(*) FROM request_logs")
+    stop, outcomes = threading.Event(), []
+    inserter = threading.Thread(target=insert_while, args=(migrated_db, stop, outcomes))
+    inserter.start()
+    try:
+        poll("inserts to start", lambda: len(outcomes) > 10)
+        result = run_migrate(migrated_db.url, "--partition-request-logs", timeout=300)
+        assert result.returncode == 0, result.stderr
+        during = len(outcomes)
+        poll("inserts after the swap", lambda: len(outcomes) > during + 10)
+    finally:
+        stop.set()
+        inserter.join()
+
+    assert result.returncode == 0, result.stderr
+    failures = [o for o in outcomes if isinstance(o, Exception)]
+    assert failures == []
+    assert is_partitioned(migrated_db)
+    assert migrated_db.value("SELECT count(*) FROM request_logs") == before + len(outcomes)
+    assert (
+        migrated_db.value("SELECT count(*) FROM request_logs WHERE deleted_at IS NOT NULL")
+        == 20_000
+    )
+    assert outcomes == sorted(outcomes)  # one sequence, before, during and after
+    assert migrated_db.value("SELECT nextval('request_logs_id_seq')") > max(outcomes)
+    assert migrated_db.value("SELECT pg_get_serial_sequence('request_logs', 'id')") == (
+        "public.request_logs_id_seq"
+    )
+    assert log_indexes(migrated_db) == sorted([*CONTRACT_LOG_INDEXES, "idx_request_logs_id"])
+    check = run_migrate(migrated_db.url, "--check")
+    assert check.returncode == migrate.EXIT_OK, check.stdout
+
+
+@pytest.mark.parametrize(
+    "created_at", ["'2000-01-01 00:00+00'", "now()", "NULL", "'2999-01-01 00:00+00'"]
+)
+def test_foreign_keys_stay_enforced_on_every_partition_after_conversion(migrated_db, created_at):
+    add_dated_logs(migrated_db, 10)
+    assert run_migrate(migrated_db.url, "--partition-request-logs").returncode == 0
+    with pytest.raises(psycopg2.errors.ForeignKeyViolation):
+        migrated_db.rows(
+            "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model,"
+            f" method, path, status_code, response_time) VALUES ({created_at}, 999, 999, 1, 'm',"
+            " 'GET', '/', 200, 5)"
+        )
+
+
+def test_conversion_refuses_rows_without_a_created_at_and_changes_nothing(migrated_db):
+    add_dated_logs(migrated_db, 10)
+    migrated_db.rows("UPDATE request_logs SET created_at = NULL WHERE id = 1")
+    before = catalog(migrated_db)
+
+    result = run_migrate(migrated_db.url, "--partition-request-logs")
+
+    assert result.returncode == migrate.EXIT_ERROR
+    assert "request_logs has rows whose created_at is NULL" in error_line(result)
+    assert catalog(migrated_db) == before
+
+
+def test_a_plain_run_keeps_the_catalog_gorms_without_the_flag(migrated_db):
+    add_dated_logs(migrated_db, 10)
+    assert run_migrate(migrated_db.url).returncode == 0
+    assert not is_partitioned(migrated_db)
+
+
+def start(db, *args):
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "migrate.py"), *args],
+        env={**os.environ, "DATABASE_URL": db.url},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def conversion_state(db, step):
+    """The catalog as a conversion leaves it before `step`: its CHECK NOT VALID (validate),
+    valid (index), and the index on id built (swap)."""
+    name = partition.CHECK_PREFIX + f"{partition.boundary_after(datetime.now(UTC)):%Y_%m}"
+    boundary = partition.boundary_after(datetime.now(UTC)).isoformat()
+    db.rows(
+        f"ALTER TABLE request_logs ADD CONSTRAINT {name}"
+        f" CHECK (created_at IS NOT NULL AND created_at < '{boundary}') NOT VALID"
+    )
+    if step in ("index", "swap"):
+        db.rows(f"ALTER TABLE request_logs VALIDATE CONSTRAINT {name}")
+    if step == "swap":
+        db.rows(f"CREATE INDEX {partition.LEGACY_ID_INDEX} ON request_logs (id)")
+
+
+# Where a conversion can be stopped: what the test holds so that it waits there, and the
+# query it is seen running (waiting for a lock, or retrying its short lock attempts).
+STOPS = {
+    "validate": ("LOCK TABLE request_logs IN SHARE UPDATE EXCLUSIVE MODE", "%VALIDATE CONSTRAINT%"),
+    "index": (
+        "UPDATE request_logs SET tokens_used = 1 WHERE id = 1",
+        "CREATE INDEX CONCURRENTLY%request_logs_legacy_id%",
+    ),
+    "swap": ("LOCK TABLE users IN SHARE MODE", "%request_logs_partitioned%"),
+}
+
+
+def migrate_seen_running(db, pattern):
+    return db.rows(
+        "SELECT 1 FROM pg_stat_activity WHERE application_name = 'migrate.py'"
+        " AND state = 'active' AND query LIKE %s",
+        pattern,
+    )
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "SIGTERM"])
+@pytest.mark.parametrize("step", list(STOPS))
+def test_a_conversion_stopped_at_any_step_leaves_one_layout_and_the_next_run_finishes(
+    migrated_db, step, how
+):
+    add_dated_logs(migrated_db, 5_000)
+    before = migrated_db.value("SELECT count(*) FROM request_logs")
+    conversion_state(migrated_db, step)
+    hold, seen = STOPS[step]
+    holder = session(migrated_db, hold)
+    run = start(migrated_db, "--partition-request-logs", "--lock-timeout", "120")
+    try:
+        poll(
+            f"the conversion to run its {step} step",
+            lambda: migrate_seen_running(migrated_db, seen),
+        )
+        run.send_signal(how)
+        run.communicate(timeout=60)
+    finally:
+        run.kill()
+        holder.rollback()
+        holder.close()
+
+    assert run.returncode == (-9 if how == signal.SIGKILL else 143)
+    assert not is_partitioned(migrated_db)  # a step is all or nothing: the old layout
+    assert migrated_db.value("SELECT count(*) FROM request_logs") == before
+    finish = run_migrate(migrated_db.url, "--partition-request-logs")
+    assert finish.returncode == 0, finish.stderr
+    assert is_partitioned(migrated_db)
+    assert migrated_db.value("SELECT count(*) FROM request_logs") == before
+    assert run_migrate(migrated_db.url, "--check").returncode == migrate.EXIT_OK
+
+
+def test_a_plain_run_reports_a_conversion_left_unfinished(migrated_db):
+    add_dated_logs(migrated_db, 10)
+    conversion_state(migrated_db, "validate")
+
+    check = run_migrate(migrated_db.url, "--check")
+
+    assert check.returncode == migrate.EXIT_DRIFT, check.stdout
+    assert "a conversion of request_logs to monthly partitions is not finished" in check.stdout
+
+
+# --- Upkeep ------------------------------------------------------------------------------
+
+
+def test_each_plain_run_makes_the_next_months_partition_and_moves_its_rows_from_default(empty_db):
+    now = datetime.now(UTC)
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    empty_db.rows("INSERT INTO users (username, email, password_hash) VALUES ('u', 'e', 'h')")
+    empty_db.rows("INSERT INTO api_keys (user_id, key, name) SELECT id, 'k', 'n' FROM users")
+    in_two_months = month(now, 2) + timedelta(days=3)
+    empty_db.rows(INSERT_LOG.format(created_at=f"'{in_two_months.isoformat()}'"))
+    assert empty_db.value("SELECT count(*) FROM ONLY request_logs_default") == 1
+
+    plan, done = migrate_here(empty_db.params, now=now + timedelta(days=32))
+
+    name = partition.month_name(month(now, 2))
+    assert f"attached partition {name}" in [s.description for s in done]
+    assert empty_db.value(f"SELECT count(*) FROM ONLY {name}") == 1
+    assert empty_db.value("SELECT count(*) FROM ONLY request_logs_default") == 0
+    assert not plan.pending
+
+
+def test_check_reports_a_missing_partition_as_pending_and_dated_default_rows_as_drift(empty_db):
+    now = datetime.now(UTC)
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    following = partition.month_name(month(now, 1))
+    empty_db.rows(f"ALTER TABLE request_logs DETACH PARTITION {following}")
+    empty_db.rows(f"DROP TABLE {following}")
+
+    missing = run_migrate(empty_db.url, "--check")
+    assert missing.returncode == migrate.EXIT_PENDING, missing.stdout
+    assert f"-- pending, then: attach {following} (in one short transaction):" in missing.stdout
+
+    empty_db.rows("INSERT INTO users (username, email, password_hash) VALUES ('u', 'e', 'h')")
+    empty_db.rows("INSERT INTO api_keys (user_id, key, name) SELECT id, 'k', 'n' FROM users")
+    empty_db.rows(INSERT_LOG.format(created_at="'2999-01-01 00:00+00'"))
+    assert run_migrate(empty_db.url).returncode == 0
+    dated = run_migrate(empty_db.url, "--check")
+    assert dated.returncode == migrate.EXIT_DRIFT, dated.stdout
+    assert "-- request_logs_default holds 1 row with a created_at that no partition covers" in (
+        dated.stdout
+    )
+
+
+def test_a_partition_without_an_index_is_pending_and_a_run_builds_it_online(empty_db):
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    empty_db.rows("DROP INDEX idx_request_logs_model")
+    empty_db.rows("CREATE INDEX idx_request_logs_model ON ONLY request_logs (model)")  # INVALID
+
+    check = run_migrate(empty_db.url, "--check")
+    run = run_migrate(empty_db.url)
+
+    assert check.returncode == migrate.EXIT_PENDING, check.stdout
+    assert 'CREATE INDEX CONCURRENTLY IF NOT EXISTS "request_logs_default_model"' in check.stdout
+    assert run.returncode == 0, run.stderr
+    assert empty_db.value(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx_request_logs_model'::regclass"
+    )
+    assert run_migrate(empty_db.url, "--check").returncode == migrate.EXIT_OK
+
+
+# --- Retention --------------------------------------------------------------------------------
+
+
+def logs_by_age(db, days):
+    """One request log `days` ago, for each of `days`."""
+    for age in days:
+        db.rows(INSERT_LOG.format(created_at=f"now() - interval '{age} days'"))
+
+
+def test_retention_on_a_plain_table_deletes_in_batches_only_the_older_rows(migrated_db):
+    add_users_and_logs(migrated_db, logs=0)
+    logs_by_age(migrated_db, [1, 5, 40, 100, 400])
+    migrated_db.rows(
+        "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model, method, path, status_code, response_time) SELECT NULL, user_id, id, 1, 'm', 'GET', '/', 200, 5 FROM api_keys"
+    )
+
+    dry = run_migrate(migrated_db.url, "--retain-request-logs", "30", "--dry-run")
+    assert migrated_db.value("SELECT count(*) FROM request_logs") == 6
+    result = run_migrate(migrated_db.url, "--retain-request-logs", "30")
+
+    assert dry.returncode == 0, dry.stderr
+    assert "-- then: delete from request_logs (repeated until it changes no row" in dry.stdout
+    assert result.returncode == 0, result.stderr
+    assert "rows of request_logs older than" in result.stderr and ": 3 rows" in result.stderr
+    assert migrated_db.value("SELECT count(*) FROM request_logs") == 3  # 1, 5 days and the NULL
+
+
+def test_retention_on_partitions_drops_whole_months_and_deletes_the_rest(empty_db):
+    now = datetime.now(UTC)
+    migrate_here(empty_db.params, partition=True, now=now - timedelta(days=93))
+    migrate_here(empty_db.params, now=now - timedelta(days=62))
+    migrate_here(empty_db.params, now=now - timedelta(days=31))
+    migrate_here(empty_db.params, now=now)
+    empty_db.rows("INSERT INTO users (username, email, password_hash) VALUES ('u', 'e', 'h')")
+    empty_db.rows("INSERT INTO api_keys (user_id, key, name) SELECT id, 'k', 'n' FROM users")
+    logs_by_age(empty_db, [0, 20, 45, 70, 85])
+    days = 50
+    cutoff = now - timedelta(days=days)
+    droppable = sorted(
+        name
+        for name, (lower, upper) in partition_ranges(empty_db).items()
+        if upper is not None and upper <= cutoff
+    )
+    assert droppable  # the months of 70 and 85 days ago, at least one of them whole
+
+    dry = run_migrate(empty_db.url, "--retain-request-logs", str(days), "--dry-run")
+    result = run_migrate(empty_db.url, "--retain-request-logs", str(days))
+
+    assert dry.returncode == 0 and result.returncode == 0, result.stderr
+    for name in droppable:
+        # Beside the DEFAULT partition PostgreSQL refuses DETACH ... CONCURRENTLY.
+        assert f'ALTER TABLE "request_logs" DETACH PARTITION "{name}";' in dry.stdout
+        assert f"migrate: dropped partition {name}" in result.stderr
+        assert not empty_db.rows("SELECT 1 FROM pg_class WHERE relname = %s", name)
+    ages = empty_db.rows(
+        "SELECT extract(day FROM now() - created_at)::int FROM request_logs ORDER BY 1"
+    )
+    assert [age for (age,) in ages] == [0, 20, 45]
+
+
+def partition_ranges(db):
+    ranges = {}
+    for name, bound in layout(db).items():
+        match = partition.BOUND.fullmatch(bound)
+        if match:
+            ranges[name] = tuple(partition.bound_value(v) for v in match.groups())
+    return ranges
+
+
+def test_retention_after_conversion_deletes_from_the_converted_table_in_batches(migrated_db):
+    add_users_and_logs(migrated_db, logs=0)
+    logs_by_age(migrated_db, [1, 40, 400])
+    assert run_migrate(migrated_db.url, "--partition-request-logs").returncode == 0
+
+    result = run_migrate(migrated_db.url, "--retain-request-logs", "30")
+
+    assert result.returncode == 0, result.stderr
+    assert "rows of request_logs_legacy older than" in result.stderr
+    assert migrated_db.value("SELECT count(*) FROM request_logs") == 1
+
+
+def test_check_ignores_retention_and_refuses_the_flag(migrated_db):
+    result = run_migrate(migrated_db.url, "--check", "--retain-request-logs", "30")
+    assert result.returncode == migrate.EXIT_ERROR
+    assert "--check ignores retention" in result.stderr
+
+
+# --- The Go backend --------------------------------------------------------------------------
+
+# What GORM's AutoMigrate reads before it decides what to send, as its postgres migrator
+# queries it (go-gorm/gorm migrator/migrator.go, go-gorm/postgres migrator.go, v1.31 / v1.6):
+# HasTable, ColumnTypes, the unique constraints of ColumnTypes, HasIndex, HasConstraint.
+GORM_READS = {
+    "HasTable": "SELECT count(*) FROM information_schema.tables WHERE table_schema = current_schema()"
+    " AND table_name = 'request_logs' AND table_type = 'BASE TABLE'",
+    "ColumnTypes": "SELECT c.column_name, c.is_nullable = 'YES', c.udt_name, c.character_maximum_length,"
+    " c.numeric_precision, c.numeric_precision_radix, c.numeric_scale, c.datetime_precision,"
+    " 8 * typlen, c.column_default, c.identity_increment FROM information_schema.columns AS c"
+    " JOIN pg_type AS pgt ON c.udt_name = pgt.typname WHERE table_catalog = current_database()"
+    " AND table_schema = current_schema() AND table_name = 'request_logs' ORDER BY c.ordinal_position",
+    "unique": "SELECT constraint_name FROM information_schema.table_constraints WHERE table_schema ="
+    " current_schema() AND table_name = 'request_logs' AND constraint_type = 'UNIQUE'",
+    "HasIndex": "SELECT indexname FROM pg_indexes WHERE tablename = 'request_logs'"
+    " AND schemaname = current_schema() AND indexname = ANY(%s) ORDER BY 1",
+    "HasConstraint": "SELECT constraint_name FROM information_schema.table_constraints WHERE"
+    " table_schema = current_schema() AND table_name = 'request_logs'"
+    " AND constraint_name IN ('fk_request_logs_user', 'fk_request_logs_api_key') ORDER BY 1",
+}
+
+
+def gorm_reads(db):
+    return {
+        name: db.rows(query, CONTRACT_LOG_INDEXES) if "%s" in query else db.rows(query)
+        for name, query in GORM_READS.items()
+    }
+
+
+def test_gorm_reads_the_same_request_logs_before_and_after_conversion(migrated_db):
+    add_dated_logs(migrated_db, 100)
+    plain = gorm_reads(migrated_db)
+
+    assert run_migrate(migrated_db.url, "--partition-request-logs").returncode == 0
+
+    assert gorm_reads(migrated_db) == plain
+    assert plain["HasIndex"] == [(name,) for name in CONTRACT_LOG_INDEXES]
+    assert not [row for row in plain["ColumnTypes"] if row[0] == "created_at" and not row[1]]
+
+
+def test_gorm_reads_the_same_request_logs_on_a_fresh_partitioned_layout(empty_db):
+    assert run_migrate(empty_db.url).returncode == 0
+    plain = gorm_reads(empty_db)
+    empty_db.reset()
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    assert gorm_reads(empty_db) == plain
+
+
+def test_a_plain_run_beside_a_converted_layout_changes_nothing(migrated_db):
+    add_dated_logs(migrated_db, 100)
+    assert run_migrate(migrated_db.url, "--partition-request-logs").returncode == 0
+    record_ddl(migrated_db)
+    assert "schema is up to date" in run_migrate(migrated_db.url).stderr
+    assert migrated_db.rows("SELECT command FROM audit.ddl_log") == []
+
+
+def test_retention_detaches_concurrently_where_there_is_no_default_partition(empty_db):
+    now = datetime.now(UTC)
+    migrate_here(empty_db.params, partition=True, now=now - timedelta(days=70))
+    migrate_here(empty_db.params, now=now)
+    empty_db.rows("ALTER TABLE request_logs DETACH PARTITION request_logs_default")
+    empty_db.rows("DROP TABLE request_logs_default")
+    oldest = partition.month_name(month(now - timedelta(days=70)))
+
+    result = run_migrate(empty_db.url, "--retain-request-logs", "40")
+
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"migrate: detaching partition {oldest}: started (instant, waits for older transactions)"
+        in (result.stderr.splitlines())
+    )
+    assert not empty_db.rows("SELECT 1 FROM pg_class WHERE relname = %s", oldest)
