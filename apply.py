@@ -80,7 +80,15 @@ from connection import (
 )
 from models import MODELS, database
 from partition import not_ready_to_swap, retention_plan, with_partitions
-from plan import STEP_KINDS, lock_name, plan_changes, search_path_line, unmet, with_hazards
+from plan import (
+    STEP_KINDS,
+    lock_name,
+    plan_changes,
+    search_path_line,
+    size_words,
+    unmet,
+    with_hazards,
+)
 
 # The advisory lock key the application must not use for a lock of its own.
 MIGRATION_LOCK_KEY = 7_283_145_019_226_431
@@ -301,7 +309,8 @@ def watch_queries(progress_every):
     own checks that the server still runs our statement, and every `progress_every` seconds
     (0: never) logs how far a statement of a stage has got."""
     watched.update(every=progress_every, probe=None)
-    watch.probe, watch.probe_every = probe, PROBE_EVERY
+    watch.probe = probe
+    watch.probe_every = min(PROBE_EVERY, progress_every) if progress_every else PROBE_EVERY
 
 
 def stop_watching():
@@ -331,13 +340,16 @@ def probe(connection, elapsed):
     statement = watched["statement"]
     if statement and watched["every"] and elapsed - watched["logged"] >= watched["every"]:
         watched["logged"] = elapsed
-        log.info("%s: %s", ongoing(statement), progress_words(row, elapsed))
+        log.info("%s: %s", ongoing(statement), progress_words(row, elapsed, statement))
 
 
-def progress_words(row, elapsed):
-    """'building index: scanning table, 1,234 of 5,678 blocks (21%), 30 s'."""
+def progress_words(row, elapsed, statement):
+    """'building index: scanning table, 1,234 of 5,678 blocks (21%), 30 s'; where PostgreSQL
+    has no progress view (a foreign key's validation), the rows it has to read."""
     _state, wait_type, wait_event, phase, *counts = row
     words = []
+    if not phase and watched.get("tables"):
+        words += [size_words(table, watched["tables"]) for table in statement.tables]
     if phase:
         words.append(shown(phase))
         for done, total, unit in zip(
@@ -353,8 +365,8 @@ def progress_words(row, elapsed):
 
 
 @contextmanager
-def watching(statement):
-    watched.update(statement=statement, logged=0.0)
+def watching(statement, tables=None):
+    watched.update(statement=statement, logged=0.0, tables=tables)
     try:
         yield
     finally:
@@ -677,7 +689,7 @@ def run_online(
         )
         for statement in statements:
             log.info("%s: started (%s)", ongoing(statement), statement.hazard.work)
-            with watching(statement):
+            with watching(statement, plan.snapshot.tables):
                 database.execute_sql(statement.sql)
             check_same_backend(backend)
             after = plan_with_retries(target, planner, budget)

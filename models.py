@@ -5,11 +5,12 @@ like the Go backend's GORM models.
 The models make the schema the Go backend's GORM AutoMigrate made (SCHEMA.md
 describes it; test_migrate.py holds it exactly): the same columns,
 database-level defaults, constraint names and index names. Nothing is
-connected at import time; bind the database when you know where it is::
+connected at import time; bind the database from the DATABASE_URL migrate.py
+reads (or database.init(...) by hand)::
 
-    from models import database, User
+    from models import bind_from_url, User
 
-    database.init('api_aggregator', host='localhost', user='postgres')
+    bind_from_url()                           # DATABASE_URL, as migrate.py parses it
     alice = User.create(username='alice', email='a@example.com',
                         password_hash='...')
     User.update(status='banned').where(User.id == alice.id).execute()  # sets updated_at
@@ -106,14 +107,58 @@ class GatewayDatabase(PostgresqlExtDatabase):
     # 1.20 (Debian 12 ships 1.18) refuses a connection that sends `options`.
     utc_sessions = True
 
+    # Set by bind_from_url: masks what a failed connection's message echoes of the URL.
+    masked = None
+
     def init(self, database, **kwargs):
         # Peewee merges these into the parameters of an earlier init(); start
         # afresh, so no option (or password) of a previous binding leaks into this one.
         self.connect_params = {}
+        self.masked = None
         super().init(database, **kwargs)
+
+    def _connect(self):
+        try:
+            return super()._connect()
+        except psycopg2.OperationalError as exc:
+            if self.masked is None:
+                raise
+            raise psycopg2.OperationalError(self.masked(str(exc).strip())) from None
 
 
 database = GatewayDatabase(None)
+
+
+class DatabaseUrlError(ValueError):
+    """DATABASE_URL cannot be used; the message says why and never holds a password."""
+
+
+def bind_from_url(url=None):
+    """Bind the models to DATABASE_URL (or `url`), parsed as migrate.py parses it.
+
+    Either form libpq reads (`host=... dbname=...` or postgresql://), the PG* variables for
+    what it leaves out, migrate.py's default when DATABASE_URL is unset; sessions in UTC.
+    Nothing connects here. A bad URL raises DatabaseUrlError, and a failed connection later
+    raises with every password masked, as in migrate.py's output. Returns the database.
+    """
+    # Here, not at the top: connection.py imports this module for `database`.
+    from connection import DEFAULT_DATABASE_URL, MigrationError, connection_params, without_secrets
+
+    if url is None:
+        url = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
+    try:
+        params = connection_params(url)
+    except MigrationError as exc:
+        raise DatabaseUrlError(str(exc)) from None
+    dbname = params.pop("dbname", None) or os.environ.get("PGDATABASE")
+    database.utc_sessions = True
+    if dbname:
+        database.init(dbname, **params)
+    else:  # a service names the database: libpq must get no dbname (make_dsn drops None)
+        database.init(f"the database of service {params.get('service')}", dbname=None, **params)
+    everything = {**params, **({"dbname": dbname} if dbname else {})}
+    database.masked = lambda text: without_secrets(text, everything)
+    return database
 
 
 def utc_now():
