@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections import namedtuple
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -34,9 +35,11 @@ from peewee import BigIntegerField, CharField, ForeignKeyField, TextField
 from playhouse.schema_diff import diff_models
 from psycopg2.extensions import make_dsn, parse_dsn
 
+import apply
 import catalog
 import migrate
 import models
+import partition
 import plan
 
 HERE = Path(__file__).resolve().parent
@@ -308,7 +311,7 @@ def count_queries(function):
 
 
 def plan_synthetic(synthetic):
-    plan.plan_changes(catalog.read_catalog(synthetic), models=synthetic)
+    plan.plan_changes(catalog.read_catalog(catalog.target_schema(), synthetic), models=synthetic)
 
 
 def bench_growth(scratch, settings):
@@ -372,8 +375,9 @@ class Inserter(threading.Thread):
             while not self.stop.is_set():
                 started = time.perf_counter()
                 cursor.execute(
-                    "INSERT INTO request_logs (user_id, api_key_id, api_config_id, model, method, path,"
-                    " status_code, response_time) VALUES (1, 1, 1, 'model-1', 'POST', '/', 200, 10)"
+                    "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model,"
+                    " method, path, status_code, response_time)"
+                    " VALUES (now(), 1, 1, 1, 'model-1', 'POST', '/', 200, 10)"
                 )
                 finished = time.perf_counter()
                 self.latencies.append((finished, finished - started))
@@ -503,6 +507,217 @@ def bench_stall_per_change(scratch, settings):
                     f" {spread([r[3] for r in runs], 'ms', 1000)}; run {spread([r[0] for r in runs])}",
                     f"{succeeded}/{repeats} runs succeeded",
                 )
+
+
+# --- Reads of another table during --atomic ----------------------------------------------------
+
+
+class Reader(threading.Thread):
+    """Reads one user by id at a time and records how long each read took."""
+
+    def __init__(self, url):
+        super().__init__(daemon=True)
+        self.connection = psycopg2.connect(url)
+        self.connection.autocommit = True
+        self.stop = threading.Event()
+        self.latencies = []
+
+    def run(self):
+        with self.connection.cursor() as cursor:
+            while not self.stop.is_set():
+                started = time.perf_counter()
+                cursor.execute("SELECT * FROM users WHERE id = 42")
+                finished = time.perf_counter()
+                self.latencies.append((finished, finished - started))
+        self.connection.close()
+
+
+ATOMIC_UNDO = (
+    "ALTER TABLE users DROP COLUMN last_sign_in;"
+    " DROP INDEX idx_request_logs_model, idx_request_logs_status_code"
+)
+# The same three statements in the order the transaction had before (the ALTER first).
+ATOMIC_ALTER_FIRST = (
+    'BEGIN; ALTER TABLE "users" ADD COLUMN "last_sign_in" TIMESTAMPTZ;'
+    ' CREATE INDEX "idx_request_logs_model" ON "request_logs" ("model");'
+    ' CREATE INDEX "idx_request_logs_status_code" ON "request_logs" ("status_code"); COMMIT'
+)
+
+
+def reads_during(scratch, apply_it):
+    scratch.execute(ATOMIC_UNDO)
+    reader = Reader(scratch.url)
+    reader.start()
+    time.sleep(0.3)
+    started = time.perf_counter()
+    apply_it()
+    finished = time.perf_counter()
+    reader.stop.set()
+    reader.join()
+    waits = [w for at, w in reader.latencies if at >= started and at - w <= finished]
+    return finished - started, max(waits)
+
+
+def bench_atomic_reads(scratch, settings):
+    """Section 9: reads of users while --atomic adds a column to users and builds two indexes
+    on request_logs."""
+    prepare_gateway_database(scratch, settings.stall_rows)
+    ways = {
+        "migrate.py --atomic (scans first, ACCESS EXCLUSIVE last)": lambda: run_tool(
+            "migrate.py", scratch.url, "--atomic"
+        ),
+        "one transaction, ALTER TABLE users first": lambda: subprocess.run(
+            [
+                "psql",
+                "-q",
+                "-X",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                scratch.url,
+                "-c",
+                ATOMIC_ALTER_FIRST,
+            ],
+            capture_output=True,
+            check=True,
+        ),
+    }
+    for way, apply_it in ways.items():
+        runs = [reads_during(scratch, apply_it) for _ in range(min(settings.repeats, 3))]
+        add_row(
+            f"9 reads of users during --atomic: a users column and 2 request_logs indexes,"
+            f" {settings.stall_rows:,} logs",
+            way,
+            f"longest read {spread([r[1] for r in runs], 'ms', 1000)}; run {spread([r[0] for r in runs])}",
+        )
+
+
+# --- Partitioning -------------------------------------------------------------------------------
+
+
+def dated_logs(scratch, count):
+    """Section 5's kind of data, `count` logs over the last 30 days."""
+    prepare_gateway_database(scratch, count)
+
+
+def convert_while_inserting(scratch):
+    inserter = Inserter(scratch.url)
+    inserter.start()
+    time.sleep(0.3)
+    started = time.perf_counter()
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "migrate.py"),
+            "--partition-request-logs",
+            "--lock-timeout",
+            "30",
+        ],
+        env={**os.environ, "DATABASE_URL": scratch.url},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    finished = time.perf_counter()
+    time.sleep(0.2)
+    inserter.stop.set()
+    inserter.join()
+    assert result.returncode == 0, result.stderr
+    swap = next(
+        float(line.rsplit(" for ", 1)[1].split()[0])
+        for line in result.stderr.splitlines()
+        if line.startswith("migrate: swap ") and "held its locks" in line
+    )
+    waits = [w for at, w in inserter.latencies if at >= started and at - w <= finished]
+    return finished - started, max(waits), swap
+
+
+def bench_partitioning(scratch, settings):
+    """Section 10: converting request_logs to monthly partitions under insert traffic."""
+    sizes = (100_000, 300_000) if settings is QUICK else (1_000_000, 10_000_000)
+    for size in sizes:
+        runs = []
+        for _ in range(1 if size >= 10_000_000 else min(settings.repeats, 3)):
+            dated_logs(scratch, size)
+            runs.append(convert_while_inserting(scratch))
+        add_row(
+            f"10 partitioning: converting {size:,} request logs while inserting",
+            "migrate.py --partition-request-logs",
+            f"longest insert {spread([r[1] for r in runs], 'ms', 1000)}; swap transaction"
+            f" {spread([r[2] for r in runs], 'ms')}; whole run {spread([r[0] for r in runs])}",
+            f"{len(runs)} run(s), every insert succeeded",
+        )
+
+
+def wal_bytes_and_seconds(scratch, action):
+    before = scratch.execute("SELECT pg_current_wal_insert_lsn()")[0][0]
+    started = time.perf_counter()
+    action()
+    seconds = time.perf_counter() - started
+    after = scratch.execute("SELECT pg_current_wal_insert_lsn()")[0][0]
+    written = scratch.execute("SELECT pg_wal_lsn_diff(%(a)s, %(b)s)", {"a": after, "b": before})[0][
+        0
+    ]
+    return seconds, int(written)
+
+
+def bench_retention(scratch, settings):
+    """Section 11: one month of request logs removed by dropping its partition, against a
+    batched DELETE of the same rows from a plain table."""
+    count = settings.stall_rows
+    now = datetime.now(UTC)
+    old_month = partition.add_months(partition.month_start(now), -3)
+    fill = (
+        "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model, method,"
+        " path, status_code, response_time) SELECT %(start)s::timestamptz + (g %% 2419200) * interval"
+        " '1 second', 1, 1, 1, 'model-1', 'POST', '/', 200, 10 FROM generate_series(1, %(count)s) g"
+    )
+    results = {}
+    for layout in ("partitioned", "plain"):
+        scratch.reset()
+        if layout == "partitioned":
+            migrate_in_process(scratch, partition=True, now=old_month)
+            migrate_in_process(scratch, now=now)
+        else:
+            migrate_in_process(scratch)
+        scratch.execute("INSERT INTO users (username, email, password_hash) VALUES ('u', 'e', 'h')")
+        scratch.execute("INSERT INTO api_keys (user_id, key, name) VALUES (1, 'k', 'n')")
+        scratch.execute(fill, {"start": old_month, "count": count})
+        scratch.execute("CHECKPOINT")
+
+        def retain():
+            _, status = run_tool("migrate.py", scratch.url, "--retain-request-logs", "60")
+            assert status == 0
+
+        seconds, wal = wal_bytes_and_seconds(scratch, retain)
+        size = (
+            scratch.execute("SELECT pg_total_relation_size('request_logs')")[0][0]
+            if layout == "plain"
+            else sum(
+                s
+                for (s,) in scratch.execute(
+                    "SELECT pg_total_relation_size(relid) FROM pg_partition_tree('request_logs')"
+                )
+            )
+        )
+        left = scratch.execute("SELECT count(*) FROM request_logs")[0][0]
+        results[layout] = (seconds, wal, size, left)
+    for layout, label in (
+        ("partitioned", "drop the month's partition"),
+        ("plain", "batched DELETE"),
+    ):
+        seconds, wal, size, left = results[layout]
+        add_row(
+            f"11 retention: removing one month, {count:,} request logs",
+            label,
+            f"{seconds:.2f} s; WAL {wal / 2**20:.1f} MiB; request_logs {size / 2**20:.1f} MiB after",
+            f"{left} rows left"
+            + (
+                ""
+                if layout == "partitioned"
+                else "; the space returns only after VACUUM, to the table"
+            ),
+        )
 
 
 # --- The gateway's queries on realistic data -------------------------------------------------
@@ -648,9 +863,9 @@ def large_tables(execute):
     return {name for (name,) in execute(query, {"rows": LARGE_TABLE_ROWS})}
 
 
-def migrate_in_process(scratch):
+def migrate_in_process(scratch, **layout):
     migrate.connect(scratch.params)
-    migrate.migrate()
+    apply.migrate(catalog.target_schema(), **layout)
     models.database.close()
 
 
@@ -798,9 +1013,15 @@ def main(argv=None):
             bench_writer_stall(scratch, settings)
         if "8" in wanted:
             bench_stall_per_change(scratch, settings)
+        if "9" in wanted:
+            bench_atomic_reads(scratch, settings)
         if wanted & {"6", "7"}:
             used = bench_queries(scratch, settings)
             bench_write_cost(scratch, settings, used)
+        if "10" in wanted:
+            bench_partitioning(scratch, settings)
+        if "11" in wanted:
+            bench_retention(scratch, settings)
     finally:
         scratch.drop()
     print_table(settings, server_version)

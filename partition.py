@@ -521,15 +521,6 @@ def swap(snapshot, boundary, now):
         ),
         step(sql_text("COMMENT ON TABLE", Entity(TWIN), "IS", Value(RequestLog._meta.comment))),
     ]
-    for field in RequestLog._meta.refs:
-        fk = render(RequestLog._schema._create_foreign_key(field))
-        statements.append(
-            step(
-                fk.replace(f"ALTER TABLE {parent} ", f"ALTER TABLE {twin} ", 1),
-                hazard=Hazard("ShareRowExclusiveLock", "writes", "instant: the table is empty"),
-                tables=(field.rel_model._meta.table_name,),
-            )
-        )
     for index in indexes:
         statements.append(
             step(
@@ -558,6 +549,16 @@ def swap(snapshot, boundary, now):
             )
         )
         month = add_months(month, 1)
+    # The foreign keys last before the renames: from here to COMMIT writes to users wait.
+    for field in RequestLog._meta.refs:
+        fk = render(RequestLog._schema._create_foreign_key(field))
+        statements.append(
+            step(
+                fk.replace(f"ALTER TABLE {parent} ", f"ALTER TABLE {twin} ", 1),
+                hazard=Hazard("ShareRowExclusiveLock", "writes", "instant: the table is empty"),
+                tables=(field.rel_model._meta.table_name,),
+            )
+        )
     renames = [sql_text("ALTER TABLE", Entity(PARENT), "RENAME TO", Entity(LEGACY))]
     renames += [
         sql_text("ALTER INDEX", Entity(i._name), "RENAME TO", Entity(legacy_index_name(i._name)))

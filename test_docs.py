@@ -1,8 +1,9 @@
 """
 The documents say what the code does: SCHEMA.md is the contract the tests
-check, and every sample output in README.md is what migrate.py prints.
+check, every sample output in OPERATING.md is what migrate.py prints (its JSON
+example too), and the README is a door of at most 12 KB that links the rest.
 
-A README sample is a code block right after a `<!-- sample: SCENARIO -->`
+A sample is a code block right after a `<!-- sample: SCENARIO -->`
 comment. It starts with the command (`$ python migrate.py FLAGS`, optionally
 followed by `; echo "exit $?"`), then the output as a terminal shows it:
 lines starting with `migrate: ` are stderr, the others stdout, and a closing
@@ -11,14 +12,16 @@ of the same stream. SCENARIOS below prepares the database for each one.
 
 The test runs the command against the test database and compares, after
 replacing elapsed times by `N.NN s` and the test database's connection by
-the README's DATABASE_URL. When an output changes on purpose, the failure
+the README's DATABASE_URL, and leaving out the `transaction_timeout` lines
+that PostgreSQL 17 and later add. When an output changes on purpose, the failure
 message shows the real stderr and stdout, normalised, ready to paste into the
-README (`pytest test_docs.py -k sample`): put the lines in the order the
+document (`pytest test_docs.py -k sample`): put the lines in the order the
 terminal shows them (today: the first stderr line, stdout, the rest of
 stderr) and keep `...` where the README leaves lines out. A new sample needs
 its scenario in SCENARIOS.
 """
 
+import json
 import re
 import shlex
 
@@ -83,7 +86,9 @@ def test_schema_md_names_every_foreign_key():
 # --- README samples ---------------------------------------------------------------
 
 README = (HERE / "README.md").read_text()
+OPERATING = (HERE / "OPERATING.md").read_text()
 SAMPLE = re.compile(r"<!-- sample: (\S+) -->\n```[^\n]*\n(.*?)```", re.DOTALL)
+JSON_SAMPLE = re.compile(r"<!-- json-sample: (\S+) -->\n```json\n(.*?)```", re.DOTALL)
 ELAPSED = re.compile(r"\d+\.\d+ s\b")
 BEHIND = ["ALTER TABLE users DROP COLUMN last_sign_in", "DROP INDEX idx_request_logs_model_created"]
 SCENARIOS = {
@@ -101,7 +106,9 @@ SCENARIOS = {
 
 
 def readme_samples():
-    return [pytest.param(scenario, body, id=scenario) for scenario, body in SAMPLE.findall(README)]
+    return [
+        pytest.param(scenario, body, id=scenario) for scenario, body in SAMPLE.findall(OPERATING)
+    ]
 
 
 def readme_database_url():
@@ -136,7 +143,8 @@ def as_in_readme(output, db):
     """Real output with elapsed times and the test database's connection as the README shows them."""
     shown = describe(connection_params(readme_database_url()))
     output = output.replace(describe(connection_params(db.url)), shown)
-    return ELAPSED.sub("N.NN s", output).splitlines()
+    lines = ELAPSED.sub("N.NN s", output).splitlines()
+    return [line for line in lines if "transaction_timeout" not in line]
 
 
 def matches(sample, real):
@@ -164,8 +172,48 @@ def matches(sample, real):
     return True
 
 
-def test_readme_has_the_samples_this_test_knows():
-    assert sorted({scenario for scenario, _ in SAMPLE.findall(README)}) == sorted(SCENARIOS)
+def test_operating_has_the_samples_this_test_knows():
+    assert sorted({scenario for scenario, _ in SAMPLE.findall(OPERATING)}) == sorted(SCENARIOS)
+
+
+def test_readme_is_a_door_of_at_most_12_kb_that_links_every_document():
+    assert len(README.encode()) <= 12_000
+    for document in (
+        "OPERATING.md",
+        "MODELS.md",
+        "SCHEMA.md",
+        "DESIGN.md",
+        "BENCHMARKS.md",
+        "TESTING.md",
+    ):
+        assert f"]({document})" in README
+        assert (HERE / document).exists()
+
+
+JSON_SCENARIOS = {
+    "check": (
+        ["--check", "--format", "json"],
+        [
+            "MIGRATE",
+            "ALTER TABLE users DROP COLUMN last_sign_in",
+            "ALTER TABLE api_keys ALTER COLUMN rate_limit SET DEFAULT 5",
+        ],
+    )
+}
+
+
+@pytest.mark.parametrize(("scenario", "body"), JSON_SAMPLE.findall(OPERATING))
+def test_the_json_example_is_the_real_document(empty_db, scenario, body):
+    args, statements = JSON_SCENARIOS[scenario]
+    for statement in statements:
+        if statement == "MIGRATE":
+            assert run_migrate(empty_db.url).returncode == 0
+        else:
+            empty_db.rows(statement)
+    result = run_migrate(empty_db.url, *args)
+    real = json.loads(result.stdout)
+    real["database"] = describe(connection_params(readme_database_url()))
+    assert real == json.loads(body), result.stdout
 
 
 @pytest.mark.parametrize(("scenario", "body"), readme_samples())
