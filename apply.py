@@ -79,7 +79,7 @@ from connection import (
     watch,
 )
 from models import MODELS, database
-from partition import not_ready_to_swap, retention_plan, with_partitions
+from partition import not_ready_to_swap, resume_words, retention_plan, with_partitions
 from plan import (
     STEP_KINDS,
     lock_name,
@@ -282,6 +282,8 @@ def oldest_transaction():
 def state_words():
     """What a failed or interrupted run leaves behind, as far as the catalog shows it."""
     committed = "the transaction was committed; " if progress["committed"] else ""
+    if progress["stage"] not in ("read", "transaction", "online") and progress["left"]:
+        return committed + progress["left"]  # a step: its own words
     if progress["stage"] == "online":
         left = progress["left"] or (
             "an index build or foreign key validation cut short leaves an INVALID index or a"
@@ -557,6 +559,7 @@ def run_steps(plan, target, planner, lock_timeout, statement_timeout, budget):
         step = next((s for s in fresh.steps if s.name == name), None)
         if step is None:
             continue
+        progress["left"] = resume_words(name)
         if step.kind == "transaction":
             _, statements = run_transaction(target, planner, statement_timeout, budget, step=name)
             done += statements
@@ -584,9 +587,7 @@ def run_steps(plan, target, planner, lock_timeout, statement_timeout, budget):
 def run_batches(step, plan, target, planner, lock_timeout, statement_timeout, budget):
     """A "batched" step: its statement repeated, each time its own transaction, until it
     changes no row; a line every --progress seconds with the rows so far."""
-    progress.update(
-        stage=step.name, left="the rows deleted so far stay deleted; the next run deletes the rest"
-    )
+    progress["stage"] = step.name
     backend = start_online_session(
         plan.snapshot.backend_pid, target, lock_timeout, statement_timeout
     )
@@ -712,16 +713,24 @@ def run_online(
         reset_online_session()
     except (peewee.DatabaseError, psycopg2.Error) as exc:
         if pgcode(exc) is None:  # the connection was lost: say what the catalog shows, then why
-            progress["left"] = left_behind(statement, target) if statement else None
+            progress["left"] = what_is_left(statement, target, stage) if statement else None
             raise
         raise MigrationError(
             online_failure(exc, statement, target, lock_timeout, statement_timeout)
         ) from None
     except KeyboardInterrupt:
         if statement is not None:
-            progress["left"] = left_behind(statement, target)
+            progress["left"] = what_is_left(statement, target, stage)
         raise
     return done, after
+
+
+def what_is_left(statement, target, stage):
+    """left_behind, and for a step which run carries on."""
+    left = left_behind(statement, target)
+    if stage == "online":
+        return left
+    return f"{left}; {resume_words(stage)}" if left else resume_words(stage)
 
 
 def reset_online_session():
@@ -775,7 +784,7 @@ def online_failure(exc, statement, target, lock_timeout, statement_timeout):
     code = pgcode(exc)
     if statement is None:
         return f"the online stage could not start ({first_line(exc)}); {state_words()}"
-    progress["left"] = left_behind(statement, target)
+    progress["left"] = what_is_left(statement, target, progress["stage"])
     what = ongoing(statement)
     if code == LOCK_NOT_AVAILABLE:
         return (

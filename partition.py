@@ -744,3 +744,21 @@ def batched_delete(snapshot, name, cutoff):
         BATCHED_DELETE,
         ("rows before", name, cutoff.isoformat()),
     )
+
+
+CONVERSION_STEPS = ("bound request_logs", "check and index request_logs", "swap request_logs")
+
+
+def resume_words(step_name):
+    """What a step stopped part way leaves, and which run carries on."""
+    if step_name.startswith(CONVERSION_STEPS):
+        return (
+            "request_logs keeps the layout it had before this step (each step is all or nothing);"
+            " python migrate.py --partition-request-logs continues the conversion"
+        )
+    if step_name.startswith(("drop ", "delete from ")):
+        return (
+            "what was dropped or deleted before stays so; the next run with"
+            " --retain-request-logs does the rest"
+        )
+    return "the partitions and indexes made so far stay; the next run makes the rest"
