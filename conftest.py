@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psycopg2
@@ -93,6 +94,24 @@ def quoted(identifier):
 def no_create_role(dbname):
     """The role without CREATE on public that test_migrate makes; TestDatabase.reset drops it."""
     return scoped_name(dbname, "no_create")
+
+
+# --- Waiting for a state, by polling it -----------------------------------------------
+
+
+def poll_until(description, condition, seconds=30, every=0.02):
+    """condition()'s first truthy value, asked every `every` s: the way tests wait for a state.
+
+    AssertionError naming `description` when it has not held within `seconds`.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {seconds:g} s: {description}")
+        time.sleep(every)
 
 
 # --- Tools beyond Python and PostgreSQL ------------------------------------------
@@ -691,6 +710,91 @@ def open_write_transaction(db):
             " status_code, response_time) SELECT user_id, id, 1, 'm', 'GET', '/', 200, 5 FROM api_keys"
         )
     return writer
+
+
+@pytest.fixture
+def start_migrate():
+    """start_migrate(url, *args): `python migrate.py` in the background, for the test to
+    wait for or signal. A run still going when the test ends (it failed) is killed, so that
+    it does not hold locks in the database the next test gets."""
+    runs = []
+
+    def start(url, *args):
+        run = subprocess.Popen(
+            [sys.executable, str(HERE / "migrate.py"), *args],
+            # Without PGAPPNAME, migrate.py names its sessions 'migrate.py', which
+            # lock_waiters looks for.
+            env={**{k: v for k, v in os.environ.items() if k != "PGAPPNAME"}, "DATABASE_URL": url},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+
+
+def lock_waiters(db, *, application="migrate.py", query="%", locktype=None, table=None):
+    """Pids of this database's sessions waiting for a lock that is not granted yet.
+
+    Only sessions of `application` running a statement LIKE `query`, waiting for a
+    lock of `locktype` ('relation', 'virtualxid', ...) or on `table`, when given.
+    Only this database: another run on the same server has sessions of its own.
+    """
+    conditions = [
+        "a.datname = current_database()",
+        "a.application_name = %(application)s",
+        "a.query LIKE %(query)s",
+    ]
+    if locktype is not None:
+        conditions.append("l.locktype = %(locktype)s")
+    if table is not None:
+        conditions.append("l.locktype = 'relation' AND l.relation = %(table)s::regclass")
+    rows = db.execute(
+        "SELECT DISTINCT a.pid FROM pg_stat_activity a"
+        " JOIN pg_locks l ON l.pid = a.pid AND NOT l.granted"
+        f" WHERE {' AND '.join(conditions)} ORDER BY 1",
+        {"application": application, "query": query, "locktype": locktype, "table": table},
+    )
+    return [pid for (pid,) in rows]
+
+
+def wait_for_lock_wait(db, description, seconds=30, run=None, **which):
+    """The pid of the session `which` picks (see lock_waiters) once it waits for a lock.
+
+    A lock attempt of the transaction stage lasts LOCK_ATTEMPT (50 ms) between
+    back-offs, so the poll is frequent enough to see one. With `run` (a
+    start_migrate process), its end before the wait fails at once, with its stderr.
+    """
+
+    def waiting():
+        if run is not None and run.poll() is not None:
+            raise AssertionError(f"migrate.py ended before {description}: {run.stderr.read()}")
+        return lock_waiters(db, **which)
+
+    return poll_until(description, waiting, seconds, every=0.005)[0]
+
+
+def advisory_locks_of(db):
+    """How many advisory locks sessions of this database hold (the migration lock is one)."""
+    return db.value(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+
+
+def assert_no_advisory_lock_left(db):
+    """A run closes the lock's connection; the server lets go once it has seen it close."""
+    poll_until(
+        "the sessions of this database hold no advisory lock",
+        lambda: advisory_locks_of(db) == 0,
+        seconds=10,
+    )
 
 
 def run_in_parallel(db, count, *args, url=None):
