@@ -714,17 +714,21 @@ def open_write_transaction(db):
 
 @pytest.fixture
 def start_migrate():
-    """start_migrate(url, *args): `python migrate.py` in the background, for the test to
+    """start_migrate(url, *args, **env): `python migrate.py` in the background, for the test to
     wait for or signal. A run still going when the test ends (it failed) is killed, so that
     it does not hold locks in the database the next test gets."""
     runs = []
 
-    def start(url, *args):
+    def start(url, *args, **env):
         run = subprocess.Popen(
             [sys.executable, str(HERE / "migrate.py"), *args],
             # Without PGAPPNAME, migrate.py names its sessions 'migrate.py', which
             # lock_waiters looks for.
-            env={**{k: v for k, v in os.environ.items() if k != "PGAPPNAME"}, "DATABASE_URL": url},
+            env={
+                **{k: v for k, v in os.environ.items() if k != "PGAPPNAME"},
+                **env,
+                "DATABASE_URL": url,
+            },
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
