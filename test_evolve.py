@@ -7,7 +7,6 @@ reported (--check) with the SQL that would fix it.
 """
 
 import threading
-import time
 
 import psycopg2
 
@@ -18,6 +17,7 @@ from conftest import (
     catalog,
     error_line,
     open_write_transaction,
+    poll_until,
     record_ddl,
     run_in_parallel,
     run_migrate,
@@ -599,7 +599,8 @@ class Inserter(threading.Thread):
 def migrate_while_inserting(db, *args):
     inserter = Inserter(db.url, lock_timeout_ms=200)
     inserter.start()
-    time.sleep(0.2)  # let the inserter get going
+    # Its counter counts inserts the server has committed (autocommit).
+    poll_until("the inserter has a committed insert", lambda: inserter.inserted > 0)
     before = inserter.inserted
     result = run_migrate(db.url, *args, timeout=600)
     during = inserter.inserted - before

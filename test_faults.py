@@ -10,39 +10,35 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 import catalog
 import migrate
-from conftest import HERE, assert_clean_failure, has_column, open_write_transaction, run_migrate
+from conftest import (
+    HERE,
+    assert_clean_failure,
+    assert_no_advisory_lock_left,
+    has_column,
+    open_write_transaction,
+    run_migrate,
+    wait_for_lock_wait,
+)
 
 
-def start_migrate(url, *args):
-    environment = {**os.environ, "DATABASE_URL": url}
-    return subprocess.Popen(
-        [sys.executable, str(HERE / "migrate.py"), *args],
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+def wait_for_build_waiting_for_the_writer(db, run):
+    """The pid of the run's CREATE INDEX CONCURRENTLY once it waits for the open writer.
+
+    Its first phase has then committed the index, INVALID, to the catalog; a
+    statement merely seen active may still be in that phase and leave nothing.
+    """
+    return wait_for_lock_wait(
+        db,
+        "migrate.py's CREATE INDEX CONCURRENTLY waits for the open write transaction",
+        run=run,
+        query="CREATE INDEX CONCURRENTLY%",
+        locktype="virtualxid",
     )
-
-
-def wait_for_query(db, pattern, seconds=30):
-    """The pid of a migrate.py session whose current query matches `pattern`, once there is one."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        rows = db.rows(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'migrate.py'"
-            " AND state = 'active' AND query LIKE %s",
-            pattern,
-        )
-        if rows:
-            return rows[0][0]
-        time.sleep(0.05)
-    raise AssertionError(f"no migrate.py session ran {pattern}")
 
 
 # --- Flags ----------------------------------------------------------------------------
@@ -124,12 +120,12 @@ def test_missing_peewee_is_one_line_saying_how_to_install(tmp_path):
 # --- Faults -----------------------------------------------------------------------------------
 
 
-def test_a_connection_killed_mid_run_is_one_line_and_exit_2(migrated_db):
+def test_a_connection_killed_mid_run_is_one_line_and_exit_2(migrated_db, start_migrate):
     migrated_db.rows("DROP INDEX idx_request_logs_model")
     writer = open_write_transaction(migrated_db)  # the online build waits for it
     run = start_migrate(migrated_db.url, "--lock-timeout", "60")
     try:
-        pid = wait_for_query(migrated_db, "CREATE INDEX CONCURRENTLY%")
+        pid = wait_for_build_waiting_for_the_writer(migrated_db, run)
         migrated_db.rows("SELECT pg_terminate_backend(%s)", pid)
         _, stderr = run.communicate(timeout=60)
     finally:
@@ -145,12 +141,14 @@ def test_a_connection_killed_mid_run_is_one_line_and_exit_2(migrated_db):
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_cancels_the_waiting_statement_on_the_server(migrated_db, signum, status):
+def test_a_signal_cancels_the_waiting_statement_on_the_server(
+    migrated_db, start_migrate, signum, status
+):
     migrated_db.rows("DROP INDEX idx_request_logs_model")
     writer = open_write_transaction(migrated_db)
     run = start_migrate(migrated_db.url, "--lock-timeout", "60")
     try:
-        pid = wait_for_query(migrated_db, "CREATE INDEX CONCURRENTLY%")
+        pid = wait_for_build_waiting_for_the_writer(migrated_db, run)
         run.send_signal(signum)
         _, stderr = run.communicate(timeout=30)
         still_running = migrated_db.rows(
@@ -166,28 +164,29 @@ def test_a_signal_cancels_the_waiting_statement_on_the_server(migrated_db, signu
         " index idx_request_logs_model was left INVALID: the next run drops and rebuilds it"
     )
     assert still_running == []
-    assert (
-        migrated_db.value(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
-            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        )
-        == 0
-    )
+    assert_no_advisory_lock_left(migrated_db)
 
 
-def test_a_signal_during_the_transaction_rolls_it_back(migrated_db):
+def test_a_signal_during_the_transaction_rolls_it_back(migrated_db, start_migrate):
     migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
     reader = open_write_transaction(migrated_db)  # holds users: the ALTER keeps retrying
     run = start_migrate(migrated_db.url, "--lock-timeout", "60")
     try:
-        time.sleep(1.0)
+        wait_for_lock_wait(
+            migrated_db,
+            "migrate.py's transaction waits for its lock on users",
+            run=run,
+            table="users",
+        )
         run.send_signal(signal.SIGTERM)
         _, stderr = run.communicate(timeout=30)
     finally:
         reader.rollback()
         reader.close()
     assert run.returncode == 143, stderr
-    assert stderr.strip().splitlines()[-1].endswith("nothing was changed")
+    assert stderr.strip().splitlines()[-1] == (
+        "migrate: error: interrupted by SIGTERM during the transaction stage: nothing was changed"
+    )
     assert not has_column(migrated_db, "users", "last_sign_in")
 
 

@@ -6,6 +6,7 @@ tool makes), not derived from models.py, so any drift in either fails.
 """
 
 import os
+import shlex
 import subprocess
 import sys
 from collections import defaultdict
@@ -13,15 +14,16 @@ from collections import defaultdict
 import migrate
 from conftest import (
     HERE,
-    NO_CREATE_ROLE,
     PASSWORD,
     assert_clean_failure,
     catalog,
     error_line,
     open_write_transaction,
+    quoted,
     record_ddl,
     run_in_parallel,
     run_migrate,
+    scoped_name,
 )
 
 TS = "timestamp with time zone"
@@ -359,14 +361,15 @@ def test_pgpassword_is_used_and_never_printed(throwaway_server):
 
 
 def test_missing_database_suggests_createdb(empty_db):
-    result = run_migrate(empty_db.url_with(dbname="no_such_db_for_migrate", password=PASSWORD))
-    assert_clean_failure(result, 'database "no_such_db_for_migrate" does not exist')
-    assert "createdb no_such_db_for_migrate" in error_line(result)
+    missing = scoped_name(empty_db.name, "missing")  # no run makes it, whatever its database
+    result = run_migrate(empty_db.url_with(dbname=missing, password=PASSWORD))
+    assert_clean_failure(result, f'database "{missing}" does not exist')
+    assert f"createdb {shlex.quote(missing)}" in error_line(result)
 
 
 def test_permission_denied_is_reported_and_nothing_is_created(empty_db):
-    empty_db.rows(f"CREATE ROLE {NO_CREATE_ROLE} LOGIN")
-    result = run_migrate(empty_db.url_with(user=NO_CREATE_ROLE, password=PASSWORD))
+    empty_db.rows(f"CREATE ROLE {quoted(empty_db.no_create_role)} LOGIN")
+    result = run_migrate(empty_db.url_with(user=empty_db.no_create_role, password=PASSWORD))
     assert_clean_failure(result, "permission denied")
     assert "GRANT CREATE ON SCHEMA public" in error_line(result)
     assert empty_db.tables() == []

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import psycopg2
@@ -26,12 +25,15 @@ import apply
 from conftest import (
     HERE,
     assert_clean_failure,
+    assert_no_advisory_lock_left,
     has_column,
     open_write_transaction,
+    poll_until,
     record_ddl,
     run_in_parallel,
     run_migrate,
     skip_missing_tool,
+    wait_for_lock_wait,
 )
 from test_migrate import assert_contract_catalog
 
@@ -45,11 +47,17 @@ def session(db, *statements):
     return connection
 
 
-def end_after(connection, seconds):
-    """Roll the session back after `seconds`, from a timer thread."""
-    timer = threading.Timer(seconds, lambda: (connection.rollback(), connection.close()))
-    timer.start()
-    return timer
+def run_until_it_waits_then_end(start_migrate, db, holder, table, *args):
+    """Run migrate.py with `args`; once it waits for its lock on `table`, end the holder's
+    transaction. Returns (exit code, stdout, stderr): the run must have waited, then gone on."""
+    run = start_migrate(db.url, *args)
+    try:
+        wait_for_lock_wait(db, f"migrate.py waits for a lock on {table}", run=run, table=table)
+    finally:
+        holder.rollback()
+        holder.close()
+    stdout, stderr = run.communicate(timeout=120)
+    return run.returncode, stdout, stderr
 
 
 def add_users_and_logs(db, logs=1000):
@@ -141,16 +149,18 @@ def test_foreign_key_whose_rows_do_not_match_fails_online_and_stays_not_valid(mi
 # --- Lock waits: short attempts within a budget, then the blocker named ----------------
 
 
-def test_a_waiting_alter_retries_until_a_long_reader_ends_and_then_succeeds(migrated_db):
+def test_a_waiting_alter_retries_until_a_long_reader_ends_and_then_succeeds(
+    migrated_db, start_migrate
+):
     migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
     reader = session(migrated_db, "SELECT count(*) FROM users")
-    timer = end_after(reader, 1.0)
 
-    result = run_migrate(migrated_db.url, "--lock-timeout", "10")
+    status, _, stderr = run_until_it_waits_then_end(
+        start_migrate, migrated_db, reader, "users", "--lock-timeout", "60"
+    )
 
-    timer.join()
-    assert result.returncode == 0, result.stderr
-    assert "migrate: added column users.last_sign_in" in result.stderr
+    assert status == 0, stderr
+    assert "migrate: added column users.last_sign_in" in stderr
 
 
 def test_a_reader_holding_the_table_past_the_budget_is_named_and_nothing_changes(migrated_db):
@@ -169,13 +179,15 @@ def test_a_reader_holding_the_table_past_the_budget_is_named_and_nothing_changes
     assert not has_column(migrated_db, "users", "last_sign_in")
 
 
-def test_no_op_run_beside_an_access_exclusive_holder_finishes_once_it_lets_go(migrated_db):
+def test_no_op_run_beside_an_access_exclusive_holder_finishes_once_it_lets_go(
+    migrated_db, start_migrate
+):
     holder = session(migrated_db, "LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
-    timer = end_after(holder, 1.0)
-    result = run_migrate(migrated_db.url, "--lock-timeout", "10")
-    timer.join()
-    assert result.returncode == 0, result.stderr
-    assert "schema is up to date" in result.stderr
+    status, _, stderr = run_until_it_waits_then_end(
+        start_migrate, migrated_db, holder, "api_keys", "--lock-timeout", "60"
+    )
+    assert status == 0, stderr
+    assert "schema is up to date" in stderr
 
 
 def test_no_op_run_beside_an_access_exclusive_holder_fails_within_the_budget_naming_it(migrated_db):
@@ -217,13 +229,7 @@ def test_waiting_for_another_runs_migration_lock_ends_within_the_budget_naming_i
 def test_a_run_leaves_no_advisory_lock_behind(migrated_db):
     migrated_db.rows("DROP INDEX idx_users_status")
     assert run_migrate(migrated_db.url).returncode == 0
-    assert (
-        migrated_db.value(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
-            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        )
-        == 0
-    )
+    assert_no_advisory_lock_left(migrated_db)
 
 
 # --- Indexes another session is building -----------------------------------------------------
@@ -233,7 +239,7 @@ def test_an_index_another_session_is_still_building_is_left_to_it(migrated_db):
     migrated_db.rows("DROP INDEX idx_request_logs_model")
     # An open write makes the other session's build wait, INVALID, in its first phase.
     writer = open_write_transaction(migrated_db)
-    builder = psycopg2.connect(migrated_db.url)
+    builder = psycopg2.connect(migrated_db.url_with(application_name="other-builder"))
     builder.autocommit = True
     build = threading.Thread(
         target=builder.cursor().execute,
@@ -241,10 +247,14 @@ def test_an_index_another_session_is_still_building_is_left_to_it(migrated_db):
     )
     build.start()
     try:
-        while not migrated_db.value(
-            "SELECT count(*) FROM pg_class WHERE relname = 'idx_request_logs_model'"
-        ):
-            time.sleep(0.05)
+        # Waiting for the writer, the build has committed its INVALID index to the catalog.
+        wait_for_lock_wait(
+            migrated_db,
+            "the other session's CREATE INDEX CONCURRENTLY waits for the open writer",
+            application="other-builder",
+            query="CREATE INDEX CONCURRENTLY%",
+            locktype="virtualxid",
+        )
 
         check = run_migrate(migrated_db.url, "--check")
         result = run_migrate(migrated_db.url)
@@ -353,6 +363,14 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def accepts_connections(url):
+    try:
+        psycopg2.connect(url).close()
+    except psycopg2.OperationalError:
+        return False
+    return True
+
+
 @pytest.fixture
 def transaction_pooler(migrated_db):
     """pgbouncer in pool_mode=transaction in front of the test database; yields its DATABASE_URL."""
@@ -378,12 +396,7 @@ def transaction_pooler(migrated_db):
         command[1:1] = ["-u", "postgres"]
     subprocess.run(command, check=True, timeout=30)
     url = migrated_db.url_with(host="127.0.0.1", port=str(port))
-    for _ in range(100):
-        try:
-            psycopg2.connect(url).close()
-            break
-        except psycopg2.OperationalError:
-            time.sleep(0.1)
+    poll_until(f"pgbouncer accepts connections on port {port}", lambda: accepts_connections(url))
     yield url
     pid = int((folder / "pid").read_text())
     os.kill(pid, 15)
@@ -403,13 +416,7 @@ def test_parallel_runs_through_a_transaction_pooler_leave_no_lock_and_say_why(
         assert "Traceback" not in output
         if status == 2:
             assert "transaction pooler" in output.strip().splitlines()[-1], output
-    assert (
-        migrated_db.value(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
-            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        )
-        == 0
-    )
+    assert_no_advisory_lock_left(migrated_db)
     direct = run_migrate(migrated_db.url, "--lock-timeout", "5")
     assert direct.returncode == 0, direct.stderr
     assert_contract_catalog(migrated_db)
@@ -449,13 +456,13 @@ def test_another_applications_locked_table_does_not_hold_up_a_no_op_run(migrated
     assert check.returncode == 0, check.stderr
 
 
-def test_check_retries_a_locked_catalog_read_within_the_budget(migrated_db):
+def test_check_retries_a_locked_catalog_read_within_the_budget(migrated_db, start_migrate):
     holder = session(migrated_db, "LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
-    timer = end_after(holder, 1.0)
-    result = run_migrate(migrated_db.url, "--check", "--lock-timeout", "10")
-    timer.join()
-    assert result.returncode == 0, result.stderr
-    assert "the database matches the models" in result.stderr
+    status, _, stderr = run_until_it_waits_then_end(
+        start_migrate, migrated_db, holder, "api_keys", "--check", "--lock-timeout", "60"
+    )
+    assert status == 0, stderr
+    assert "the database matches the models" in stderr
 
 
 def test_a_database_named_by_a_url_in_dbname_works_for_both_connections(migrated_db):

@@ -16,10 +16,20 @@ import psycopg2
 import pytest
 from psycopg2.extensions import make_dsn
 
-from conftest import HERE, TEST_DATABASE_URL, ensure_database_exists, skip_missing_tool
+from conftest import (
+    HERE,
+    TEST_DATABASE_URL,
+    ensure_database_exists,
+    quoted,
+    scoped_name,
+    skip_missing_tool,
+)
 
-SCRIPTS_DB = "api_aggregator_scripts_test"
-KEEP_DB = "api_aggregator_keep"
+# Databases are cluster-wide: these are named from the suite's own test database, so
+# that two runs on one server (different DB_NAME) never drop each other's.
+TEST_DB = psycopg2.extensions.parse_dsn(TEST_DATABASE_URL)["dbname"]
+SCRIPTS_DB = scoped_name(TEST_DB, "scripts_test")  # the scripts recreate only names ending in _test
+KEEP_DB = scoped_name(TEST_DB, "keep")  # one the scripts must refuse to drop
 
 
 def server_environment():
@@ -62,7 +72,7 @@ def database_exists(name):
 def drop_database(name):
     connection = maintenance_connection()
     with connection.cursor() as cursor:
-        cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        cursor.execute(f"DROP DATABASE IF EXISTS {quoted(name)}")
     connection.close()
 
 
