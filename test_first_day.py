@@ -5,14 +5,14 @@ password, and progress lines while long online work runs.
 """
 
 import json
+import time
 
-import psycopg2
 import pytest
 
 import migrate
 import models
-from conftest import PASSWORD, run_migrate
-from test_online import add_users_and_logs, end_after, session
+from conftest import PASSWORD, poll_until, run_migrate, wait_for_lock_wait
+from test_online import add_users_and_logs, session
 
 
 def check(db, *args):
@@ -161,39 +161,46 @@ def test_a_bad_url_is_one_masked_error_naming_what_to_fix(unbound):
 # --- Progress ------------------------------------------------------------------------------
 
 
-def test_a_long_online_build_logs_progress_every_progress_seconds(migrated_db):
-    add_users_and_logs(migrated_db, logs=10)
-    migrated_db.rows("DROP INDEX idx_request_logs_model")
-    writer = session(migrated_db, "UPDATE request_logs SET tokens_used = 1 WHERE id = 1")
-    timer = end_after(writer, 3.0)  # the build waits this long for the writer
+def build_waiting_for_a_writer(db, start_migrate, *args):
+    """A run whose online build waits for a writer for a good two seconds, then gets on."""
+    add_users_and_logs(db, logs=10)
+    db.rows("DROP INDEX idx_request_logs_model")
+    writer = session(db, "UPDATE request_logs SET tokens_used = 1 WHERE id = 1")
+    run = start_migrate(db.url, *args)
     try:
-        result = run_migrate(migrated_db.url, "--progress", "1")
+        wait_for_lock_wait(db, "the build to wait for the writer", run=run, locktype="virtualxid")
+        started = time.monotonic()
+        # Long enough for the probe to look twice at a --progress of 1 s.
+        poll_until("2.5 s of waiting", lambda: time.monotonic() - started > 2.5)
     finally:
-        timer.join()
-    assert result.returncode == 0, result.stderr
+        writer.rollback()
+        writer.close()
+    _, stderr = run.communicate(timeout=60)
+    return run.returncode, stderr
+
+
+def test_a_long_online_build_logs_progress_every_progress_seconds(migrated_db, start_migrate):
+    status, stderr = build_waiting_for_a_writer(migrated_db, start_migrate, "--progress", "1")
+    assert status == 0, stderr
     lines = [
         line
-        for line in result.stderr.splitlines()
+        for line in stderr.splitlines()
         if line.startswith("migrate: building index idx_request_logs_model: ")
         and "started" not in line
     ]
-    assert lines, result.stderr
+    assert lines, stderr
     assert all(line.endswith(" s") for line in lines)
     assert any("waiting" in line for line in lines)
 
 
-def test_progress_0_logs_no_progress_line(migrated_db):
-    add_users_and_logs(migrated_db, logs=10)
-    migrated_db.rows("DROP INDEX idx_request_logs_model")
-    writer = session(migrated_db, "UPDATE request_logs SET tokens_used = 1 WHERE id = 1")
-    timer = end_after(writer, 2.0)
-    try:
-        result = run_migrate(migrated_db.url, "--progress", "0")
-    finally:
-        timer.join()
-    assert result.returncode == 0, result.stderr
-    assert [line for line in result.stderr.splitlines() if "building index" in line] == [
-        "migrate: building index idx_request_logs_model: started (scans the table twice, waits for older transactions)"
+def test_progress_0_logs_no_progress_line(migrated_db, start_migrate):
+    status, stderr = build_waiting_for_a_writer(migrated_db, start_migrate, "--progress", "0")
+    assert status == 0, stderr
+    assert [line for line in stderr.splitlines() if "building index" in line] == [
+        (
+            "migrate: building index idx_request_logs_model: started (scans the table twice,"
+            " waits for older transactions)"
+        )
     ]
 
 
@@ -209,14 +216,18 @@ def test_batched_deletes_log_the_rows_so_far(migrated_db):
 
 def test_a_connection_of_the_probe_never_keeps_the_run_waiting_for_itself(migrated_db):
     # The probe reads pg_stat_activity on its own connection while CREATE INDEX CONCURRENTLY
-    # waits for older transactions: it must not be one of them.
+    # waits for older transactions: it must not be one of them, nor outlive the run.
     add_users_and_logs(migrated_db, logs=10)
     migrated_db.rows("DROP INDEX idx_request_logs_model")
     result = run_migrate(migrated_db.url, "--progress", "0.2", "--lock-timeout", "10")
     assert result.returncode == 0, result.stderr
-    with psycopg2.connect(migrated_db.url) as connection, connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'migrate.py'"
-        )
-        assert cursor.fetchone()[0] == 0
-    connection.close()
+    poll_until(
+        "migrate.py's sessions of this database to end",
+        lambda: (
+            not migrated_db.rows(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'migrate.py'"
+                " AND datname = current_database()"
+            )
+        ),
+        seconds=10,
+    )

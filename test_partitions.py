@@ -18,8 +18,7 @@ import pytest
 
 import migrate
 import partition
-from conftest import HERE, catalog, error_line, migrate_here, record_ddl, run_migrate
-from test_environments import poll
+from conftest import HERE, catalog, error_line, migrate_here, poll_until, record_ddl, run_migrate
 from test_online import add_users_and_logs, session
 
 CONTRACT_LOG_INDEXES = sorted(
@@ -142,11 +141,11 @@ def test_conversion_under_inserts_keeps_every_row_id_and_foreign_key(migrated_db
     inserter = threading.Thread(target=insert_while, args=(migrated_db, stop, outcomes))
     inserter.start()
     try:
-        poll("inserts to start", lambda: len(outcomes) > 10)
+        poll_until("inserts to start", lambda: len(outcomes) > 10)
         result = run_migrate(migrated_db.url, "--partition-request-logs", timeout=300)
         assert result.returncode == 0, result.stderr
         during = len(outcomes)
-        poll("inserts after the swap", lambda: len(outcomes) > during + 10)
+        poll_until("inserts after the swap", lambda: len(outcomes) > during + 10)
     finally:
         stop.set()
         inserter.join()
@@ -258,7 +257,7 @@ def test_a_conversion_stopped_at_any_step_leaves_one_layout_and_the_next_run_fin
     holder = session(migrated_db, hold)
     run = start(migrated_db, "--partition-request-logs", "--lock-timeout", "120")
     try:
-        poll(
+        poll_until(
             f"the conversion to run its {step} step",
             lambda: migrate_seen_running(migrated_db, seen),
         )
