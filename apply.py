@@ -73,8 +73,10 @@ from catalog import (
 from connection import (
     MigrationError,
     ServerSilent,
+    acting_on_signals,
     configure_session,
     open_side_connection,
+    pause,
     read_only_words,
     watch,
 )
@@ -132,10 +134,10 @@ class Budget:
     def back_off(self):
         """Sleep 0.05 s, 0.1 s, ... up to 1 s, jittered so that parallel runs spread out."""
         self.attempts += 1
-        pause = min(1.0, 0.05 * 2 ** min(self.attempts, 5)) * random.uniform(0.5, 1.5)
+        seconds = min(1.0, 0.05 * 2 ** min(self.attempts, 5)) * random.uniform(0.5, 1.5)
         if self.seconds > 0:
-            pause = min(pause, max(0.0, self.deadline - time.monotonic()))
-        time.sleep(pause)
+            seconds = min(seconds, max(0.0, self.deadline - time.monotonic()))
+        pause(seconds)
 
 
 def pgcode(exc):
@@ -727,6 +729,7 @@ def run_online(
 
 def what_is_left(statement, target, stage):
     """left_behind, and for a step which run carries on."""
+    acting_on_signals()
     left = left_behind(statement, target)
     if stage == "online":
         return left

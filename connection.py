@@ -344,7 +344,7 @@ def connect(params, wait_seconds=0, log=None):
             if not waiting and log:
                 log.info("waiting up to %g s for the server to accept connections", wait_seconds)
             waiting = True
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            pause(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 def open_side_connection():
@@ -444,7 +444,7 @@ class ServerSilent(Exception):
 
 # Signals received (SIGINT, SIGTERM); migrate.py's handler appends to it.
 signals_received = []
-TICK = 0.5  # seconds between looks at the clock while waiting
+TICK = 0.2  # seconds between looks at the clock (and at signals) while waiting
 CANCEL_LIMIT = 5.0  # how long a cancel request and the answer to it may take
 
 
@@ -459,23 +459,47 @@ class Watch:
     probe_every = 5.0
     silence_limit = None
     probing = False
+    signals_handled = 0
 
 
 watch = Watch()
 
 
+def signal_pending():
+    """Whether a SIGINT or SIGTERM arrived that nobody has acted on yet."""
+    return len(signals_received) > watch.signals_handled
+
+
+def pause(seconds):
+    """time.sleep that a signal ends: migrate.py's handler only records signals, so that none
+    lands between psycopg2 sending a statement and `wait` starting to watch it."""
+    deadline = time.monotonic() + seconds
+    while not signal_pending():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.05))
+    raise KeyboardInterrupt
+
+
 def wait(connection):
     """psycopg2's wait callback: waits for the server like psycopg2.extras.wait_select, but
     bounded. A connection attempt ends after connect_limit; a long statement is watched by
-    the probe; a signal sends a cancel request (bounded too) and is raised once the
-    statement has ended."""
-    started, signals_before = time.monotonic(), len(signals_received)
+    the probe; a signal (recorded by migrate.py's handler, which never raises) sends a cancel
+    request for the running statement, bounded too, and is raised once the statement has
+    ended."""
+    started = time.monotonic()
     connecting = connection.status == psycopg2.extensions.STATUS_SETUP
     limit = watch.connect_limit if connecting else watch.silence_limit
     next_probe = started + watch.probe_every
     cancelled_at = None
     while True:
         try:
+            if signal_pending() and cancelled_at is None:
+                if connecting:
+                    raise KeyboardInterrupt
+                cancelled_at = time.monotonic()
+                cancel_bounded(connection)
             state = connection.poll()
             if state == psycopg2.extensions.POLL_OK:
                 break
@@ -498,16 +522,16 @@ def wait(connection):
                     watch.probe(connection, now - started)
                 finally:
                     watch.probing = False
-        except KeyboardInterrupt:
-            if cancelled_at is None:
-                cancelled_at = time.monotonic()
-                cancel_bounded(connection)
-            continue
         except ServerSilent:
             connection.close()
             raise
-    if len(signals_received) > signals_before:
+    if signal_pending():
         raise KeyboardInterrupt
+
+
+def acting_on_signals():
+    """Called by whoever handles the interrupt: the reads it then makes are not cancelled."""
+    watch.signals_handled = len(signals_received)
 
 
 def cancel_bounded(connection):

@@ -430,13 +430,10 @@ def plan_document(plan, args, params, status):
 
 
 def on_signal(signum, frame):
-    """SIGINT/SIGTERM: stop where we are; apply rolls back and closes the lock's connection.
-
-    A second signal while the first is being handled only waits for it.
-    """
+    """SIGINT/SIGTERM: recorded, never raised here, so that none lands between psycopg2 sending
+    a statement and connection.wait watching it; wait cancels the running statement on the
+    server and raises once it has ended, and every pause of the run ends at once."""
     signals_received.append(signum)
-    if len(signals_received) == 1:
-        raise KeyboardInterrupt
 
 
 def interrupted_line():
@@ -568,6 +565,8 @@ def main(argv=None):
     status = EXIT_ERROR
     try:
         status = run(args, started)
+        if signals_received:  # arrived after the last statement: say so, with the state left
+            raise KeyboardInterrupt
     except BaseException as exc:
         if isinstance(exc, SystemExit):
             raise

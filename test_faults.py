@@ -194,3 +194,28 @@ def test_a_byte_that_is_not_utf8_in_database_url_is_one_line_and_exit_2(migrated
     result = run_migrate(migrated_db.url + " application_name=\udcff")
     assert_clean_failure(result, "")
     assert len(result.stderr.strip().splitlines()) <= 2
+
+
+def test_a_signal_that_arrives_before_the_wait_starts_still_cancels_the_statement(empty_db):
+    # The window the handler used to race with: psycopg2 has sent the statement and its
+    # wait callback has not started. The handler only records; the wait cancels.
+    import psycopg2.extensions
+
+    import connection
+
+    migrate.connect(empty_db.params)
+    psycopg2.extensions.set_wait_callback(connection.wait)
+    connection.signals_received.append(signal.SIGTERM)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            migrate.database.execute_sql("SELECT pg_sleep(30)")
+    finally:
+        psycopg2.extensions.set_wait_callback(None)
+        connection.acting_on_signals()
+        connection.signals_received.clear()
+        connection.watch.signals_handled = 0
+        migrate.database.close()
+    assert not empty_db.rows(
+        "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
+        " AND datname = current_database()"
+    )
