@@ -328,7 +328,13 @@ def stop_watching():
 def probe(connection, elapsed):
     """One look at the session behind `connection`, from the probe's own connection."""
     if watched["probe"] is None or watched["probe"].closed:
-        watched["probe"] = open_side_connection()
+        try:
+            watched["probe"] = open_side_connection()
+        except MigrationError:
+            raise ServerSilent(
+                f"the server did not answer while a statement ran ({elapsed:.0f} s): a new"
+                " connection to watch it got no answer"
+            ) from None
     limit, watch.silence_limit = watch.silence_limit, PROBE_LIMIT
     try:
         with watched["probe"].cursor() as cursor:
@@ -906,5 +912,8 @@ def script(plan, atomic, lock_timeout, statement_timeout):
                 "COMMIT;",
             ]
         else:
-            lines += with_hazards(step.statements, tables)
+            for statement in step.statements:
+                if step.kind == "batched":  # with the planner's estimate of the rows it removes
+                    lines.append(f"-- {statement.description}")
+                lines += with_hazards([statement], tables)
     return lines

@@ -49,7 +49,12 @@ from models import MODELS, database
 Target = namedtuple("Target", "name oid search_path source")
 # bound: pg_get_expr(relpartbound) in UTC (TimeZone is pinned): 'FOR VALUES FROM (...) TO (...)'.
 Table = namedtuple("Table", "name kind rows comment columns parent bound detach_pending")
-Column = namedtuple("Column", "type not_null default identity generated serial")
+# pure_default: a default that evaluating changes nothing: no sequence, no function of the
+# application (pg_depend records neither of pg_catalog's own, which are pinned).
+# domain_not_null: of a NOT NULL domain without a default of its own.
+Column = namedtuple(
+    "Column", "type not_null default identity generated serial domain_not_null pure_default"
+)
 Serial = namedtuple("Serial", "sequence owned type")  # the sequence a nextval() default draws from
 Relation = namedtuple("Relation", "name kind table")  # table: what an index is on
 IndexKey = namedtuple("IndexKey", "column descending nulls_first default_opclass default_collation")
@@ -184,8 +189,10 @@ WHERE s.name = 'search_path'
 
 def target_schema():
     """The schema a run works in: current_schema(), refused when temporary, a system schema or none."""
+    # Guarded like every query of ours; the schema is not known yet, so no search_path.
+    guard = "SELECT set_config('statement_timeout', '30s', true), set_config('lock_timeout', '30s', true)"
     name, oid, setting, source, role, dbname, temporary = database.execute_sql(
-        TARGET_QUERY
+        f"{guard}; {TARGET_QUERY}"
     ).fetchone()
     where = f"search_path {shown(setting)}, {setting_source(source, role, dbname)}"
     if name is None:
@@ -230,7 +237,8 @@ def describe_target(target):
 # --- The catalog ------------------------------------------------------------------------------
 
 TABLES_QUERY = """
-SELECT c.relname, c.relkind, c.reltuples::float8, obj_description(c.oid, 'pg_class'), parent.relname,
+SELECT c.relname, c.relkind, c.reltuples::float8, obj_description(c.oid, 'pg_class'),
+       CASE WHEN parent.relnamespace = %(schema)s THEN parent.relname END,
        CASE WHEN c.relispartition THEN pg_get_expr(c.relpartbound, 0) END, {detach_pending},
        pg_backend_pid(),
        a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
@@ -238,7 +246,12 @@ SELECT c.relname, c.relkind, c.reltuples::float8, obj_description(c.oid, 'pg_cla
        a.attidentity <> '', a.attgenerated <> '', s.relname,
        EXISTS (SELECT 1 FROM pg_depend o WHERE o.classid = 'pg_class'::regclass AND o.objid = s.oid
                AND o.refobjid = c.oid AND o.refobjsubid = a.attnum AND o.deptype IN ('a', 'i')),
-       format_type(q.seqtypid, NULL)
+       format_type(q.seqtypid, NULL),
+       (SELECT t.typnotnull AND t.typdefaultbin IS NULL FROM pg_type t
+        WHERE t.oid = a.atttypid AND t.typtype = 'd'),
+       d.oid IS NOT NULL AND pg_get_expr(d.adbin, 0) NOT LIKE '%%nextval(%%' AND NOT EXISTS (
+           SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_attrdef'::regclass AND x.objid = d.oid
+             AND x.refclassid IN ('pg_class'::regclass, 'pg_proc'::regclass))
 FROM pg_class c
 LEFT JOIN pg_inherits h ON c.relispartition AND h.inhrelid = c.oid
 LEFT JOIN pg_class parent ON parent.oid = h.inhparent
@@ -321,8 +334,9 @@ LIMIT 1
 
 
 def row_estimate(reltuples):
-    """pg_class.reltuples as a count, None when unknown (-1: never analyzed; NaN or infinite)."""
-    if reltuples is None or not math.isfinite(reltuples) or reltuples < 0:
+    """pg_class.reltuples as a count, None when unknown (-1: never analyzed; NaN, infinite, or
+    past what a JSON reader's integer holds)."""
+    if reltuples is None or not math.isfinite(reltuples) or not 0 <= reltuples < 2**53:
         return None
     return int(reltuples)
 
@@ -396,10 +410,14 @@ def read_tables(target):
             table = tables[name] = Table(
                 name, kind, row_estimate(reltuples), comment, {}, parent, bound, detach
             )
-        attname, type_, not_null, default, identity, generated, sequence, owned, seq_type = column
+        attname, type_, not_null, default, identity, generated, sequence, owned, seq_type, *rest = (
+            column
+        )
         if attname is not None:
             serial = Serial(sequence, owned, seq_type) if sequence else None
-            table.columns[attname] = Column(type_, not_null, default, identity, generated, serial)
+            table.columns[attname] = Column(
+                type_, not_null, default, identity, generated, serial, *rest
+            )
     return tables, backend_pid
 
 

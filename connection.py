@@ -333,7 +333,7 @@ def connect(params, wait_seconds=0, log=None):
     waiting = False
     while True:
         try:
-            database.connect(reuse_if_open=True)
+            connect_guarded()
             configure_session(database.connection())
             return database
         except (peewee.OperationalError, psycopg2.OperationalError, ServerSilent) as exc:
@@ -345,6 +345,27 @@ def connect(params, wait_seconds=0, log=None):
                 log.info("waiting up to %g s for the server to accept connections", wait_seconds)
             waiting = True
             pause(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+# Startup options for our sessions, after the caller's own (the last -c wins): a role's
+# statement_timeout or lock_timeout of a millisecond would cancel the very first statement,
+# before any SET of ours could arrive. Per transaction, catalog.guarded pins tighter ones.
+GUARD_OPTIONS = "-c statement_timeout=30s -c lock_timeout=30s"
+
+
+def connect_guarded():
+    """Open models.database with GUARD_OPTIONS; without them where a pooler refuses `options`
+    (pgbouncer before 1.20), as it then refuses every session that sends them."""
+    plain = dict(database.connect_params)
+    own = plain.get("options") or os.environ.get("PGOPTIONS") or ""
+    database.connect_params = {**plain, "options": f"{own} {GUARD_OPTIONS}".strip()}
+    try:
+        database.connect(reuse_if_open=True)
+    except peewee.OperationalError as exc:
+        database.connect_params = plain
+        if "unsupported startup parameter" not in str(exc):
+            raise
+        database.connect(reuse_if_open=True)
 
 
 def open_side_connection():
@@ -370,6 +391,7 @@ def open_side_connection():
 # What the session setup reads: whether this is a standby, and where a
 # read-only default comes from, so that a refused write can be explained.
 SESSION_QUERY = """
+SELECT set_config('statement_timeout', '30s', true), set_config('lock_timeout', '30s', true);
 SELECT pg_is_in_recovery(), s.setting, s.source, current_user, current_database(){extra}
 FROM pg_settings s WHERE s.name = 'default_transaction_read_only'
 """

@@ -79,7 +79,7 @@ from connection import (
     wait,
 )
 from models import database
-from plan import describe_unknown, lock_name, plural, report, schema_sql, search_path_line
+from plan import describe_unknown, lock_name, plural, report, runnable, schema_sql, search_path_line
 
 EXIT_OK, EXIT_PENDING, EXIT_ERROR, EXIT_DRIFT = 0, 1, 2, 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -236,10 +236,15 @@ def parse_args(argv):
     return args
 
 
+MAX_RETENTION_DAYS = 36_500  # a hundred years: a cutoff Python's dates and PostgreSQL's hold
+
+
 def positive_days(text):
-    """An argparse type: a whole number of days, 1 or more."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days of 1 or more")
+    """An argparse type: a whole number of days, from 1 to MAX_RETENTION_DAYS."""
+    if not text.isdigit() or not 1 <= int(text) <= MAX_RETENTION_DAYS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number of days from 1 to {MAX_RETENTION_DAYS:,}"
+        )
     return int(text)
 
 
@@ -251,14 +256,23 @@ class OutputError(Exception):
 
 
 def write_out(text):
-    """Write to stdout, turning every way that can fail into OutputError."""
+    """Write to stdout, turning every way that can fail into OutputError.
+
+    Through the binary layer, in a loop: with PYTHONUNBUFFERED that layer is the raw file,
+    whose write may take part of the bytes, and the text layer drops the rest unsaid.
+    """
     if not text:
         return
     if sys.stdout is None:
         raise OutputError("stdout is closed")
     try:
-        sys.stdout.write(text)
         sys.stdout.flush()
+        data = memoryview(text.encode(sys.stdout.encoding or "utf-8", "backslashreplace"))
+        binary = sys.stdout.buffer
+        while data:
+            written = binary.write(data)
+            data = data[len(data) if written is None else written :]
+        binary.flush()
     except (OSError, ValueError) as exc:
         silence_stdout()
         raise OutputError(f"stdout: {exc.strerror or exc}") from None
@@ -283,7 +297,7 @@ class LineHandler(logging.StreamHandler):
 
 
 def setup_logging():
-    # A closed stderr (2>&-) is None: the lines then go nowhere, and the exit code says it.
+    # A closed stderr (2>&-) is None: main refuses to run then (exit 2).
     handler = LineHandler(sys.stderr or open(os.devnull, "w"))  # noqa: SIM115 -- lives as long as the process
     handler.setFormatter(logging.Formatter("migrate: %(message)s"))
     log.handlers[:] = [handler]
@@ -314,7 +328,7 @@ def run_command(args):
     return " ".join(words)
 
 
-def summary(plan, status, started, command="python migrate.py"):
+def summary(plan, status, started, command="python migrate.py", retain_days=None):
     """The last line of --check and --dry-run: what is left, and what to run."""
     changes = plural(len(plan.pending) + len(plan.in_progress), "change")
     drifts = plural(len(plan.drift), "drift")
@@ -327,6 +341,8 @@ def summary(plan, status, started, command="python migrate.py"):
         return (
             f"{changes} pending, {drifts} ({elapsed(started)}): run python migrate.py to make them"
         )
+    if retain_days is not None and not plan.pending:
+        return f"nothing older than {plural(retain_days, 'day')} to remove ({elapsed(started)})"
     if status == EXIT_DRIFT:
         return (
             f"nothing for a run to add; {drifts} left alone ({elapsed(started)}):"
@@ -364,10 +380,17 @@ def log_leftovers(plan):
         log.info("left to another session: %s", item)
     for drift in plan.drift:
         fix = " ".join(statement + ";" for statement in drift.fix)
-        how = "to fix" if drift.safe else "not safe to run as is"
+        how = "to fix" if runnable(drift) else "not safe to run as is"
         log.warning("drift: %s; %s: %s", drift.problem, how, fix or "see --check")
     for item in plan.unknown:
         log.info("not in the models, left alone: %s", describe_unknown(item))
+
+
+def log_retention(done, started, days):
+    if done:
+        log.info("done: %s in %s", plural(len(done), "statement"), elapsed(started))
+    else:
+        log.info("nothing older than %s to remove (%s)", plural(days, "day"), elapsed(started))
 
 
 def log_run(plan, done, started):
@@ -414,7 +437,16 @@ def plan_document(plan, args, params, status):
             for statement in statements
         ],
         "drift": [
-            {"problem": d.problem, "fix": d.fix, "safe": d.safe, "cost": d.cost} for d in plan.drift
+            {
+                "kind": d.key[0],
+                "table": d.key[1],
+                "object": d.key[2],
+                "problem": d.problem,
+                "fix": d.fix,
+                "safe": runnable(d),
+                "cost": d.cost,
+            }
+            for d in plan.drift
         ],
         "blocked": [{"problem": b.reason, "sql": b.steps} for b in plan.blocked],
         "in_progress": plan.in_progress,
@@ -424,6 +456,16 @@ def plan_document(plan, args, params, status):
         ],
         "exit": status,
     }
+
+
+def error_document(line):
+    """--format json on an error: a document that says so, so that tooling reading stdout
+    never parses an empty one."""
+    try:
+        document = {"format": "migrate.py plan", "version": JSON_FORMAT_VERSION, "error": line}
+        write_out(json.dumps({**document, "exit": EXIT_ERROR}, indent=2) + "\n")
+    except OutputError:
+        pass  # stdout is gone: stderr has said it
 
 
 # --- Faults ---------------------------------------------------------------------------------
@@ -537,15 +579,22 @@ def run(args, started):
             log_leftovers(plan)
             if not plan.pending:
                 log.info("nothing to do: the run would send no statement")
-        line = summary(plan, check_status(plan), started, run_command(args))
+        line = summary(
+            plan, check_status(plan), started, run_command(args), args.retain_request_logs
+        )
         (log.error if line.startswith("error: ") else log.info)("%s", line)
         return status
     plan, done = migrate(target, args.atomic, args.lock_timeout, args.statement_timeout, **layout)
-    log_run(plan, done, started)
+    if args.retain_request_logs is not None:
+        log_retention(done, started, args.retain_request_logs)
+    else:
+        log_run(plan, done, started)
     return EXIT_OK
 
 
 def main(argv=None):
+    if sys.stderr is None:  # 2>&-: no line could say what happened, so nothing happens
+        return EXIT_ERROR
     setup_logging()
     encodings = [
         getattr(stream, "encoding", None) or "utf-8" for stream in (sys.stdout, sys.stderr)
@@ -577,6 +626,8 @@ def main(argv=None):
             log.error("traceback of the error below:", exc_info=exc)
         log.error("error: %s", error_line(exc))
         status = EXIT_ERROR
+        if args.format == "json" and not isinstance(exc, OutputError):
+            error_document(error_line(exc))
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

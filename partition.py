@@ -40,7 +40,7 @@ from datetime import UTC, datetime, timedelta
 
 from peewee import Entity, Value
 
-from catalog import guarded, shown_name
+from catalog import guarded, shown, shown_name
 from models import RequestLog, database
 from plan import (
     Blocker,
@@ -123,12 +123,21 @@ def boundary_after(now):
 BOUND = re.compile(r"FOR VALUES FROM \((.+)\) TO \((.+)\)")
 
 
+FAR_PAST = datetime.min.replace(tzinfo=UTC)
+FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
+
+
 def bound_value(text):
     """A bound of pg_get_expr(relpartbound): None for MINVALUE/MAXVALUE, else the moment.
-    Text, as PostgreSQL offers no structured bound; TimeZone is pinned to UTC for it."""
+    Text, as PostgreSQL offers no structured bound; TimeZone is pinned to UTC for it. An
+    operator's 'infinity', or a year Python cannot hold, is the far past or future."""
     if text in ("MINVALUE", "MAXVALUE"):
         return None
-    return datetime.fromisoformat(text.strip("'"))
+    value = text.strip("'")
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return FAR_PAST if value.startswith("-") or value.endswith(" BC") else FAR_FUTURE
 
 
 def partitions(snapshot):
@@ -174,7 +183,7 @@ def with_partitions(plan, convert=False, now=None):
         return upkeep(plan, now)
     if convert:
         return conversion(plan, now)
-    return leftover_conversion(plan)
+    return leftover_conversion(plan, now)
 
 
 def fresh_layout(plan, now):
@@ -256,6 +265,7 @@ def upkeep(plan, now):
                 online.append(statement)
     if default is not None and default.parent == PARENT:
         drift += dated_rows_in_default(snapshot)
+    drift += partitions_elsewhere(snapshot)
     unknown = [
         u for u in plan.unknown if (u.kind, u.table, u.name) != ("index", PARENT, ID_INDEX._name)
     ]
@@ -285,7 +295,7 @@ def attach_default(snapshot):
                 Entity(DEFAULT_PARTITION),
                 "(LIKE",
                 Entity(PARENT),
-                "INCLUDING DEFAULTS)",
+                "INCLUDING DEFAULTS INCLUDING CONSTRAINTS)",
             ),
             f"created table {DEFAULT_PARTITION}",
             (),
@@ -316,7 +326,14 @@ def attach_month(snapshot, month):
     within = f"{render(Entity('created_at'))} >= {literal(month)} AND {render(Entity('created_at'))} < {literal(end)}"
     statements = [
         Statement(
-            sql_text("CREATE TABLE", Entity(name), "(LIKE", Entity(PARENT), "INCLUDING DEFAULTS)"),
+            # Its CHECKs too: ATTACH refuses a table missing one of the parent's.
+            sql_text(
+                "CREATE TABLE",
+                Entity(name),
+                "(LIKE",
+                Entity(PARENT),
+                "INCLUDING DEFAULTS INCLUDING CONSTRAINTS)",
+            ),
             f"created table {name}",
             (),
             Hazard(None, "nothing", "a new empty table"),
@@ -324,26 +341,32 @@ def attach_month(snapshot, month):
         )
     ]
     if DEFAULT_PARTITION in snapshot.tables:
+        # The default partition locked first: inserts committed between a copy and a delete
+        # would otherwise be deleted without being copied. ATTACH takes that lock anyway.
+        default = render(Entity(DEFAULT_PARTITION))
         statements += [
             Statement(
-                f"INSERT INTO {render(Entity(name))} SELECT * FROM ONLY {render(Entity(DEFAULT_PARTITION))} WHERE {within}",
-                f"moved the rows of {month:%Y-%m} out of {DEFAULT_PARTITION} (1/2)",
+                f"LOCK TABLE ONLY {default} IN ACCESS EXCLUSIVE MODE",
+                "",
                 (DEFAULT_PARTITION,),
                 Hazard(
-                    "AccessShareLock", "nothing", "reads the default partition's rows of the month"
+                    "AccessExclusiveLock",
+                    "inserts with a NULL created_at or one no partition covers",
+                    "instant",
                 ),
-                ("moved", name, "insert"),
+                ("moved", name, "lock"),
             ),
             Statement(
-                f"DELETE FROM ONLY {render(Entity(DEFAULT_PARTITION))} WHERE {within}",
-                f"moved the rows of {month:%Y-%m} out of {DEFAULT_PARTITION} (2/2)",
+                f"WITH moved AS (DELETE FROM ONLY {default} WHERE {within} RETURNING *)"
+                f" INSERT INTO {render(Entity(name))} SELECT * FROM moved",
+                f"moved the rows of {month:%Y-%m} out of {DEFAULT_PARTITION}",
                 (DEFAULT_PARTITION,),
                 Hazard(
-                    "RowExclusiveLock",
-                    "nothing",
-                    "deletes the default partition's rows of the month",
+                    "AccessExclusiveLock",
+                    "inserts with a NULL created_at or one no partition covers",
+                    "reads the default partition's rows of the month (few, unless upkeep was missed)",
                 ),
-                ("moved", name, "delete"),
+                ("moved", name, "rows"),
             ),
         ]
     statements.append(
@@ -359,25 +382,65 @@ def attach_month(snapshot, month):
     return statements
 
 
-def dated_rows_in_default(snapshot):
-    query = sql_text(
-        "SELECT count(*) FROM ONLY",
-        Entity(DEFAULT_PARTITION),
-        "WHERE",
-        Entity("created_at"),
-        "IS NOT NULL",
-    )
-    count = guarded(snapshot.target, query).fetchone()[0]
-    if not count:
+ELSEWHERE_QUERY = """
+SELECT c.oid::regclass::text FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid
+WHERE h.inhparent = (SELECT oid FROM pg_class WHERE relnamespace = %(schema)s AND relname = %(table)s)
+  AND c.relnamespace <> %(schema)s ORDER BY 1
+"""
+
+
+def partitions_elsewhere(snapshot):
+    """Partitions of request_logs in another schema, which no run indexes, keeps or retains."""
+    rows = guarded(
+        snapshot.target, ELSEWHERE_QUERY, {"schema": snapshot.target.oid, "table": PARENT}
+    ).fetchall()
+    if not rows:
         return []
+    names = ", ".join(shown(name) for (name,) in rows)
     return [
         Drift(
-            f"{DEFAULT_PARTITION} holds {plural(count, 'row')} with a created_at that no partition covers"
-            " (dates past next month, or of months without a partition): a run moves a month's"
-            " rows into its partition when it makes it, for this month and the next",
+            f"{PARENT} has partitions outside its schema ({names}): migrate.py indexes, keeps and"
+            " retains only the partitions of its schema, so an index of the parent may stay"
+            " INVALID and old rows there stay; move them into the schema or detach them",
             [],
             False,
-            "none until their month's partition is made",
+            "none",
+            ("partitions elsewhere", PARENT, PARENT),
+        )
+    ]
+
+
+MONTHS_IN_DEFAULT = """
+SELECT DISTINCT date_trunc('month', created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+FROM ONLY {default} WHERE created_at IS NOT NULL ORDER BY 1 LIMIT 13
+"""
+
+
+def dated_rows_in_default(snapshot):
+    """Rows of the default partition with a date: each month of them can get its partition,
+    made as upkeep makes one (their rows moved under the default partition's lock)."""
+    default = render(Entity(DEFAULT_PARTITION))
+    count = guarded(
+        snapshot.target, f"SELECT count(*) FROM ONLY {default} WHERE created_at IS NOT NULL"
+    ).fetchone()[0]
+    if not count:
+        return []
+    months = [m for (m,) in guarded(snapshot.target, MONTHS_IN_DEFAULT.format(default=default))]
+    ranges = partitions(snapshot)
+    fix = []
+    for month in months[:12]:
+        if FAR_PAST < month < FAR_FUTURE - timedelta(days=62) and not covered(ranges, month):
+            fix += ["BEGIN", *(s.sql for s in attach_month(snapshot, month)), "COMMIT"]
+    return [
+        Drift(
+            f"{DEFAULT_PARTITION} holds {plural(count, 'row')} with a created_at that no partition"
+            f" covers (months {', '.join(f'{m:%Y-%m}' for m in months[:12])}"
+            f"{', ...' if len(months) > 12 else ''}): runs make only this and next month's"
+            " partitions; the fix makes one for each month and moves its rows there",
+            fix,
+            bool(fix),
+            "ACCESS EXCLUSIVE on request_logs_default while its rows of a month move;"
+            " SHARE UPDATE EXCLUSIVE on request_logs",
             ("default rows", PARENT, DEFAULT_PARTITION),
         )
     ]
@@ -389,16 +452,26 @@ def conversion(plan, now):
     snapshot = plan.snapshot
     found = conversion_check(snapshot)
     steps, blocked = list(plan.steps), list(plan.blocked)
-    if found is None:
-        if has_undated_rows(snapshot):
-            blocked.append(undated_rows_blocker())
-            return plan._replace(blocked=blocked)
+    boundary = found[1] if found else boundary_after(now)
+    stale = found is not None and found[1] - now < timedelta(days=1)
+    if stale:  # its boundary is (nearly) here: bounded again, or inserts would soon fail
         boundary = boundary_after(now)
-        steps.append(Step("bound request_logs by created_at", "transaction", [add_check(boundary)]))
+    carried, cannot = carried_over(snapshot)
+    problems = cannot + held_names(snapshot, boundary, now)
+    if found is None and has_undated_rows(snapshot):
+        blocked.append(undated_rows_blocker())
+    if problems:
+        blocked.append(conversion_blocker(problems, found))
+    if blocked != list(plan.blocked):
+        return plan._replace(blocked=blocked)
+    if found is None or stale:
+        drop = [drop_check(found[0].name)] if stale else []
+        steps.append(
+            Step("bound request_logs by created_at", "transaction", [*drop, add_check(boundary)])
+        )
         validated = False
     else:
-        constraint, boundary = found
-        validated = constraint.validated
+        validated = found[0].validated
     online = []
     name = CHECK_PREFIX + f"{boundary:%Y_%m}"
     if not validated:
@@ -412,7 +485,7 @@ def conversion(plan, now):
             )
         )
     legacy_id = snapshot.indexes.get(LEGACY_ID_INDEX)
-    if legacy_id is None or not legacy_id.valid:
+    if legacy_id is None or not legacy_id.valid or legacy_id.table != PARENT:
         build = index_sql(RequestLog, ID_INDEX, safe=True, concurrently=True).replace(
             render(Entity(ID_INDEX._name)), render(Entity(LEGACY_ID_INDEX)), 1
         )
@@ -449,13 +522,98 @@ def conversion(plan, now):
         Step(
             "swap request_logs for its partitioned twin",
             "transaction",
-            swap(snapshot, boundary, now),
+            swap(snapshot, boundary, now, carried),
         )
     )
     unknown = [
         u for u in plan.unknown if not (u.table == PARENT and u.name in (name, LEGACY_ID_INDEX))
     ]
     return plan._replace(steps=steps, blocked=blocked, unknown=unknown)
+
+
+# What the conversion carries from request_logs to its partitioned twin (grants, owner), and
+# what it cannot (a trigger's or a policy's definition would be catalog text pasted into SQL).
+CARRY_QUERY = """
+SELECT pg_get_userbyid(c.relowner), current_user,
+       ARRAY(SELECT ARRAY[coalesce(r.rolname, 'PUBLIC'), a.privilege_type, a.is_grantable::text]
+             FROM aclexplode(c.relacl) a LEFT JOIN pg_roles r ON r.oid = a.grantee
+             WHERE a.grantee <> c.relowner ORDER BY 1),
+       ARRAY(SELECT 'trigger ' || tgname FROM pg_trigger WHERE tgrelid = c.oid AND NOT tgisinternal
+             UNION ALL SELECT 'publication ' || p.pubname FROM pg_publication_rel pr
+                 JOIN pg_publication p ON p.oid = pr.prpubid WHERE pr.prrelid = c.oid
+             UNION ALL SELECT 'policy ' || polname FROM pg_policy WHERE polrelid = c.oid
+             UNION ALL SELECT 'rule ' || rulename FROM pg_rewrite WHERE ev_class = c.oid
+             UNION ALL SELECT 'grant on column ' || attname FROM pg_attribute
+                 WHERE attrelid = c.oid AND attacl IS NOT NULL
+             UNION ALL SELECT 'row level security' WHERE c.relrowsecurity
+             ORDER BY 1)
+FROM pg_class c WHERE c.relnamespace = %(schema)s AND c.relname = %(table)s
+"""
+
+
+def carried_over(snapshot):
+    """(statements that give the twin request_logs' owner and grants, what cannot be carried)."""
+    row = guarded(
+        snapshot.target, CARRY_QUERY, {"schema": snapshot.target.oid, "table": PARENT}
+    ).fetchone()
+    owner, me, grants, cannot = row
+    statements = []
+    if owner != me:
+        statements.append(sql_text("ALTER TABLE", Entity(PARENT), "OWNER TO", Entity(owner)))
+    for grantee, privilege, grantable in grants:
+        who = "PUBLIC" if grantee == "PUBLIC" else render(Entity(grantee))
+        option = " WITH GRANT OPTION" if grantable == "true" else ""
+        statements.append(f"GRANT {privilege} ON TABLE {render(Entity(PARENT))} TO {who}{option}")
+    return statements, [shown(item) for item in cannot]
+
+
+def held_names(snapshot, boundary, now):
+    """The names the conversion would create that another relation already holds."""
+    wanted = [DEFAULT_PARTITION, LEGACY, TWIN]
+    month = boundary
+    while month <= add_months(month_start(now), MONTHS_AHEAD):
+        wanted.append(month_name(month))
+        month = add_months(month, 1)
+    indexes = [*RequestLog._meta.fields_to_index(), ID_INDEX]
+    wanted += [twin_index_name(i._name) for i in indexes]
+    wanted += [legacy_index_name(i._name) for i in RequestLog._meta.fields_to_index()]
+    held = [name for name in wanted if name in snapshot.relations]
+    legacy_id = snapshot.relations.get(LEGACY_ID_INDEX)
+    if legacy_id is not None and legacy_id.table != PARENT:
+        held.append(LEGACY_ID_INDEX)
+    if ID_INDEX._name in snapshot.relations:
+        held.append(ID_INDEX._name)
+    return [
+        f"the name {shown_name(name)} (held by the {snapshot.relations[name].kind}"
+        f" {shown_name(name)})"
+        for name in held
+    ]
+
+
+def conversion_blocker(problems, found):
+    check = (
+        f"; meanwhile its CHECK {shown_name(found[0].name)} refuses inserts after"
+        f" {found[1]:%Y-%m-%d}: drop it if the conversion is not finished before then"
+        if found
+        else ""
+    )
+    steps = [drop_check(found[0].name).sql] if found else []
+    return Blocker(
+        f"{PARENT} cannot be converted to monthly partitions: the partitioned table would not"
+        f" have {', '.join(problems)}; move or rename them (a trigger, publication, policy or"
+        f" rule can be made again on the partitioned table afterwards){check}",
+        steps,
+    )
+
+
+def drop_check(name):
+    return Statement(
+        sql_text("ALTER TABLE", Entity(PARENT), "DROP CONSTRAINT", Entity(name)),
+        f"dropped the unfinished conversion's bound {name}",
+        (PARENT,),
+        ADD_CHECK_NOT_VALID,
+        ("dropped check", PARENT, name),
+    )
 
 
 def has_undated_rows(snapshot):
@@ -503,7 +661,7 @@ def legacy_index_name(name):
     return name.replace(f"idx_{PARENT}_", f"{LEGACY}_", 1)
 
 
-def swap(snapshot, boundary, now):
+def swap(snapshot, boundary, now, carried=()):
     """The one transaction of the swap. No statement scans: each is a catalog change."""
     indexes = [*RequestLog._meta.fields_to_index(), ID_INDEX]
     parent, twin = render(Entity(PARENT)), render(Entity(TWIN))
@@ -513,13 +671,24 @@ def swap(snapshot, boundary, now):
     def step(sql, description="", hazard=new, tables=()):
         return Statement(sql, description, tables, hazard, key)
 
+    check = CHECK_PREFIX + f"{boundary:%Y_%m}"
     statements = [
         step(
-            sql_text("CREATE TABLE", Entity(TWIN), "(LIKE", Entity(PARENT), "INCLUDING DEFAULTS)")
+            # Everything of the table but its indexes: CHECKs, NOT NULLs, defaults, column
+            # comments, storage, statistics; grants and the owner follow (`carried`).
+            sql_text(
+                "CREATE TABLE",
+                Entity(TWIN),
+                "(LIKE",
+                Entity(PARENT),
+                "INCLUDING ALL EXCLUDING INDEXES)",
+            )
             + ' PARTITION BY RANGE ("created_at")',
             f"created {TWIN}, partitioned by created_at",
         ),
+        step(sql_text("ALTER TABLE", Entity(TWIN), "DROP CONSTRAINT", Entity(check))),
         step(sql_text("COMMENT ON TABLE", Entity(TWIN), "IS", Value(RequestLog._meta.comment))),
+        *(step(sql.replace(f" {render(Entity(PARENT))}", f" {twin}", 1)) for sql in carried),
     ]
     for index in indexes:
         statements.append(
@@ -613,13 +782,20 @@ def not_ready_to_swap(plan):
     return None
 
 
-def leftover_conversion(plan):
+def leftover_conversion(plan, now):
     """A conversion started by --partition-request-logs and not finished: its CHECK refuses
     inserts with a NULL created_at until the conversion ends."""
     found = conversion_check(plan.snapshot)
     if found is None:
         return plan
     constraint, boundary = found
+    if boundary - now < timedelta(days=1):
+        # Ours, and about to refuse every insert: a plain run drops it.
+        step = Step(
+            "drop an unfinished conversion's bound", "transaction", [drop_check(constraint.name)]
+        )
+        unknown = [u for u in plan.unknown if not (u.table == PARENT and u.name == constraint.name)]
+        return plan._replace(steps=[*plan.steps, step], unknown=unknown)
     drift = plan.drift + [
         Drift(
             f"a conversion of {PARENT} to monthly partitions is not finished: its CHECK"

@@ -52,6 +52,7 @@ from playhouse.migrate import PostgresqlMigrator
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
 from catalog import guard_params, guard_sql, guarded, index_builder, shown, shown_name
+from connection import text_limits
 from models import MODELS, database
 
 # --- Hazards ---------------------------------------------------------------------
@@ -679,9 +680,32 @@ def writes_that_fail(model, snapshot):
     migrator = PostgresqlMigrator(database)
     drift = []
     for name, column in snapshot.tables[table].columns.items():
-        if name in declared or not column.not_null:
+        if name in declared or not (column.not_null or column.domain_not_null):
             continue
-        if column.default is None and not column.identity and not column.generated:
+        if column.default is not None or column.identity or column.generated:
+            continue
+        if column.domain_not_null and not column.not_null:
+            # The NOT NULL is the domain's, shared with every column of that type.
+            drift.append(
+                Drift(
+                    f"{table}.{shown_name(name)} is of the NOT NULL domain {shown(column.type)}"
+                    " with no default, and not in the models: every insert through the models"
+                    " (and the Go backend) fails; give it a DEFAULT (value yours to choose)",
+                    [
+                        sql_text(
+                            "ALTER TABLE",
+                            Entity(table),
+                            "ALTER COLUMN",
+                            Entity(name),
+                            "SET DEFAULT PLACEHOLDER",
+                        )
+                    ],
+                    False,
+                    INSTANT_ALTER.format(table=table),
+                    ("column", table, name),
+                )
+            )
+        else:
             drift.append(
                 Drift(
                     f"{table}.{shown_name(name)} ({shown(column.type)}) is NOT NULL with no default"
@@ -770,12 +794,18 @@ def violated_checks(snapshot, table, candidates, values):
                 "INCLUDING DEFAULTS INCLUDING CONSTRAINTS)",
             )
         )
-        not_null = [c for c, facts in columns.items() if facts.not_null]
-        if not_null:
-            clauses = ", ".join(
-                sql_text("ALTER COLUMN", Entity(c), "DROP NOT NULL") for c in not_null
-            )
-            database.execute_sql(f"{sql_text('ALTER TABLE', PROBE)} {clauses}")
+        # No NOT NULL, and no default that evaluating would change something (a sequence).
+        clauses = [
+            sql_text("ALTER COLUMN", Entity(c), "DROP NOT NULL")
+            for c, facts in columns.items()
+            if facts.not_null
+        ] + [
+            sql_text("ALTER COLUMN", Entity(c), "DROP DEFAULT")
+            for c, facts in columns.items()
+            if facts.default is not None and not facts.pure_default
+        ]
+        if clauses:
+            database.execute_sql(f"{sql_text('ALTER TABLE', PROBE)} {', '.join(clauses)}")
         for _ in range(len(snapshot.constraints) + 1):
             database.execute_sql("SAVEPOINT migrate_attempt")
             try:
@@ -1260,13 +1290,30 @@ def plural(count, noun):
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+UNICODE_ESCAPE = re.compile(r"\\([0-9A-F]{4})|\\\+([0-9A-F]{6})")
+
+
+def runnable(drift):
+    """Whether a drift's fix may run as printed: safe, and able to name what it names. On a
+    SQL_ASCII server a U&"..." escape above 007F cannot name the raw bytes of a name."""
+    if not drift.safe:
+        return False
+    if not text_limits["raw_server_bytes"]:
+        return True
+    return not any(
+        int(match.group(1) or match.group(2), 16) > 0x7F
+        for statement in drift.fix
+        for match in UNICODE_ESCAPE.finditer(statement)
+    )
+
+
 def drift_lines(drift):
     """A drift as SQL to review: the problem and cost as comments, the fix (commented when unsafe)."""
     statements = [statement + ";" for statement in drift.fix]
     if not drift.fix:
         statements = ["(no statement: see above)"]
     return [f"-- {drift.problem}", f"--   cost: {drift.cost}"] + (
-        statements if drift.safe else commented(statements)
+        statements if runnable(drift) else commented(statements)
     )
 
 

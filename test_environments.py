@@ -619,3 +619,81 @@ def test_an_unknown_service_names_the_service_and_the_files_libpq_read(tmp_path)
     assert_clean_failure(result, 'definition of service "nosuch" not found')
     assert f"libpq reads {service_file} (PGSERVICEFILE)" in error_line(result)
     assert "host=localhost" not in error_line(result)
+
+
+# --- Found by trying to break it -------------------------------------------------------------
+
+
+def test_a_pipe_closed_part_way_with_unbuffered_output_is_one_error_line(migrated_db):
+    # Far more output than a pipe holds (64 KiB), with long names.
+    migrated_db.rows(
+        "DO $$ BEGIN FOR n IN 1..1000 LOOP EXECUTE format('CREATE TABLE %I (id int)',"
+        " 'another_application_table_with_a_long_name_' || n); END LOOP; END $$"
+    )
+    result = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"{sys.executable} {HERE / 'migrate.py'} --check --format json | head -c 10 >/dev/null; exit ${{PIPESTATUS[0]}}",
+        ],
+        env={**os.environ, "DATABASE_URL": migrated_db.url, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == migrate.EXIT_ERROR, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "migrate: error: cannot write the output (stdout: Broken pipe)"
+    )
+
+
+def test_a_closed_stderr_is_exit_2_and_changes_nothing(empty_db):
+    result = subprocess.run(
+        ["bash", "-c", f"exec {sys.executable} {HERE / 'migrate.py'} 2>&-"],
+        env={**os.environ, "DATABASE_URL": empty_db.url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == migrate.EXIT_ERROR
+    assert empty_db.tables() == []
+
+
+@pytest.mark.parametrize("milliseconds", ["1", "5"])
+def test_a_role_statement_timeout_of_a_few_milliseconds_does_not_stop_the_run(
+    empty_db, milliseconds
+):
+    result = run_migrate(empty_db.url, PGOPTIONS=f"-c statement_timeout={milliseconds}")
+    assert result.returncode == 0, result.stderr
+    assert run_migrate(empty_db.url, "--check").returncode == migrate.EXIT_OK
+
+
+def test_a_fix_naming_bytes_of_a_sql_ascii_database_is_commented_out(empty_db):
+    with database_in_encoding(empty_db, "SQL_ASCII", b"caf\xe9", "LATIN1") as url:
+        assert run_migrate(url).returncode == 0
+        with (
+            psycopg2.connect(url, client_encoding="LATIN1") as connection,
+            connection.cursor() as cursor,
+        ):
+            cursor.execute('ALTER TABLE users ADD COLUMN "caf\xe9" int NOT NULL')
+        connection.close()
+        check = run_migrate(url, "--check")
+    assert check.returncode == migrate.EXIT_DRIFT, check.stdout
+    assert (
+        '-- ALTER TABLE "users" ALTER COLUMN U&"caf\\00E9" DROP NOT NULL;'
+        in check.stdout.splitlines()
+    )
+
+
+def test_retention_days_beyond_a_century_are_a_usage_error():
+    result = run_migrate(None, "--retain-request-logs", "1000000")
+    assert result.returncode == migrate.EXIT_ERROR
+    assert "from 1 to 36,500" in result.stderr
+
+
+def test_retention_with_nothing_old_says_so(migrated_db):
+    result = run_migrate(migrated_db.url, "--retain-request-logs", "30")
+    assert result.returncode == 0
+    assert result.stderr.strip().splitlines()[-1].startswith("migrate: nothing older than 30 days")

@@ -48,6 +48,9 @@ def test_json_check_is_one_document_with_the_plan_and_the_same_exit_code(migrate
     assert document["pending"][1]["blocks"] == "nothing"
     assert document["drift"] == [
         {
+            "kind": "column",
+            "table": "api_keys",
+            "object": "rate_limit",
             "problem": "api_keys.rate_limit default is 5; the models say 60",
             "fix": ['ALTER TABLE "api_keys" ALTER COLUMN "rate_limit" SET DEFAULT 60'],
             "safe": True,

@@ -341,9 +341,11 @@ def test_binding_keeps_the_callers_options_and_runs_in_utc(empty_db):
     assert database.execute_sql("SHOW TimeZone").fetchone()[0] == "UTC"
 
 
-def test_migrate_sessions_send_no_startup_options_that_old_pgbouncer_refuses(empty_db):
+def test_migrate_sessions_send_their_guard_options_and_no_utc_option(empty_db):
+    # TimeZone=UTC is the models' option for the application; migrate.py writes no timestamps.
     migrate.connect(empty_db.params)
-    assert "options" not in database.connection().dsn
+    dsn = database.connection().dsn
+    assert "statement_timeout=30s" in dsn and "TimeZone" not in dsn
 
 
 def test_pgoptions_still_apply_when_no_options_are_passed(empty_db, monkeypatch):

@@ -6,10 +6,7 @@ batches; --check reports the layout's health; the Go backend's AutoMigrate sees 
 on a plain table.
 """
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -18,7 +15,17 @@ import pytest
 
 import migrate
 import partition
-from conftest import HERE, catalog, error_line, migrate_here, poll_until, record_ddl, run_migrate
+from conftest import (
+    catalog,
+    error_line,
+    migrate_here,
+    poll_until,
+    quoted,
+    record_ddl,
+    run_migrate,
+    scoped_name,
+    wait_for_lock_wait,
+)
 from test_online import add_users_and_logs, session
 
 CONTRACT_LOG_INDEXES = sorted(
@@ -201,15 +208,6 @@ def test_a_plain_run_keeps_the_catalog_gorms_without_the_flag(migrated_db):
     assert not is_partitioned(migrated_db)
 
 
-def start(db, *args):
-    return subprocess.Popen(
-        [sys.executable, str(HERE / "migrate.py"), *args],
-        env={**os.environ, "DATABASE_URL": db.url},
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def conversion_state(db, step):
     """The catalog as a conversion leaves it before `step`: its CHECK NOT VALID (validate),
     valid (index), and the index on id built (swap)."""
@@ -240,7 +238,7 @@ STOPS = {
 def migrate_seen_running(db, pattern):
     return db.rows(
         "SELECT 1 FROM pg_stat_activity WHERE application_name = 'migrate.py'"
-        " AND state = 'active' AND query LIKE %s",
+        " AND datname = current_database() AND state = 'active' AND query LIKE %s",
         pattern,
     )
 
@@ -248,14 +246,14 @@ def migrate_seen_running(db, pattern):
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "SIGTERM"])
 @pytest.mark.parametrize("step", list(STOPS))
 def test_a_conversion_stopped_at_any_step_leaves_one_layout_and_the_next_run_finishes(
-    migrated_db, step, how
+    migrated_db, start_migrate, step, how
 ):
     add_dated_logs(migrated_db, 5_000)
     before = migrated_db.value("SELECT count(*) FROM request_logs")
     conversion_state(migrated_db, step)
     hold, seen = STOPS[step]
     holder = session(migrated_db, hold)
-    run = start(migrated_db, "--partition-request-logs", "--lock-timeout", "120")
+    run = start_migrate(migrated_db.url, "--partition-request-logs", "--lock-timeout", "120")
     try:
         poll_until(
             f"the conversion to run its {step} step",
@@ -508,3 +506,156 @@ def test_retention_detaches_concurrently_where_there_is_no_default_partition(emp
         in (result.stderr.splitlines())
     )
     assert not empty_db.rows("SELECT 1 FROM pg_class WHERE relname = %s", oldest)
+
+
+# --- Found by trying to break it -------------------------------------------------------------
+
+
+def seed_keys(db):
+    db.rows("INSERT INTO users (username, email, password_hash) VALUES ('u', 'e', 'h')")
+    db.rows("INSERT INTO api_keys (user_id, key, name) SELECT id, 'k', 'n' FROM users")
+
+
+def test_upkeep_keeps_a_row_committed_while_it_waits_for_the_default_partition(
+    empty_db, start_migrate
+):
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    this_month = partition.month_name(month(datetime.now(UTC)))
+    empty_db.rows(f"ALTER TABLE request_logs DETACH PARTITION {this_month}")
+    empty_db.rows(f"DROP TABLE {this_month}")
+    seed_keys(empty_db)
+    for _ in range(100):  # this month's rows now land in the default partition
+        empty_db.rows(INSERT_LOG.format(created_at="now()"))
+    writer = session(empty_db, INSERT_LOG.format(created_at="now()"))
+
+    run = start_migrate(empty_db.url, "--lock-timeout", "60")
+    try:
+        wait_for_lock_wait(
+            empty_db,
+            "upkeep to wait for the default partition",
+            run=run,
+            table="request_logs_default",
+        )
+        writer.commit()
+    finally:
+        writer.close()
+    _, stderr = run.communicate(timeout=60)
+
+    assert run.returncode == 0, stderr
+    assert f"migrate: attached partition {this_month}" in stderr
+    assert empty_db.value("SELECT count(*) FROM request_logs") == 101
+    assert empty_db.value(f"SELECT count(*) FROM ONLY {this_month}") == 101
+
+
+def test_conversion_carries_grants_owner_and_checks_to_the_partitioned_table(migrated_db):
+    role = scoped_name(migrated_db.name, "gateway")
+    migrated_db.rows(f"CREATE ROLE {quoted(role)} LOGIN")
+    try:
+        migrated_db.rows(f"GRANT SELECT, INSERT ON request_logs TO {quoted(role)}")
+        migrated_db.rows(
+            "ALTER TABLE request_logs ADD CONSTRAINT positive_time CHECK (response_time >= 0)"
+        )
+        add_dated_logs(migrated_db, 10)
+
+        result = run_migrate(migrated_db.url, "--partition-request-logs")
+
+        assert result.returncode == 0, result.stderr
+        assert is_partitioned(migrated_db)
+        assert migrated_db.value("SELECT has_table_privilege(%s, 'request_logs', 'INSERT')", role)
+        for created_at in ("now()", "'2999-01-01 00:00+00'"):
+            with pytest.raises(psycopg2.errors.CheckViolation):
+                migrated_db.rows(
+                    INSERT_LOG.format(created_at=created_at).replace("200, 5", "200, -5")
+                )
+        assert run_migrate(migrated_db.url, "--check").returncode == migrate.EXIT_OK
+    finally:
+        migrated_db.rows(f"DROP OWNED BY {quoted(role)}")
+        migrated_db.rows(f"DROP ROLE {quoted(role)}")
+
+
+def test_a_trigger_the_conversion_cannot_carry_over_blocks_it_before_any_change(migrated_db):
+    migrated_db.rows(
+        "CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$"
+    )
+    migrated_db.rows(
+        "CREATE TRIGGER audit BEFORE INSERT ON request_logs FOR EACH ROW EXECUTE FUNCTION stamp()"
+    )
+    before = catalog(migrated_db)
+
+    check = run_migrate(migrated_db.url, "--check", "--partition-request-logs")
+    result = run_migrate(migrated_db.url, "--partition-request-logs")
+
+    assert check.returncode == result.returncode == migrate.EXIT_ERROR
+    assert "request_logs cannot be converted to monthly partitions" in error_line(result)
+    assert "trigger audit" in error_line(result)
+    assert catalog(migrated_db) == before
+
+
+def test_a_name_the_conversion_needs_held_by_a_view_blocks_it_before_any_change(migrated_db):
+    migrated_db.rows("CREATE VIEW request_logs_default AS SELECT 1 AS id")
+    before = catalog(migrated_db)
+    result = run_migrate(migrated_db.url, "--partition-request-logs")
+    assert result.returncode == migrate.EXIT_ERROR
+    assert "the name request_logs_default (held by the view request_logs_default)" in (
+        error_line(result)
+    )
+    assert catalog(migrated_db) == before
+
+
+def test_a_conversion_whose_boundary_is_near_is_bounded_again_and_finishes(migrated_db):
+    add_dated_logs(migrated_db, 10)
+    conversion_state(migrated_db, "index")  # bounded before next month, validated
+    boundary = partition.boundary_after(datetime.now(UTC))
+
+    migrate_here(migrated_db.params, partition=True, now=boundary - timedelta(hours=6))
+
+    ranges = partition_ranges(migrated_db)
+    assert ranges[partition.LEGACY] == (None, partition.add_months(boundary, 1))
+
+
+def test_a_plain_run_drops_an_unfinished_conversions_bound_before_it_refuses_inserts(migrated_db):
+    add_dated_logs(migrated_db, 10)
+    conversion_state(migrated_db, "validate")
+    boundary = partition.boundary_after(datetime.now(UTC))
+
+    _, done = migrate_here(migrated_db.params, now=boundary - timedelta(hours=6))
+
+    assert [s.description for s in done] == [
+        f"dropped the unfinished conversion's bound {partition.CHECK_PREFIX}{boundary:%Y_%m}"
+    ]
+    assert not migrated_db.rows(
+        "SELECT 1 FROM pg_constraint WHERE conname LIKE 'request_logs_before_%'"
+    )
+
+
+def test_a_partition_in_another_schema_is_drift_not_a_match(empty_db):
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    schema = scoped_name(empty_db.name, "archive")
+    empty_db.rows(f"CREATE SCHEMA {quoted(schema)}")
+    try:
+        empty_db.rows(f"CREATE TABLE {quoted(schema)}.june (LIKE request_logs INCLUDING DEFAULTS)")
+        empty_db.rows(
+            f"ALTER TABLE request_logs ATTACH PARTITION {quoted(schema)}.june"
+            " FOR VALUES FROM ('2001-06-01 00:00+00') TO ('2001-07-01 00:00+00')"
+        )
+        check = run_migrate(empty_db.url, "--check")
+        assert check.returncode == migrate.EXIT_DRIFT, check.stdout
+        assert "-- request_logs has partitions outside its schema" in check.stdout
+    finally:
+        empty_db.rows(f"DROP SCHEMA {quoted(schema)} CASCADE")
+
+
+@pytest.mark.parametrize("upper", ["'infinity'", "'12000-01-01 00:00+00'"])
+def test_a_partition_bound_python_cannot_read_as_a_date_is_no_crash(empty_db, upper):
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    empty_db.rows(
+        "CREATE TABLE request_logs_future (LIKE request_logs INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+    )
+    empty_db.rows(
+        "ALTER TABLE request_logs ATTACH PARTITION request_logs_future"
+        f" FOR VALUES FROM ('2990-01-01 00:00+00') TO ({upper})"
+    )
+    for args in (["--check"], ["--retain-request-logs", "30", "--dry-run"], []):
+        result = run_migrate(empty_db.url, *args)
+        assert result.returncode in (0, 3), result.stderr
+        assert "unexpected" not in result.stderr

@@ -9,6 +9,7 @@ the data or are commented out; columns that make the models' inserts fail are dr
 spellings PostgreSQL may choose (settings, schema names, generated names) are no drift.
 """
 
+import json
 import os
 import subprocess
 
@@ -24,8 +25,10 @@ from conftest import (
     bind_models,
     error_line,
     migrate_here,
+    quoted,
     record_ddl,
     run_migrate,
+    scoped_name,
 )
 from models import User
 from test_evolve import build_legacy
@@ -486,3 +489,44 @@ def test_stderr_of_a_run_escapes_what_it_reads_from_the_catalog(migrated_db):
         'migrate: not in the models, left alone: table "x\\ry\\u2028z"'
         in result.stderr.splitlines()
     )
+
+
+# --- Found by trying to break it -------------------------------------------------------------
+
+
+def test_an_unknown_column_of_a_not_null_domain_is_drift(migrated_db):
+    domain = scoped_name(migrated_db.name, "region")
+    migrated_db.rows(f"CREATE DOMAIN {quoted(domain)} AS text NOT NULL")
+    try:
+        migrated_db.rows(f"ALTER TABLE sign_in_records ADD COLUMN region {quoted(domain)}")
+        check = run_migrate(migrated_db.url, "--check")
+        assert check.returncode == migrate.EXIT_DRIFT, check.stdout
+        assert any(
+            line.startswith("-- sign_in_records.region is of the NOT NULL domain")
+            for line in check.stdout.splitlines()
+        )
+    finally:
+        migrated_db.rows(f"DROP DOMAIN {quoted(domain)} CASCADE")
+
+
+def test_check_evaluating_a_check_advances_no_sequence(migrated_db):
+    migrated_db.rows("ALTER TABLE users ADD CONSTRAINT quota_positive CHECK (quota >= 0)")
+    before = migrated_db.value("SELECT last_value || ' ' || is_called FROM users_id_seq")
+    for _ in range(3):
+        assert run_migrate(migrated_db.url, "--check").returncode == migrate.EXIT_OK
+    assert migrated_db.value("SELECT last_value || ' ' || is_called FROM users_id_seq") == before
+
+
+def test_json_error_is_a_document_too():
+    result = run_migrate("host=127.0.0.1 port=1 dbname=x", "--check", "--format", "json")
+    assert result.returncode == migrate.EXIT_ERROR
+    document = json.loads(result.stdout)
+    assert document["exit"] == migrate.EXIT_ERROR
+    assert document["error"].startswith("cannot reach the server")
+
+
+def test_a_json_row_estimate_too_large_for_readers_is_null(migrated_db):
+    migrated_db.rows("DROP INDEX idx_users_status")
+    migrated_db.rows("UPDATE pg_class SET reltuples = 3e38 WHERE oid = 'users'::regclass")
+    document = json.loads(run_migrate(migrated_db.url, "--check", "--format", "json").stdout)
+    assert document["pending"][0]["rows"] == {"users": None}
