@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg2
@@ -811,3 +812,63 @@ def run_in_parallel(db, count, *args, url=None):
     ]
     outputs = [run.communicate(timeout=300)[1] for run in runs]
     return [run.returncode for run in runs], outputs
+
+
+# --- Shared setups ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def database_setting(empty_db):
+    """database_setting(name, sql_value): ALTER DATABASE <test db> SET name = sql_value (SQL
+    text: a quoted literal or identifier), undone after the test."""
+    made = []
+
+    def set_parameter(name, value):
+        empty_db.rows(f"ALTER DATABASE {quoted(empty_db.name)} SET {quoted(name)} = {value}")
+        made.append(name)
+
+    yield set_parameter
+    for name in made:
+        empty_db.rows(f"ALTER DATABASE {quoted(empty_db.name)} RESET {quoted(name)}")
+
+
+@contextmanager
+def pgbouncer(db, pool_mode):
+    """pgbouncer in `pool_mode` in front of the test database; yields its DATABASE_URL.
+    Skips, naming it, where pgbouncer is not installed."""
+    binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if binary is None:
+        skip_missing_tool("pgbouncer", "apt-get install pgbouncer")
+    folder = Path(tempfile.mkdtemp(prefix="migrate-test-pgbouncer-"))
+    port = free_port()
+    params = db.params
+    (folder / "users.txt").write_text(f'"{params["user"]}" ""\n')
+    (folder / "pgbouncer.ini").write_text(
+        f"[databases]\n{db.name} = host={params.get('host', 'localhost')}"
+        f" port={params.get('port', 5432)} dbname={db.name}\n"
+        f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n"
+        f"unix_socket_dir =\nauth_type = trust\nauth_file = {folder}/users.txt\n"
+        f"pool_mode = {pool_mode}\ndefault_pool_size = 4\nmax_client_conn = 100\n"
+        f"logfile = {folder}/log\npidfile = {folder}/pid\n"
+        "ignore_startup_parameters = extra_float_digits\n"
+    )
+    command = [binary, "-d", str(folder / "pgbouncer.ini")]
+    if running_as_root():  # pgbouncer refuses to run as root
+        shutil.chown(folder, SERVER_OS_USER)
+        command[1:1] = ["-u", SERVER_OS_USER]
+    subprocess.run(command, check=True, timeout=30)
+    url = db.url_with(host="127.0.0.1", port=str(port))
+    try:
+        poll_until(f"pgbouncer accepts connections on port {port}", lambda: accepts(url))
+        yield url
+    finally:
+        os.kill(int((folder / "pid").read_text()), 15)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def accepts(url):
+    try:
+        psycopg2.connect(url, connect_timeout=5).close()
+    except psycopg2.OperationalError:
+        return False
+    return True

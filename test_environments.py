@@ -13,30 +13,26 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from contextlib import contextmanager
-from pathlib import Path
 
 import psycopg2
 import pytest
-from psycopg2 import sql
 
 import migrate
 from conftest import (
     HERE,
-    SERVER_OS_USER,
     LocalServer,
     assert_clean_failure,
     check_server_tools,
     error_line,
+    pgbouncer,
     poll_until,
     quoted,
     record_ddl,
     run_migrate,
     scoped_name,
     server_binary_folders,
-    skip_missing_tool,
     wait_for_lock_wait,
 )
 from test_online import accepts_connections, add_users_and_logs, session, transaction_pooler  # noqa: F401
@@ -187,26 +183,6 @@ def test_a_path_that_freezes_mid_statement_ends_the_run_with_one_line(migrated_d
 # --- Session settings that end sessions ------------------------------------------------------
 
 
-@pytest.fixture
-def database_setting(empty_db):
-    """Set a parameter on the test database (ALTER DATABASE ... SET), undone afterwards."""
-    made = []
-
-    def set_parameter(name, value):
-        statement = sql.SQL("ALTER DATABASE {} SET {} = {}").format(
-            sql.Identifier(empty_db.name), sql.Identifier(name), sql.Literal(value)
-        )
-        empty_db.rows(statement.as_string(empty_db.connection))
-        made.append(name)
-
-    yield set_parameter
-    for name in made:
-        statement = sql.SQL("ALTER DATABASE {} RESET {}").format(
-            sql.Identifier(empty_db.name), sql.Identifier(name)
-        )
-        empty_db.rows(statement.as_string(empty_db.connection))
-
-
 def with_setting(db, how, name, value, database_setting=None):
     """(DATABASE_URL, environment) for migrate.py with a session setting given by the
     connection's options, PGOPTIONS or the database."""
@@ -214,7 +190,7 @@ def with_setting(db, how, name, value, database_setting=None):
         return db.url_with(options=f"-c {name}={value}"), {}
     if how == "PGOPTIONS":
         return db.url, {"PGOPTIONS": f"-c {name}={value}"}
-    database_setting(name, value)
+    database_setting(name, f"'{value}'")
     return db.url, {}
 
 
@@ -570,46 +546,9 @@ def test_an_event_trigger_that_rejects_the_transaction_says_nothing_was_changed(
 
 
 def test_statement_pooling_is_named_like_transaction_pooling(migrated_db):
-    binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
-    if binary is None:
-        skip_missing_tool("pgbouncer", "apt-get install pgbouncer")
-    with pgbouncer(migrated_db, binary, "statement") as url:
+    with pgbouncer(migrated_db, "statement") as url:
         result = run_migrate(url)
     assert_clean_failure(result, "DATABASE_URL goes through a statement pooler")
-
-
-@contextmanager
-def pgbouncer(db, binary, pool_mode):
-    folder = Path(tempfile.mkdtemp(prefix="migrate-test-pgbouncer-"))
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    params = db.params
-    (folder / "users.txt").write_text(f'"{params["user"]}" ""\n')
-    (folder / "pgbouncer.ini").write_text(
-        f"[databases]\n{db.name} = host={params.get('host', 'localhost')}"
-        f" port={params.get('port', 5432)} dbname={db.name}\n"
-        f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n"
-        f"unix_socket_dir =\nauth_type = trust\nauth_file = {folder}/users.txt\n"
-        f"pool_mode = {pool_mode}\ndefault_pool_size = 4\nmax_client_conn = 100\n"
-        f"logfile = {folder}/log\npidfile = {folder}/pid\n"
-        "ignore_startup_parameters = extra_float_digits\n"
-    )
-    command = [binary, "-d", str(folder / "pgbouncer.ini")]
-    if os.geteuid() == 0:  # pgbouncer refuses to run as root
-        shutil.chown(folder, SERVER_OS_USER)
-        command[1:1] = ["-u", SERVER_OS_USER]
-    subprocess.run(command, check=True, timeout=30)
-    url = db.url_with(host="127.0.0.1", port=str(port))
-    try:
-        poll_until(
-            f"pgbouncer accepts connections on port {port}", lambda: accepts_connections(url)
-        )
-        yield url
-    finally:
-        os.kill(int((folder / "pid").read_text()), 15)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_an_unknown_service_names_the_service_and_the_files_libpq_read(tmp_path):

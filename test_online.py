@@ -14,9 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import psycopg2
 import pytest
@@ -28,11 +26,10 @@ from conftest import (
     assert_no_advisory_lock_left,
     has_column,
     open_write_transaction,
-    poll_until,
+    pgbouncer,
     record_ddl,
     run_in_parallel,
     run_migrate,
-    skip_missing_tool,
     wait_for_lock_wait,
 )
 from test_migrate import assert_contract_catalog
@@ -374,33 +371,8 @@ def accepts_connections(url):
 @pytest.fixture
 def transaction_pooler(migrated_db):
     """pgbouncer in pool_mode=transaction in front of the test database; yields its DATABASE_URL."""
-    binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
-    if binary is None:
-        skip_missing_tool("pgbouncer", "apt-get install pgbouncer")
-    folder = Path(tempfile.mkdtemp(prefix="migrate-test-pgbouncer-"))
-    port = free_port()
-    params = migrated_db.params
-    (folder / "users.txt").write_text(f'"{params["user"]}" ""\n')
-    (folder / "pgbouncer.ini").write_text(
-        f"[databases]\n{migrated_db.name} = host={params.get('host', 'localhost')}"
-        f" port={params.get('port', 5432)} dbname={migrated_db.name}\n"
-        f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n"
-        f"unix_socket_dir =\nauth_type = trust\nauth_file = {folder}/users.txt\n"
-        f"pool_mode = transaction\ndefault_pool_size = 4\nmax_client_conn = 100\n"
-        f"logfile = {folder}/log\npidfile = {folder}/pid\n"
-        "ignore_startup_parameters = extra_float_digits\n"
-    )
-    command = [binary, "-d", str(folder / "pgbouncer.ini")]
-    if os.geteuid() == 0:  # pgbouncer refuses to run as root
-        shutil.chown(folder, "postgres")
-        command[1:1] = ["-u", "postgres"]
-    subprocess.run(command, check=True, timeout=30)
-    url = migrated_db.url_with(host="127.0.0.1", port=str(port))
-    poll_until(f"pgbouncer accepts connections on port {port}", lambda: accepts_connections(url))
-    yield url
-    pid = int((folder / "pid").read_text())
-    os.kill(pid, 15)
-    shutil.rmtree(folder, ignore_errors=True)
+    with pgbouncer(migrated_db, "transaction") as url:
+        yield url
 
 
 def test_parallel_runs_through_a_transaction_pooler_leave_no_lock_and_say_why(

@@ -165,28 +165,6 @@ def test_a_search_path_whose_schemas_are_missing_is_refused(empty_db):
     assert_clean_failure(result, "no schema of the search_path nosuch")
 
 
-@pytest.fixture
-def database_setting(empty_db):
-    """Set a parameter on the test database (ALTER DATABASE ... SET), undone afterwards."""
-    made = []
-
-    def set_parameter(name, value):
-        empty_db.rows(
-            sql.SQL("ALTER DATABASE {} SET {} = {}")
-            .format(sql.Identifier(empty_db.name), sql.Identifier(name), sql.SQL(value))
-            .as_string(empty_db.connection)
-        )
-        made.append(name)
-
-    yield set_parameter
-    for name in made:
-        empty_db.rows(
-            sql.SQL("ALTER DATABASE {} RESET {}")
-            .format(sql.Identifier(empty_db.name), sql.Identifier(name))
-            .as_string(empty_db.connection)
-        )
-
-
 def test_the_schema_line_names_a_database_setting_and_the_tables_land_there(
     empty_db, database_setting
 ):
