@@ -251,7 +251,8 @@ SELECT c.relname, c.relkind, c.reltuples::float8, obj_description(c.oid, 'pg_cla
         WHERE t.oid = a.atttypid AND t.typtype = 'd'),
        d.oid IS NOT NULL AND pg_get_expr(d.adbin, 0) NOT LIKE '%%nextval(%%' AND NOT EXISTS (
            SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_attrdef'::regclass AND x.objid = d.oid
-             AND x.refclassid IN ('pg_class'::regclass, 'pg_proc'::regclass))
+             AND (x.refclassid = 'pg_proc'::regclass
+                  OR x.refclassid = 'pg_class'::regclass AND x.refobjid <> c.oid))
 FROM pg_class c
 LEFT JOIN pg_inherits h ON c.relispartition AND h.inhrelid = c.oid
 LEFT JOIN pg_class parent ON parent.oid = h.inhparent

@@ -509,44 +509,41 @@ def wait(connection):
     bounded. A connection attempt ends after connect_limit; a long statement is watched by
     the probe; a signal (recorded by migrate.py's handler, which never raises) sends a cancel
     request for the running statement, bounded too, and is raised once the statement has
-    ended."""
+    ended. A ServerSilent goes up as it is: psycopg2 closes a connection whose wait callback
+    raised, without the round trip close() would make to a peer that no longer answers."""
     started = time.monotonic()
     connecting = connection.status == psycopg2.extensions.STATUS_SETUP
     limit = watch.connect_limit if connecting else watch.silence_limit
     next_probe = started + watch.probe_every
     cancelled_at = None
     while True:
-        try:
-            if signal_pending() and cancelled_at is None:
-                if connecting:
-                    raise KeyboardInterrupt
-                cancelled_at = time.monotonic()
-                cancel_bounded(connection)
-            state = connection.poll()
-            if state == psycopg2.extensions.POLL_OK:
-                break
-            readers = [connection.fileno()] if state == psycopg2.extensions.POLL_READ else []
-            writers = [] if readers else [connection.fileno()]
-            if any(select.select(readers, writers, [], TICK)):
-                continue
-            now = time.monotonic()
-            if cancelled_at is not None and now - cancelled_at > CANCEL_LIMIT:
-                raise ServerSilent(
-                    f"the server did not answer a cancel request within {CANCEL_LIMIT:g} s"
-                )
-            if limit is not None and now - started > limit:
-                what = "a connection attempt" if connecting else "a query"
-                raise ServerSilent(f"the server did not answer {what} within {limit:g} s")
-            if watch.probe and not watch.probing and not connecting and now >= next_probe:
-                next_probe = now + watch.probe_every
-                watch.probing = True
-                try:
-                    watch.probe(connection, now - started)
-                finally:
-                    watch.probing = False
-        except ServerSilent:
-            connection.close()
-            raise
+        if signal_pending() and cancelled_at is None:
+            if connecting:
+                raise KeyboardInterrupt
+            cancelled_at = time.monotonic()
+            cancel_bounded(connection)
+        state = connection.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            break
+        readers = [connection.fileno()] if state == psycopg2.extensions.POLL_READ else []
+        writers = [] if readers else [connection.fileno()]
+        if any(select.select(readers, writers, [], TICK)):
+            continue
+        now = time.monotonic()
+        if cancelled_at is not None and now - cancelled_at > CANCEL_LIMIT:
+            raise ServerSilent(
+                f"the server did not answer a cancel request within {CANCEL_LIMIT:g} s"
+            )
+        if limit is not None and now - started > limit:
+            what = "a connection attempt" if connecting else "a query"
+            raise ServerSilent(f"the server did not answer {what} within {limit:g} s")
+        if watch.probe and not watch.probing and not connecting and now >= next_probe:
+            next_probe = now + watch.probe_every
+            watch.probing = True
+            try:
+                watch.probe(connection, now - started)
+            finally:
+                watch.probing = False
     if signal_pending():
         raise KeyboardInterrupt
 

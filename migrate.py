@@ -334,13 +334,12 @@ def summary(plan, status, started, command="python migrate.py", retain_days=None
     drifts = plural(len(plan.drift), "drift")
     if status == EXIT_ERROR:
         return (
-            f"error: {plural(len(plan.blocked), 'blocker')} stop every run (listed above with the"
+            f"error: {plural(len(plan.blocked), 'blocker')}"
+            f" {'stops' if len(plan.blocked) == 1 else 'stop'} every run (listed above with the"
             f" SQL to resolve them by hand); besides, {changes} pending, {drifts}"
         )
     if status == EXIT_PENDING:
-        return (
-            f"{changes} pending, {drifts} ({elapsed(started)}): run python migrate.py to make them"
-        )
+        return f"{changes} pending, {drifts} ({elapsed(started)}): run {command} to make them"
     if retain_days is not None and not plan.pending:
         return f"nothing older than {plural(retain_days, 'day')} to remove ({elapsed(started)})"
     if status == EXIT_DRIFT:

@@ -281,7 +281,7 @@ def test_a_blocked_column_leaves_the_rest_of_the_plan_listed_with_sql_that_adds_
             line.startswith('CREATE INDEX CONCURRENTLY IF NOT EXISTS "idx_request_logs_model"')
             for line in lines
         )
-        assert error_line(result).startswith("migrate: error: 1 blocker stop every run")
+        assert error_line(result).startswith("migrate: error: 1 blocker stops every run")
 
 
 def test_not_null_column_without_default_is_added_to_an_empty_table(migrated_db):

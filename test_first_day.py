@@ -234,3 +234,18 @@ def test_a_connection_of_the_probe_never_keeps_the_run_waiting_for_itself(migrat
         ),
         seconds=10,
     )
+
+
+@pytest.mark.parametrize(
+    ("flags", "command"),
+    [
+        (["--partition-request-logs"], "python migrate.py --partition-request-logs"),
+        (["--retain-request-logs", "30"], "python migrate.py --retain-request-logs 30"),
+    ],
+)
+def test_the_pending_summary_names_the_command_that_makes_the_changes(migrated_db, flags, command):
+    add_users_and_logs(migrated_db, logs=10)
+    migrated_db.rows("UPDATE request_logs SET created_at = now() - interval '100 days'")
+    mode = "--dry-run" if "--retain-request-logs" in flags else "--check"
+    result = run_migrate(migrated_db.url, mode, *flags)
+    assert result.stderr.strip().splitlines()[-1].endswith(f": run {command} to make them")
