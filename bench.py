@@ -602,35 +602,39 @@ def dated_logs(scratch, count):
 
 
 def convert_while_inserting(scratch):
+    """The conversion under insert traffic: its time, the longest insert, the swap's lock
+    time, and the first line migrate.py printed after the longest insert began (the step it
+    fell in)."""
     inserter = Inserter(scratch.url)
     inserter.start()
     time.sleep(0.3)
     started = time.perf_counter()
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "migrate.py"),
-            "--partition-request-logs",
-            "--lock-timeout",
-            "30",
-        ],
+    run = subprocess.Popen(
+        [sys.executable, str(HERE / "migrate.py"), "--partition-request-logs"]
+        + ["--lock-timeout", "30", "--progress", "0"],
         env={**os.environ, "DATABASE_URL": scratch.url},
-        capture_output=True,
+        stderr=subprocess.PIPE,
         text=True,
-        check=False,
     )
+    printed = [(time.perf_counter(), line.rstrip()) for line in run.stderr]
+    run.wait()
     finished = time.perf_counter()
     time.sleep(0.2)
     inserter.stop.set()
     inserter.join()
-    assert result.returncode == 0, result.stderr
+    assert run.returncode == 0, "\n".join(line for _, line in printed)
     swap = next(
         float(line.rsplit(" for ", 1)[1].split()[0])
-        for line in result.stderr.splitlines()
+        for _, line in printed
         if line.startswith("migrate: swap ") and "held its locks" in line
     )
-    waits = [w for at, w in inserter.latencies if at >= started and at - w <= finished]
-    return finished - started, max(waits), swap
+    at, longest = max(
+        ((at, w) for at, w in inserter.latencies if at >= started and at - w <= finished),
+        key=lambda pair: pair[1],
+    )
+    after = [line for when, line in printed if when >= at - longest]
+    step = after[0].removeprefix("migrate: ").split(":")[0] if after else "the end"
+    return finished - started, longest, swap, step
 
 
 def bench_partitioning(scratch, settings):
@@ -646,7 +650,8 @@ def bench_partitioning(scratch, settings):
             "migrate.py --partition-request-logs",
             f"longest insert {spread([r[1] for r in runs], 'ms', 1000)}; swap transaction"
             f" {spread([r[2] for r in runs], 'ms')}; whole run {spread([r[0] for r in runs])}",
-            f"{len(runs)} run(s), every insert succeeded",
+            f"{len(runs)} run(s), every insert succeeded; the longest fell in the step"
+            f' that printed "{runs[-1][3]}" (last run)',
         )
 
 

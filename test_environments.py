@@ -156,13 +156,7 @@ def test_a_path_that_freezes_mid_statement_ends_the_run_with_one_line(migrated_d
     url = migrated_db.url_with(host="127.0.0.1", port=str(proxy.port))
     run = start_migrate(url, "--lock-timeout", "600")
     try:
-        wait_for_lock_wait(
-            migrated_db,
-            "migrate.py's online build waits for the writer",
-            run=run,
-            query="CREATE INDEX CONCURRENTLY%",
-            locktype="virtualxid",
-        )
+        wait_for_online_build_behind_writer(migrated_db, run)
         proxy.freeze()
         _, stderr = run.communicate(timeout=120)
     finally:
@@ -181,6 +175,17 @@ def test_a_path_that_freezes_mid_statement_ends_the_run_with_one_line(migrated_d
 
 
 # --- Session settings that end sessions ------------------------------------------------------
+
+
+def wait_for_online_build_behind_writer(db, run):
+    """Until migrate.py's CREATE INDEX CONCURRENTLY waits for a writer's transaction to end."""
+    wait_for_lock_wait(
+        db,
+        "migrate.py's online build waits for the writer",
+        run=run,
+        query="CREATE INDEX CONCURRENTLY%",
+        locktype="virtualxid",
+    )
 
 
 def with_setting(db, how, name, value, database_setting=None):
@@ -270,13 +275,7 @@ def test_idle_in_transaction_timeout_does_not_end_the_migration_locks_session(
     run = start_migrate(url, **environment)
     try:
         # While the online build waits for the writer, the lock's session idles in its transaction.
-        wait_for_lock_wait(
-            migrated_db,
-            "migrate.py's online build waits for the writer",
-            run=run,
-            query="CREATE INDEX CONCURRENTLY%",
-            locktype="virtualxid",
-        )
+        wait_for_online_build_behind_writer(migrated_db, run)
         poll_until(
             "the migration lock's session idles in transaction 0.6 s (three times the timeout)",
             lambda: migrate_session_idle_for(migrated_db, "idle in transaction", 0.6),
