@@ -914,6 +914,6 @@ def script(plan, atomic, lock_timeout, statement_timeout):
         else:
             for statement in step.statements:
                 if step.kind == "batched":  # with the planner's estimate of the rows it removes
-                    lines.append(f"-- {statement.description}")
+                    lines.append(f"-- deletes {statement.description.removeprefix('deleted ')}")
                 lines += with_hazards([statement], tables)
     return lines

@@ -85,6 +85,7 @@ def connection_params(url):
 # --- Masking ------------------------------------------------------------------
 
 URL_PREFIXES = ("postgresql://", "postgres://")
+URL_SCHEME = re.compile(r"\s*([A-Za-z][A-Za-z0-9+.-]*)://")
 # Keywords whose value is a secret: the login password and the client key's.
 SECRET_KEYWORDS = ("password", "sslpassword")
 # The user info of a URL of any scheme: scheme://USER:PASSWORD@
@@ -222,6 +223,8 @@ URL_VALUE_HINT = "percent-encode '&' and '=' in a value as %26 and %3D"
 
 def parse_problem(url, message):
     """What libpq found wrong in DATABASE_URL: the keyword or URL part, never a value."""
+    if (scheme := URL_SCHEME.match(url)) and not url.startswith(URL_PREFIXES):
+        return f"its scheme {scheme.group(1)}:// is not postgresql:// or postgres://"
     if (word := quoted_in(message, 'invalid connection option "(.*)"')) is not None:
         if not word:
             return f'an "=" with no keyword before it: {QUOTE_HINT}'

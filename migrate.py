@@ -128,8 +128,8 @@ def parse_args(argv):
         prog="migrate.py",
         description="Bring the database named by DATABASE_URL (libpq 'host=... dbname=...' or a"
         " postgresql:// URL) to the schema of models.py: create missing tables, columns, foreign"
-        " keys and indexes without making writers wait. Never renames or rewrites, and drops"
-        " nothing but an INVALID index it rebuilds; differences it will not fix are reported"
+        " keys and indexes without making writers wait. Without the two request_logs flags it"
+        " never renames, rewrites or drops what it did not make; differences it will not fix are reported"
         " with the SQL that would.",
         epilog="Exit codes: 0 success (with --check: the database matches the models),"
         " 1 --check: changes are pending (run python migrate.py), 3 --check: only drift is left"

@@ -354,7 +354,10 @@ def create_table(model, snapshot, drift):
     """CREATE TABLE, its comment and its indexes (those whose name is free)."""
     meta = model._meta
     table = meta.table_name
-    referenced = tuple(sorted({field.rel_model._meta.table_name for field in meta.refs}))
+    # Only a referenced table that exists before the run can be held by someone else.
+    referenced = tuple(
+        sorted({f.rel_model._meta.table_name for f in meta.refs} & set(snapshot.tables))
+    )
     comment = sql_text("COMMENT ON TABLE", Entity(table), "IS", Value(meta.comment))
     statements = [
         Statement(

@@ -321,6 +321,33 @@ def test_dry_run_names_the_lock_of_each_statement_what_it_blocks_and_the_rows(mi
     assert hazard_of("CREATE INDEX CONCURRENTLY").endswith("request_logs ~5,000 rows")
 
 
+def test_dry_run_locks_a_referenced_table_only_when_it_exists_before_the_run(empty_db):
+    def hazard_of(lines, statement_start):
+        index = next(i for i, line in enumerate(lines) if line.startswith(statement_start))
+        return lines[index - 1]
+
+    fresh = run_migrate(empty_db.url, "--dry-run").stdout.splitlines()
+    empty_db.rows(
+        "CREATE TABLE users (id bigserial PRIMARY KEY, created_at timestamptz,"
+        " updated_at timestamptz, deleted_at timestamptz, username varchar(255) NOT NULL,"
+        " email varchar(255) NOT NULL, password_hash varchar(255) NOT NULL,"
+        " quota bigint NOT NULL DEFAULT 10000, used_quota bigint NOT NULL DEFAULT 0,"
+        " is_admin boolean NOT NULL DEFAULT false, status varchar(50) NOT NULL DEFAULT 'active',"
+        " last_sign_in timestamptz)"
+    )
+    with_users = run_migrate(empty_db.url, "--dry-run").stdout.splitlines()
+
+    assert hazard_of(fresh, 'CREATE TABLE "api_keys"') == (
+        "-- a table made in this transaction: blocks nothing"
+    )  # users is made earlier in the same transaction
+    assert hazard_of(with_users, 'CREATE TABLE "api_keys"').startswith(
+        "-- locks users SHARE ROW EXCLUSIVE (blocks writes until COMMIT)"
+    )
+    assert hazard_of(with_users, 'CREATE TABLE "request_logs"').startswith(
+        "-- locks users SHARE ROW EXCLUSIVE"
+    )  # not api_keys, made in the same transaction
+
+
 def test_check_prints_the_hazard_of_each_pending_statement(migrated_db):
     break_three_ways(migrated_db)
     report = run_migrate(migrated_db.url, "--check").stdout

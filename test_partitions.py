@@ -368,6 +368,7 @@ def test_retention_on_a_plain_table_deletes_in_batches_only_the_older_rows(migra
 
     assert dry.returncode == 0, dry.stderr
     assert "-- then: delete from request_logs (repeated until it changes no row" in dry.stdout
+    assert "-- deletes the rows of request_logs older than" in dry.stdout  # not yet "deleted"
     assert result.returncode == 0, result.stderr
     assert "rows of request_logs older than" in result.stderr and ": 3 rows" in result.stderr
     assert migrated_db.value("SELECT count(*) FROM request_logs") == 3  # 1, 5 days and the NULL

@@ -190,6 +190,12 @@ def test_a_misspelt_url_query_parameter_is_named():
     assert_clean_failure(result, 'unknown query parameter "sslmod" (did you mean sslmode?)')
 
 
+def test_a_url_of_another_scheme_names_the_scheme_not_the_password():
+    result = run_migrate("mysql://u:TopSecret9@localhost/db")
+    assert_clean_failure(result, "its scheme mysql:// is not postgresql:// or postgres://")
+    assert "TopSecret9" not in result.stderr
+
+
 def test_an_unquoted_word_that_may_be_a_password_is_not_shown():
     result = run_migrate("host=localhost password=Top Secret9 dbname=x")
     assert_clean_failure(result, "quote a value that has spaces")
