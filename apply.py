@@ -67,6 +67,7 @@ from catalog import (
     guard_sql,
     has_transaction_timeout,
     milliseconds,
+    one_line,
     read_catalog,
     shown,
 )
@@ -916,4 +917,4 @@ def script(plan, atomic, lock_timeout, statement_timeout):
                 if step.kind == "batched":  # with the planner's estimate of the rows it removes
                     lines.append(f"-- deletes {statement.description.removeprefix('deleted ')}")
                 lines += with_hazards([statement], tables)
-    return lines
+    return [one_line(line) for line in lines]

@@ -124,6 +124,16 @@ def escaped_char(char):
     )
 
 
+def one_line(text):
+    """A line that stays one line: the control and invisible characters shown() would escape,
+    escaped, the rest as it is (a last guard where lines are printed, as what they hold was
+    escaped, or built by us, when it was made)."""
+    return "".join(
+        char if char.isprintable() and unicodedata.category(char) != "Cf" else escaped_char(char)
+        for char in text
+    )
+
+
 PLAIN_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*")
 
 

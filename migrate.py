@@ -64,7 +64,7 @@ from apply import (
     stop_watching,
     watch_queries,
 )
-from catalog import describe_target, shown, shown_name, target_schema
+from catalog import describe_target, one_line, shown, shown_name, target_schema
 from connection import (
     DEFAULT_DATABASE_URL,
     MigrationError,
@@ -296,10 +296,18 @@ class LineHandler(logging.StreamHandler):
         LineHandler.failed = LineHandler.failed or "stderr cannot be written"
 
 
+class OneLineFormatter(logging.Formatter):
+    """Each message one line, whatever text it carries (a --verbose traceback follows it)."""
+
+    def formatMessage(self, record):
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging():
     # A closed stderr (2>&-) is None: main refuses to run then (exit 2).
     handler = LineHandler(sys.stderr or open(os.devnull, "w"))  # noqa: SIM115 -- lives as long as the process
-    handler.setFormatter(logging.Formatter("migrate: %(message)s"))
+    handler.setFormatter(OneLineFormatter("migrate: %(message)s"))
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.INFO)

@@ -609,7 +609,7 @@ def conversion_blocker(problems, found):
 def drop_check(name):
     return Statement(
         sql_text("ALTER TABLE", Entity(PARENT), "DROP CONSTRAINT", Entity(name)),
-        f"dropped the unfinished conversion's bound {name}",
+        f"dropped the unfinished conversion's bound {shown_name(name)}",
         (PARENT,),
         ADD_CHECK_NOT_VALID,
         ("dropped check", PARENT, name),
@@ -834,7 +834,11 @@ def retention_plan(plan, days, now=None):
                 steps.append(drop_partition(snapshot, name))
             elif (lower is None or lower < cutoff) and has_rows_before(snapshot, name, cutoff):
                 steps.append(
-                    Step(f"delete from {name}", "batched", [batched_delete(snapshot, name, cutoff)])
+                    Step(
+                        f"delete from {shown_name(name)}",
+                        "batched",
+                        [batched_delete(snapshot, name, cutoff)],
+                    )
                 )
         if DEFAULT_PARTITION in snapshot.tables and has_rows_before(
             snapshot, DEFAULT_PARTITION, cutoff
@@ -868,7 +872,7 @@ def drop_partition(snapshot, name):
         word = "FINALIZE" if pending else "CONCURRENTLY"
         detach = Statement(
             sql_text("ALTER TABLE", Entity(PARENT), "DETACH PARTITION", Entity(name), word),
-            f"detached partition {name}",
+            f"detached partition {shown_name(name)}",
             (PARENT,),
             DETACH_CONCURRENTLY,
             ("detached", PARENT, name),
@@ -876,21 +880,23 @@ def drop_partition(snapshot, name):
     else:
         detach = Statement(
             sql_text("ALTER TABLE", Entity(PARENT), "DETACH PARTITION", Entity(name)),
-            f"detached partition {name}",
+            f"detached partition {shown_name(name)}",
             (PARENT, name, DEFAULT_PARTITION),
             DETACH,
             ("detached", PARENT, name),
         )
     drop = Statement(
         sql_text("DROP TABLE", Entity(name)),
-        f"dropped partition {name}",
+        f"dropped partition {shown_name(name)}",
         (name,),
         DROP_DETACHED,
         ("dropped partition", PARENT, name),
         (("detached", PARENT, name),),
     )
     return Step(
-        f"drop {name}", "online" if pending or concurrently else "transaction", [detach, drop]
+        f"drop {shown_name(name)}",
+        "online" if pending or concurrently else "transaction",
+        [detach, drop],
     )
 
 
@@ -915,7 +921,7 @@ def batched_delete(snapshot, name, cutoff):
     return Statement(
         f"DELETE FROM ONLY {relation} WHERE ctid = ANY (ARRAY (SELECT ctid {rows_before(name, cutoff)}"
         f" LIMIT {BATCH_ROWS}))",
-        f"deleted the rows of {name} older than {cutoff:%Y-%m-%d %H:%M} UTC (~{rows:,} rows)",
+        f"deleted the rows of {shown_name(name)} older than {cutoff:%Y-%m-%d %H:%M} UTC (~{rows:,} rows)",
         (name,),
         BATCHED_DELETE,
         ("rows before", name, cutoff.isoformat()),

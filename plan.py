@@ -51,7 +51,7 @@ from peewee import SQL, BigIntegerField, Entity, NodeList, Value, ValueLiterals
 from playhouse.migrate import PostgresqlMigrator
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
-from catalog import guard_params, guard_sql, guarded, index_builder, shown, shown_name
+from catalog import guard_params, guard_sql, guarded, index_builder, one_line, shown, shown_name
 from connection import text_limits
 from models import MODELS, database
 
@@ -1027,7 +1027,7 @@ def build_partition_indexes(model, index, snapshot, later):
                                 else "DROP INDEX",
                                 Entity(child),
                             ),
-                            f"dropped invalid index {child}",
+                            f"dropped invalid index {shown_name(child)}",
                             (partition,),
                             DROP_INDEX_CONCURRENTLY if later == "online" else DROP_INDEX,
                             ("dropped", partition, child),
@@ -1039,7 +1039,7 @@ def build_partition_indexes(model, index, snapshot, later):
                     stage,
                     build._replace(
                         sql=sql,
-                        description=f"created index {child} for {name}",
+                        description=f"created index {shown_name(child)} for {name}",
                         tables=(partition,),
                         effect=("partition index", partition, child),
                     ),
@@ -1047,7 +1047,7 @@ def build_partition_indexes(model, index, snapshot, later):
             )
         attach = Statement(
             sql_text("ALTER INDEX", Entity(name), "ATTACH PARTITION", Entity(child)),
-            f"attached index {child} to {name}",
+            f"attached index {shown_name(child)} to {name}",
             (partition,),
             ATTACH_INDEX,
             ("attached index", partition, name),
@@ -1263,7 +1263,7 @@ def hazard_comment(statement, tables, until_commit=False):
     hazard = statement.hazard
     if hazard.lock is None:
         return f"-- {hazard.work}: blocks nothing"
-    names = ", ".join(statement.tables)
+    names = ", ".join(shown_name(table) for table in statement.tables)
     sizes = ", ".join(size_words(table, tables) for table in statement.tables)
     held = " until COMMIT" if until_commit and hazard.blocks != "nothing" else ""
     return f"-- locks {names} {lock_name(hazard.lock)} (blocks {hazard.blocks}{held}); {hazard.work}; {sizes}"
@@ -1272,7 +1272,8 @@ def hazard_comment(statement, tables, until_commit=False):
 def size_words(table, tables):
     """The planner's estimate (pg_class.reltuples), which VACUUM and ANALYZE keep up."""
     rows = tables[table].rows if table in tables else None
-    return f"{table} ~? rows (not analyzed yet)" if rows is None else f"{table} ~{rows:,} rows"
+    name = shown_name(table)
+    return f"{name} ~? rows (not analyzed yet)" if rows is None else f"{name} ~{rows:,} rows"
 
 
 def with_hazards(statements, tables, until_commit=False):
@@ -1351,7 +1352,7 @@ def report(plan):
     if plan.unknown:
         lines.append("-- not in the models (left alone):")
         lines += ["--   " + describe_unknown(item) for item in plan.unknown]
-    return "\n".join(lines) + "\n" if lines else ""
+    return "\n".join(one_line(line) for line in lines) + "\n" if lines else ""
 
 
 def search_path_line(target):

@@ -660,3 +660,37 @@ def test_a_partition_bound_python_cannot_read_as_a_date_is_no_crash(empty_db, up
         result = run_migrate(empty_db.url, *args)
         assert result.returncode in (0, 3), result.stderr
         assert "unexpected" not in result.stderr
+
+
+HOSTILE_PARTITION = "old\nDROP TABLE sign_in_records;--"
+
+
+def test_a_partition_named_with_a_newline_neither_splits_lines_nor_runs_in_psql(empty_db):
+    from test_reports import pipe_into_psql, stderr_lines_are_all_ours
+
+    run_migrate(empty_db.url, "--partition-request-logs")
+    add_users_and_logs(empty_db, logs=0)
+    empty_db.rows(
+        f"CREATE TABLE {quoted(HOSTILE_PARTITION)} PARTITION OF request_logs"
+        " FOR VALUES FROM ('2020-01-01 00:00+00') TO ('2020-02-01 00:00+00')"
+    )
+    empty_db.rows(INSERT_LOG.format(created_at="'2020-01-05 00:00+00'"))
+    empty_db.rows("DROP INDEX idx_request_logs_model")  # a build on each partition, the odd one too
+
+    dry = run_migrate(empty_db.url, "--retain-request-logs", "45", "--dry-run")
+    check = run_migrate(empty_db.url, "--check")
+    run = run_migrate(empty_db.url, "--retain-request-logs", "45")
+    pipe_into_psql(empty_db, dry.stdout)  # a smuggled statement would run, whatever else fails
+    pipe_into_psql(empty_db, check.stdout)
+
+    assert any(
+        line.startswith('-- then: drop "old\\nDROP TABLE sign_in_records;--" (')
+        for line in dry.stdout.splitlines()
+    )
+    assert not any(
+        line.startswith("DROP TABLE sign_in_records") for line in check.stdout.splitlines()
+    )
+    assert "sign_in_records" in empty_db.tables()
+    assert run.returncode == 0, run.stderr
+    assert stderr_lines_are_all_ours(run) and stderr_lines_are_all_ours(check)
+    assert 'dropped partition "old\\nDROP TABLE sign_in_records;--"' in run.stderr
