@@ -410,9 +410,15 @@ def partitions_elsewhere(snapshot):
     ]
 
 
+# Each month as text, and as a timestamp only where Python's datetime can hold it (years 1
+# to 9998): a row of year 12000 or BC would otherwise end the read with a ValueError.
 MONTHS_IN_DEFAULT = """
-SELECT DISTINCT date_trunc('month', created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-FROM ONLY {default} WHERE created_at IS NOT NULL ORDER BY 1 LIMIT 13
+SELECT CASE WHEN m = 'infinity' THEN 'infinity' WHEN m < '0001-01-01' THEN to_char(m, 'YYYY-MM BC')
+  ELSE to_char(m, 'YYYY-MM') END,
+  CASE WHEN m > '0001-01-01' AND m < '9999-01-01' THEN m AT TIME ZONE 'UTC' END
+FROM (SELECT date_trunc('month', created_at AT TIME ZONE 'UTC') AS m
+  FROM ONLY {default} WHERE created_at IS NOT NULL) AS dated
+GROUP BY m ORDER BY m LIMIT 13
 """
 
 
@@ -425,16 +431,20 @@ def dated_rows_in_default(snapshot):
     ).fetchone()[0]
     if not count:
         return []
-    months = [m for (m,) in guarded(snapshot.target, MONTHS_IN_DEFAULT.format(default=default))]
+    months = guarded(snapshot.target, MONTHS_IN_DEFAULT.format(default=default)).fetchall()
     ranges = partitions(snapshot)
     fix = []
-    for month in months[:12]:
-        if FAR_PAST < month < FAR_FUTURE - timedelta(days=62) and not covered(ranges, month):
+    for _, month in months[:12]:
+        if (
+            month is not None
+            and FAR_PAST < month < FAR_FUTURE - timedelta(days=62)
+            and not covered(ranges, month)
+        ):
             fix += ["BEGIN", *(s.sql for s in attach_month(snapshot, month)), "COMMIT"]
     return [
         Drift(
             f"{DEFAULT_PARTITION} holds {plural(count, 'row')} with a created_at that no partition"
-            f" covers (months {', '.join(f'{m:%Y-%m}' for m in months[:12])}"
+            f" covers (months {', '.join(text for text, _ in months[:12])}"
             f"{', ...' if len(months) > 12 else ''}): runs make only this and next month's"
             " partitions; the fix makes one for each month and moves its rows there",
             fix,

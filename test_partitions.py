@@ -662,6 +662,21 @@ def test_a_partition_bound_python_cannot_read_as_a_date_is_no_crash(empty_db, up
         assert "unexpected" not in result.stderr
 
 
+@pytest.mark.parametrize("created_at", ["'12000-01-05 00:00+00'", "'0044-03-15 00:00+00 BC'"])
+def test_a_default_row_dated_past_what_python_reads_is_drift_not_a_crash(empty_db, created_at):
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    add_users_and_logs(empty_db, logs=0)
+    empty_db.rows(INSERT_LOG.format(created_at=created_at))  # lands in request_logs_default
+    results = [
+        run_migrate(empty_db.url, *args)
+        for args in (["--check"], ["--check", "--format", "json"], [])
+    ]
+    assert [r.returncode for r in results] == [migrate.EXIT_DRIFT, migrate.EXIT_DRIFT, 0]
+    assert "request_logs_default holds 1 row" in results[0].stdout
+    assert ("12000-01" if "12000" in created_at else "0044-03 BC") in results[0].stdout
+    assert not any("unexpected" in r.stderr for r in results)
+
+
 HOSTILE_PARTITION = "old\nDROP TABLE sign_in_records;--"
 
 
