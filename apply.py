@@ -837,7 +837,12 @@ def left_behind(statement, target):
         (c for c in snapshot.constraints if c.name == name and c.table == table), None
     )
     if constraint is not None and not constraint.validated:
-        return f"foreign key {name} stays NOT VALID: the next run validates it"
+        if constraint.kind == "f":
+            return f"foreign key {name} stays NOT VALID: the next run validates it"
+        return (
+            f"CHECK {name} stays NOT VALID: the next run validates it, or names the rows it"
+            " refuses and how to undo it"
+        )
     return "nothing of it was left"
 
 

@@ -468,8 +468,8 @@ def conversion(plan, now):
         boundary = boundary_after(now)
     carried, cannot = carried_over(snapshot)
     problems = cannot + held_names(snapshot, boundary, now)
-    if found is None and has_undated_rows(snapshot):
-        blocked.append(undated_rows_blocker())
+    if found is None or stale or not found[0].validated:
+        blocked += rows_outside_bound(snapshot, boundary, found)
     if problems:
         blocked.append(conversion_blocker(problems, found))
     if blocked != list(plan.blocked):
@@ -626,28 +626,53 @@ def drop_check(name):
     )
 
 
-def has_undated_rows(snapshot):
-    query = sql_text(
-        "SELECT EXISTS (SELECT 1 FROM ONLY",
-        Entity(PARENT),
-        "WHERE",
-        Entity("created_at"),
-        "IS NULL)",
-    )
-    return guarded(snapshot.target, query).fetchone()[0]
-
-
-def undated_rows_blocker():
+def rows_outside_bound(snapshot, boundary, found):
+    """Blockers for rows the bound would refuse (NULL, or dated at or after its boundary):
+    found before the bound is added, or while a NOT VALID bound cannot be validated. Both
+    reads are served by idx_request_logs_created_at."""
     relation, column = render(Entity(PARENT)), render(Entity("created_at"))
-    return Blocker(
-        f"{PARENT} has rows whose created_at is NULL, which no month's partition can hold, and"
-        " the conversion keeps every row where it is: give them a time (or delete them), then"
-        " run --partition-request-logs again",
-        [
-            f"SELECT count(*) FROM {relation} WHERE {column} IS NULL",
-            f"UPDATE {relation} SET {column} = PLACEHOLDER WHERE {column} IS NULL",
-        ],
+    bound = literal(boundary)
+    undated, future = guarded(
+        snapshot.target,
+        f"SELECT EXISTS (SELECT 1 FROM ONLY {relation} WHERE {column} IS NULL),"
+        f" EXISTS (SELECT 1 FROM ONLY {relation} WHERE {column} >= {bound})",
+    ).fetchone()
+    undo = (
+        f"; meanwhile its NOT VALID CHECK {shown_name(found[0].name)} refuses such inserts:"
+        " drop it (the last statement of the SQL listed) if the conversion is to wait"
+        if found
+        else ""
     )
+    undo_steps = [drop_check(found[0].name).sql] if found else []
+    blockers = []
+    if undated:
+        blockers.append(
+            Blocker(
+                f"{PARENT} has rows whose created_at is NULL, which no month's partition can hold,"
+                " and the conversion keeps every row where it is: give them a time (or delete"
+                f" them), then run --partition-request-logs again{undo}",
+                [
+                    f"SELECT count(*) FROM {relation} WHERE {column} IS NULL",
+                    f"UPDATE {relation} SET {column} = PLACEHOLDER WHERE {column} IS NULL",
+                    *undo_steps,
+                ],
+            )
+        )
+    if future:
+        blockers.append(
+            Blocker(
+                f"{PARENT} has rows dated at or after {boundary:%Y-%m-%d %H:%M} UTC, where the"
+                " monthly partitions begin, and the conversion keeps every row where it is (in"
+                f" {LEGACY}, bounded before it): correct their created_at (or delete them), then"
+                f" run --partition-request-logs again{undo}",
+                [
+                    f"SELECT count(*), max({column}) FROM {relation} WHERE {column} >= {bound}",
+                    f"UPDATE {relation} SET {column} = PLACEHOLDER WHERE {column} >= {bound}",
+                    *undo_steps,
+                ],
+            )
+        )
+    return blockers
 
 
 def add_check(boundary):

@@ -202,6 +202,35 @@ def test_conversion_refuses_rows_without_a_created_at_and_changes_nothing(migrat
     assert catalog(migrated_db) == before
 
 
+def test_conversion_refuses_rows_dated_past_its_bound_and_changes_nothing(migrated_db):
+    add_dated_logs(migrated_db, 10)
+    migrated_db.rows("UPDATE request_logs SET created_at = '2999-01-01 00:00+00' WHERE id = 1")
+    before = catalog(migrated_db)
+
+    check = run_migrate(migrated_db.url, "--partition-request-logs", "--check")
+    result = run_migrate(migrated_db.url, "--partition-request-logs")
+
+    assert check.returncode == result.returncode == migrate.EXIT_ERROR
+    assert "request_logs has rows dated at or after" in check.stdout
+    assert "request_logs has rows dated at or after" in error_line(result)
+    assert catalog(migrated_db) == before
+
+
+def test_a_bound_that_cannot_be_validated_names_its_rows_and_how_to_undo_it(migrated_db):
+    add_dated_logs(migrated_db, 10)
+    migrated_db.rows("UPDATE request_logs SET created_at = NULL WHERE id = 1")
+    conversion_state(migrated_db, "validate")  # as if the row had come before the bound
+
+    result = run_migrate(migrated_db.url, "--partition-request-logs")
+    check = run_migrate(migrated_db.url, "--partition-request-logs", "--check")
+
+    assert result.returncode == migrate.EXIT_ERROR
+    assert "request_logs has rows whose created_at is NULL" in error_line(result)
+    assert "refuses such inserts" in error_line(result)
+    assert "validated" not in result.stderr
+    assert '-- ALTER TABLE "request_logs" DROP CONSTRAINT "request_logs_before_' in check.stdout
+
+
 def test_a_plain_run_keeps_the_catalog_gorms_without_the_flag(migrated_db):
     add_dated_logs(migrated_db, 10)
     assert run_migrate(migrated_db.url).returncode == 0
