@@ -251,7 +251,9 @@ def upkeep(plan, now):
         start = add_months(month, offset)
         if not covered(ranges, start):
             steps.append(
-                Step(f"attach {month_name(start)}", "transaction", attach_month(snapshot, start))
+                Step(
+                    f"attach {month_name(start)}", "transaction", attach_month(snapshot, start, now)
+                )
             )
     transaction, online = list(plan.transaction), list(plan.online)
     if ID_INDEX._name not in snapshot.indexes:
@@ -318,7 +320,7 @@ def attach_default(snapshot):
     ]
 
 
-def attach_month(snapshot, month):
+def attach_month(snapshot, month, now=None):
     """A month's partition made empty beside the table, given the default partition's rows of
     that month, then attached: ATTACH takes SHARE UPDATE EXCLUSIVE on request_logs, where
     CREATE TABLE ... PARTITION OF would take ACCESS EXCLUSIVE."""
@@ -340,6 +342,20 @@ def attach_month(snapshot, month):
             ("table", name, name),
         )
     ]
+    if DEFAULT_PARTITION in snapshot.tables and month <= (now or datetime.now(UTC)):
+        # The month has begun, so its rows are arriving: an insert routed to the default
+        # partition before the ATTACH and run after it would fail on the default's new bound
+        # (SHARE UPDATE EXCLUSIVE lets it through). Inserts wait instead, the parent locked
+        # before the partition, in the order they lock them.
+        statements.append(
+            Statement(
+                f"LOCK TABLE {render(Entity(PARENT))} IN SHARE MODE",
+                "",
+                (PARENT,),
+                Hazard("ShareLock", "writes", "instant; held while the month's rows move"),
+                ("moved", name, "inserts held"),
+            )
+        )
     if DEFAULT_PARTITION in snapshot.tables:
         # The default partition locked first: inserts committed between a copy and a delete
         # would otherwise be deleted without being copied. ATTACH takes that lock anyway.

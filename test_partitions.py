@@ -562,9 +562,9 @@ def test_upkeep_keeps_a_row_committed_while_it_waits_for_the_default_partition(
     try:
         wait_for_lock_wait(
             empty_db,
-            "upkeep to wait for the default partition",
+            "upkeep to wait for the writer's insert (its month has begun)",
             run=run,
-            table="request_logs_default",
+            table="request_logs",
         )
         writer.commit()
     finally:
@@ -575,6 +575,39 @@ def test_upkeep_keeps_a_row_committed_while_it_waits_for_the_default_partition(
     assert f"migrate: attached partition {this_month}" in stderr
     assert empty_db.value("SELECT count(*) FROM request_logs") == 101
     assert empty_db.value(f"SELECT count(*) FROM ONLY {this_month}") == 101
+
+
+def test_upkeep_of_a_missed_month_fails_no_insert_of_that_month(empty_db):
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    this_month = partition.month_name(month(datetime.now(UTC)))
+    empty_db.rows(f"ALTER TABLE request_logs DETACH PARTITION {this_month}")
+    empty_db.rows(f"DROP TABLE {this_month}")
+    seed_keys(empty_db)
+    empty_db.rows(  # this month's rows land in the default partition, and keep coming
+        "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model, method,"
+        " path, status_code, response_time) SELECT now(), user_id, id, 1, 'm', 'GET', '/', 200, 5"
+        " FROM api_keys, generate_series(1, 50000)"
+    )
+    stop, outcomes = threading.Event(), []
+    inserters = [
+        threading.Thread(target=insert_while, args=(empty_db, stop, outcomes)) for _ in range(3)
+    ]
+    for inserter in inserters:
+        inserter.start()
+    try:
+        poll_until("inserts to run", lambda: len(outcomes) > 30)
+        result = run_migrate(empty_db.url, "--lock-timeout", "60")
+        ended = len(outcomes)
+        poll_until("inserts after the run", lambda: len(outcomes) > ended + 30)
+    finally:
+        stop.set()
+        for inserter in inserters:
+            inserter.join()
+
+    assert result.returncode == 0, result.stderr
+    assert f"migrate: attached partition {this_month}" in result.stderr
+    assert [o for o in outcomes if isinstance(o, Exception)] == []
+    assert empty_db.value("SELECT count(*) FROM ONLY request_logs_default") == 0
 
 
 def test_conversion_carries_grants_owner_and_checks_to_the_partitioned_table(migrated_db):
