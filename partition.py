@@ -150,6 +150,48 @@ def partitions(snapshot):
     return found
 
 
+def overlaps(ranges, month):
+    """The partitions that hold part of the month, but not all of it."""
+    end = add_months(month, 1)
+    return sorted(
+        name
+        for name, (lower, upper) in ranges.items()
+        if (lower is None or lower < end) and (upper is None or upper > month)
+    )
+
+
+def partly_covered_drift(month, names):
+    return Drift(
+        f"{month:%Y-%m} has no partition of its own: {', '.join(shown_name(n) for n in names)}"
+        " of request_logs hold part of it, so runs cannot attach request_logs_"
+        f"{month:%Y_%m}; rows of the rest of the month go to {DEFAULT_PARTITION}: make the"
+        " partitions cover whole UTC months",
+        [],
+        False,
+        "none",
+        ("month partly covered", PARENT, month_name(month)),
+    )
+
+
+def name_held_drift(snapshot, name, bounds):
+    """The name upkeep needs for a partition, held by a relation that is not that partition
+    (a detached partition, a table of the same name): upkeep cannot make it."""
+    holder = snapshot.relations[name]
+    where = f" of {shown_name(holder.table)}" if holder.table else ""
+    return Drift(
+        f"the name {shown_name(name)} upkeep needs for a partition of {PARENT} is held by the"
+        f" {holder.kind} {shown_name(name)}{where}, not a partition of {PARENT}: attach it (the"
+        " fix, which scans it under lock and fails if a row does not fit) or rename it",
+        [sql_text("ALTER TABLE", Entity(PARENT), "ATTACH PARTITION", Entity(name)) + " " + bounds]
+        if holder.kind == "table"
+        else [],
+        False,
+        f"SHARE UPDATE EXCLUSIVE on {PARENT}, ACCESS EXCLUSIVE on {shown_name(name)} while it"
+        " is scanned",
+        ("partition name held", PARENT, name),
+    )
+
+
 def covered(ranges, month):
     end = add_months(month, 1)
     return any(
@@ -244,12 +286,21 @@ def upkeep(plan, now):
     ranges = partitions(snapshot)
     steps, drift = list(plan.steps), list(plan.drift)
     default = snapshot.tables.get(DEFAULT_PARTITION)
-    if default is None or default.parent != PARENT:
+    if DEFAULT_PARTITION in snapshot.relations and (default is None or default.parent != PARENT):
+        drift.append(name_held_drift(snapshot, DEFAULT_PARTITION, "DEFAULT"))
+    elif default is None:
         steps.append(Step(f"attach {DEFAULT_PARTITION}", "transaction", attach_default(snapshot)))
     month = month_start(now)
     for offset in range(MONTHS_AHEAD + 1):
         start = add_months(month, offset)
-        if not covered(ranges, start):
+        if covered(ranges, start):
+            continue
+        if overlapping := overlaps(ranges, start):
+            drift.append(partly_covered_drift(start, overlapping))
+        elif month_name(start) in snapshot.relations:
+            bounds = f"FOR VALUES FROM ({literal(start)}) TO ({literal(add_months(start, 1))})"
+            drift.append(name_held_drift(snapshot, month_name(start), bounds))
+        else:
             steps.append(
                 Step(
                     f"attach {month_name(start)}", "transaction", attach_month(snapshot, start, now)
@@ -455,6 +506,8 @@ def dated_rows_in_default(snapshot):
             month is not None
             and FAR_PAST < month < FAR_FUTURE - timedelta(days=62)
             and not covered(ranges, month)
+            and month_name(month) not in snapshot.relations
+            and not overlaps(ranges, month)
         ):
             fix += ["BEGIN", *(s.sql for s in attach_month(snapshot, month)), "COMMIT"]
     return [

@@ -610,6 +610,45 @@ def test_upkeep_of_a_missed_month_fails_no_insert_of_that_month(empty_db):
     assert empty_db.value("SELECT count(*) FROM ONLY request_logs_default") == 0
 
 
+@pytest.mark.parametrize("which", ["this month", "default"])
+def test_a_detached_partition_holding_its_name_is_drift_not_a_failing_run(empty_db, which):
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    name = (
+        partition.month_name(month(datetime.now(UTC)))
+        if which == "this month"
+        else partition.DEFAULT_PARTITION
+    )
+    empty_db.rows(f"ALTER TABLE request_logs DETACH PARTITION {name}")
+
+    run = run_migrate(empty_db.url)
+    check = run_migrate(empty_db.url, "--check")
+
+    assert run.returncode == 0, run.stderr
+    assert f"the name {name} upkeep needs for a partition of request_logs is held" in run.stderr
+    assert check.returncode == migrate.EXIT_DRIFT, check.stdout
+    assert f'-- ALTER TABLE "request_logs" ATTACH PARTITION "{name}"' in check.stdout
+    assert "already exists" not in run.stderr + check.stdout
+
+
+def test_a_partition_covering_part_of_a_month_is_drift_not_a_failing_run(empty_db):
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    following = partition.add_months(month(datetime.now(UTC)), 1)
+    name = partition.month_name(following)
+    empty_db.rows(f"DROP TABLE {name}")
+    empty_db.rows(
+        f"CREATE TABLE {quoted('half of it')} PARTITION OF request_logs FOR VALUES"
+        f" FROM ('{following.isoformat()}') TO ('{(following + timedelta(days=14)).isoformat()}')"
+    )
+
+    run = run_migrate(empty_db.url)
+    check = run_migrate(empty_db.url, "--check")
+
+    assert run.returncode == 0, run.stderr
+    assert f'{following:%Y-%m} has no partition of its own: "half of it"' in run.stderr
+    assert check.returncode == migrate.EXIT_DRIFT, check.stdout
+    assert name not in empty_db.tables()
+
+
 def test_conversion_carries_grants_owner_and_checks_to_the_partitioned_table(migrated_db):
     role = scoped_name(migrated_db.name, "gateway")
     migrated_db.rows(f"CREATE ROLE {quoted(role)} LOGIN")
