@@ -70,6 +70,7 @@ from catalog import (
     one_line,
     read_catalog,
     shown,
+    shown_name,
 )
 from connection import (
     MigrationError,
@@ -828,6 +829,11 @@ def left_behind(statement, target):
         snapshot = read_catalog(target, ())
     except (peewee.PeeweeException, psycopg2.Error, ServerSilent, KeyboardInterrupt):
         return None
+    if kind == "detached" and name in snapshot.tables and snapshot.tables[name].detach_pending:
+        return (
+            f"partition {shown_name(name)} was left DETACH PENDING: the next"
+            " --retain-request-logs run finishes the detach (FINALIZE) and drops it"
+        )
     if kind in ("index", "dropped"):
         live = snapshot.indexes.get(name)
         if live is not None and not live.valid:

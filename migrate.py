@@ -34,6 +34,7 @@ if sys.version_info < (3, 11):  # noqa: UP036 -- run by older Pythons too, befor
     sys.exit(2)
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -116,7 +117,11 @@ def seconds_up_to(maximum):
 class OneLineErrors(argparse.ArgumentParser):
     """Usage errors as one `migrate: error:` line, like every other error."""
 
+    wants_json = False  # set from the raw arguments, as a usage error comes before parsing ends
+
     def error(self, message):
+        if self.wants_json:
+            error_document(f"{message} (see --help)")
         self.exit(EXIT_ERROR, f"migrate: error: {message} (see --help)\n")
 
     def _print_message(self, message, file=None):
@@ -223,6 +228,10 @@ def parse_args(argv):
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="print the traceback of an unexpected error"
+    )
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    parser.wants_json = "--format=json" in arguments or any(
+        a == "--format" and b == "json" for a, b in itertools.pairwise(arguments)
     )
     args = parser.parse_args(argv)
     if args.format == "json" and not (args.check or args.dry_run):

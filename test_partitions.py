@@ -457,6 +457,41 @@ def test_retention_after_conversion_deletes_from_the_converted_table_in_batches(
     assert migrated_db.value("SELECT count(*) FROM request_logs") == 1
 
 
+def test_a_concurrent_detach_stopped_part_way_is_named_and_finished_by_the_next_run(
+    empty_db, start_migrate
+):
+    now = datetime.now(UTC)
+    migrate_here(empty_db.params, partition=True, now=now - timedelta(days=93))
+    migrate_here(empty_db.params, now=now)
+    empty_db.rows("DROP TABLE request_logs_default")  # beside it, no DETACH ... CONCURRENTLY
+    old = partition.month_name(month(now - timedelta(days=93)))
+    reader = session(empty_db, "SELECT count(*) FROM request_logs")  # a snapshot that sees it
+    run = start_migrate(empty_db.url, "--retain-request-logs", "45", "--lock-timeout", "60")
+    try:
+        wait_for_lock_wait(
+            empty_db,
+            "the detach to wait for the reader",
+            run=run,
+            query="%DETACH PARTITION%CONCURRENTLY%",
+        )
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=60)
+    finally:
+        reader.rollback()
+        reader.close()
+    pending = empty_db.rows(
+        "SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = %s::regclass", old
+    )
+    again = run_migrate(empty_db.url, "--retain-request-logs", "45")
+
+    assert run.returncode == 128 + signal.SIGTERM
+    assert pending == [(True,)]
+    assert f"partition {old} was left DETACH PENDING" in stderr
+    assert again.returncode == 0, again.stderr
+    assert f"migrate: dropped partition {old}" in again.stderr
+    assert old not in empty_db.tables()
+
+
 def test_check_ignores_retention_and_refuses_the_flag(migrated_db):
     result = run_migrate(migrated_db.url, "--check", "--retain-request-logs", "30")
     assert result.returncode == migrate.EXIT_ERROR

@@ -508,3 +508,13 @@ def test_a_json_row_estimate_too_large_for_readers_is_null(migrated_db):
     migrated_db.rows("UPDATE pg_class SET reltuples = 3e38 WHERE oid = 'users'::regclass")
     document = json.loads(run_migrate(migrated_db.url, "--check", "--format", "json").stdout)
     assert document["pending"][0]["rows"] == {"users": None}
+
+
+@pytest.mark.parametrize("format_args", [["--format", "json"], ["--format=json"]])
+def test_json_usage_error_is_a_document_too(format_args):
+    result = run_migrate(
+        "host=127.0.0.1 port=1 dbname=x", "--check", "--retain-request-logs", "5", *format_args
+    )
+    assert result.returncode == migrate.EXIT_ERROR
+    assert json.loads(result.stdout)["error"].startswith("--retain-request-logs goes alone")
+    assert result.stderr.count("\n") == 1
