@@ -229,10 +229,7 @@ def parse_args(argv):
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="print the traceback of an unexpected error"
     )
-    arguments = sys.argv[1:] if argv is None else list(argv)
-    parser.wants_json = "--format=json" in arguments or any(
-        a == "--format" and b == "json" for a, b in itertools.pairwise(arguments)
-    )
+    parser.wants_json = requested_format(sys.argv[1:] if argv is None else list(argv)) == "json"
     args = parser.parse_args(argv)
     if args.format == "json" and not (args.check or args.dry_run):
         parser.error("--format json goes with --check or --dry-run")
@@ -243,6 +240,17 @@ def parse_args(argv):
             "--retain-request-logs goes alone or with --dry-run (--check ignores retention)"
         )
     return args
+
+
+def requested_format(arguments):
+    """The --format the raw arguments ask for (the last one, abbreviations too, as argparse
+    reads them), for a usage error found before parsing ends."""
+    wanted = "text"
+    for option, following in itertools.pairwise([*arguments, ""]):
+        name, equals, value = option.partition("=")
+        if len(name) >= 4 and "--format".startswith(name):
+            wanted = value if equals else following
+    return wanted
 
 
 MAX_RETENTION_DAYS = 36_500  # a hundred years: a cutoff Python's dates and PostgreSQL's hold
@@ -593,7 +601,7 @@ def run(args, started):
             write_out(text_report(plan, args))
         if args.dry_run:
             log_leftovers(plan)
-            if not plan.pending:
+            if not plan.pending and not plan.blocked:
                 log.info("nothing to do: the run would send no statement")
         line = summary(
             plan, check_status(plan), started, run_command(args), args.retain_request_logs

@@ -180,8 +180,13 @@ def name_held_drift(snapshot, name, bounds):
     where = f" of {shown_name(holder.table)}" if holder.table else ""
     return Drift(
         f"the name {shown_name(name)} upkeep needs for a partition of {PARENT} is held by the"
-        f" {holder.kind} {shown_name(name)}{where}, not a partition of {PARENT}: attach it (the"
-        " fix, which scans it under lock and fails if a row does not fit) or rename it",
+        f" {holder.kind} {shown_name(name)}{where}, not a partition of {PARENT}: "
+        + (
+            "attach it (the fix, which scans it under lock and fails if a row does not fit)"
+            " or rename it"
+            if holder.kind == "table"
+            else "rename it"
+        ),
         [sql_text("ALTER TABLE", Entity(PARENT), "ATTACH PARTITION", Entity(name)) + " " + bounds]
         if holder.kind == "table"
         else [],
@@ -205,7 +210,7 @@ def conversion_check(snapshot):
     for constraint in snapshot.constraints:
         if constraint.table == PARENT and constraint.kind == "c":
             match = re.fullmatch(re.escape(CHECK_PREFIX) + r"(\d{4})_(\d{2})", constraint.name)
-            if match:
+            if match and 1 <= int(match.group(1)) <= 9998 and 1 <= int(match.group(2)) <= 12:
                 month = datetime(int(match.group(1)), int(match.group(2)), 1, tzinfo=UTC)
                 return constraint, month
     return None
@@ -371,6 +376,20 @@ def attach_default(snapshot):
     ]
 
 
+CLOCK_SKEW = timedelta(days=1)  # how far the application's clocks may run ahead of ours
+
+
+def default_holds(snapshot, month, end):
+    """Whether the default partition holds rows of [month, end) (its created_at index serves
+    the read)."""
+    column = render(Entity("created_at"))
+    return guarded(
+        snapshot.target,
+        f"SELECT EXISTS (SELECT 1 FROM ONLY {render(Entity(DEFAULT_PARTITION))}"
+        f" WHERE {column} >= {literal(month)} AND {column} < {literal(end)})",
+    ).fetchone()[0]
+
+
 def attach_month(snapshot, month, now=None):
     """A month's partition made empty beside the table, given the default partition's rows of
     that month, then attached: ATTACH takes SHARE UPDATE EXCLUSIVE on request_logs, where
@@ -393,11 +412,14 @@ def attach_month(snapshot, month, now=None):
             ("table", name, name),
         )
     ]
-    if DEFAULT_PARTITION in snapshot.tables and month <= (now or datetime.now(UTC)):
-        # The month has begun, so its rows are arriving: an insert routed to the default
-        # partition before the ATTACH and run after it would fail on the default's new bound
-        # (SHARE UPDATE EXCLUSIVE lets it through). Inserts wait instead, the parent locked
-        # before the partition, in the order they lock them.
+    if DEFAULT_PARTITION in snapshot.tables and (
+        month <= (now or datetime.now(UTC)) + CLOCK_SKEW or default_holds(snapshot, month, end)
+    ):
+        # The month's rows are arriving (it has begun, by this clock or a skewed one, or the
+        # default partition holds some): an insert routed to the default partition before
+        # the ATTACH and run after it would fail on the default's new bound (SHARE UPDATE
+        # EXCLUSIVE lets it through). Inserts wait instead, the parent locked before the
+        # partition, in the order they lock them.
         statements.append(
             Statement(
                 f"LOCK TABLE {render(Entity(PARENT))} IN SHARE MODE",
@@ -480,7 +502,7 @@ def partitions_elsewhere(snapshot):
 # Each month as text, and as a timestamp only where Python's datetime can hold it (years 1
 # to 9998): a row of year 12000 or BC would otherwise end the read with a ValueError.
 MONTHS_IN_DEFAULT = """
-SELECT CASE WHEN m = 'infinity' THEN 'infinity' WHEN m < '0001-01-01' THEN to_char(m, 'YYYY-MM BC')
+SELECT CASE WHEN NOT isfinite(m) THEN m::text WHEN m < '0001-01-01' THEN to_char(m, 'YYYY-MM BC')
   ELSE to_char(m, 'YYYY-MM') END,
   CASE WHEN m > '0001-01-01' AND m < '9999-01-01' THEN m AT TIME ZONE 'UTC' END
 FROM (SELECT date_trunc('month', created_at AT TIME ZONE 'UTC') AS m
@@ -671,7 +693,7 @@ def held_names(snapshot, boundary, now):
 
 def conversion_blocker(problems, found):
     check = (
-        f"; meanwhile its CHECK {shown_name(found[0].name)} refuses inserts after"
+        f"; meanwhile its CHECK {shown_name(found[0].name)} refuses inserts at or after"
         f" {found[1]:%Y-%m-%d}: drop it if the conversion is not finished before then"
         if found
         else ""
@@ -903,7 +925,7 @@ def leftover_conversion(plan, now):
     drift = plan.drift + [
         Drift(
             f"a conversion of {PARENT} to monthly partitions is not finished: its CHECK"
-            f" {shown_name(constraint.name)} refuses inserts with a NULL created_at or one after"
+            f" {shown_name(constraint.name)} refuses inserts with a NULL created_at or one at or after"
             f" {boundary:%Y-%m-%d}; finish it (python migrate.py --partition-request-logs) or drop it",
             [sql_text("ALTER TABLE", Entity(PARENT), "DROP CONSTRAINT", Entity(constraint.name))],
             True,

@@ -126,14 +126,14 @@ def test_no_insert_fails_for_want_of_a_partition(empty_db):
 # --- Converting a live table ----------------------------------------------------------------
 
 
-def insert_while(db, stop, outcomes):
+def insert_while(db, stop, outcomes, created_at="now()"):
     """Single-row inserts into request_logs, one per transaction, until `stop` is set."""
     connection = psycopg2.connect(db.url)
     connection.autocommit = True
     with connection.cursor() as cursor:
         while not stop.is_set():
             try:
-                cursor.execute(INSERT_LOG.format(created_at="now()") + " RETURNING id")
+                cursor.execute(INSERT_LOG.format(created_at=created_at) + " RETURNING id")
                 outcomes.append(cursor.fetchone()[0])
             except psycopg2.Error as exc:
                 outcomes.append(exc)
@@ -229,6 +229,15 @@ def test_a_bound_that_cannot_be_validated_names_its_rows_and_how_to_undo_it(migr
     assert "refuses such inserts" in error_line(result)
     assert "validated" not in result.stderr
     assert '-- ALTER TABLE "request_logs" DROP CONSTRAINT "request_logs_before_' in check.stdout
+
+
+@pytest.mark.parametrize("name", ["request_logs_before_2027_13", "request_logs_before_0000_01"])
+def test_a_check_named_like_a_bound_of_no_real_month_is_not_taken_for_one(migrated_db, name):
+    migrated_db.rows(f"ALTER TABLE request_logs ADD CONSTRAINT {name} CHECK (true)")
+    for args in ([], ["--check"], ["--dry-run", "--partition-request-logs"]):
+        result = run_migrate(migrated_db.url, *args)
+        assert "unexpected" not in result.stderr
+        assert result.returncode in (migrate.EXIT_OK, migrate.EXIT_DRIFT), result.stderr
 
 
 def test_a_plain_run_keeps_the_catalog_gorms_without_the_flag(migrated_db):
@@ -684,6 +693,39 @@ def test_a_partition_covering_part_of_a_month_is_drift_not_a_failing_run(empty_d
     assert name not in empty_db.tables()
 
 
+def test_upkeep_ahead_of_a_month_whose_rows_already_arrive_fails_no_insert(empty_db):
+    now = datetime.now(UTC)
+    following = month(now, 1)
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    empty_db.rows(f"DROP TABLE {partition.month_name(following)}")
+    seed_keys(empty_db)
+    dated = f"'{(following + timedelta(seconds=5)).isoformat()}'"
+    empty_db.rows(  # next month's rows, written by clocks ahead of ours, in the default
+        "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model, method,"
+        f" path, status_code, response_time) SELECT {dated}, user_id, id, 1, 'm', 'GET', '/',"
+        " 200, 5 FROM api_keys, generate_series(1, 50000)"
+    )
+    stop, outcomes = threading.Event(), []
+    inserters = [
+        threading.Thread(target=insert_while, args=(empty_db, stop, outcomes, dated))
+        for _ in range(3)
+    ]
+    for inserter in inserters:
+        inserter.start()
+    try:
+        poll_until("inserts to run", lambda: len(outcomes) > 30)
+        migrate_here(empty_db.params, now=now.replace(day=1))  # no clock skew margin reaches it
+        ended = len(outcomes)
+        poll_until("inserts after the run", lambda: len(outcomes) > ended + 30)
+    finally:
+        stop.set()
+        for inserter in inserters:
+            inserter.join()
+
+    assert [o for o in outcomes if isinstance(o, Exception)] == []
+    assert empty_db.value("SELECT count(*) FROM ONLY request_logs_default") == 0
+
+
 def test_conversion_carries_grants_owner_and_checks_to_the_partitioned_table(migrated_db):
     role = scoped_name(migrated_db.name, "gateway")
     migrated_db.rows(f"CREATE ROLE {quoted(role)} LOGIN")
@@ -798,7 +840,9 @@ def test_a_partition_bound_python_cannot_read_as_a_date_is_no_crash(empty_db, up
         assert "unexpected" not in result.stderr
 
 
-@pytest.mark.parametrize("created_at", ["'12000-01-05 00:00+00'", "'0044-03-15 00:00+00 BC'"])
+@pytest.mark.parametrize(
+    "created_at", ["'12000-01-05 00:00+00'", "'0044-03-15 00:00+00 BC'", "'-infinity'"]
+)
 def test_a_default_row_dated_past_what_python_reads_is_drift_not_a_crash(empty_db, created_at):
     assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
     add_users_and_logs(empty_db, logs=0)
@@ -809,7 +853,8 @@ def test_a_default_row_dated_past_what_python_reads_is_drift_not_a_crash(empty_d
     ]
     assert [r.returncode for r in results] == [migrate.EXIT_DRIFT, migrate.EXIT_DRIFT, 0]
     assert "request_logs_default holds 1 row" in results[0].stdout
-    assert ("12000-01" if "12000" in created_at else "0044-03 BC") in results[0].stdout
+    shown = {"'-infinity'": "-infinity", "'0044-03-15 00:00+00 BC'": "0044-03 BC"}
+    assert shown.get(created_at, "12000-01") in results[0].stdout
     assert not any("unexpected" in r.stderr for r in results)
 
 

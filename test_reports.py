@@ -510,7 +510,15 @@ def test_a_json_row_estimate_too_large_for_readers_is_null(migrated_db):
     assert document["pending"][0]["rows"] == {"users": None}
 
 
-@pytest.mark.parametrize("format_args", [["--format", "json"], ["--format=json"]])
+@pytest.mark.parametrize(
+    "format_args",
+    [
+        ["--format", "json"],
+        ["--format=json"],
+        ["--form", "json"],
+        ["--format", "text", "--form=json"],
+    ],
+)
 def test_json_usage_error_is_a_document_too(format_args):
     result = run_migrate(
         "host=127.0.0.1 port=1 dbname=x", "--check", "--retain-request-logs", "5", *format_args
@@ -518,3 +526,9 @@ def test_json_usage_error_is_a_document_too(format_args):
     assert result.returncode == migrate.EXIT_ERROR
     assert json.loads(result.stdout)["error"].startswith("--retain-request-logs goes alone")
     assert result.stderr.count("\n") == 1
+
+
+def test_a_usage_error_after_text_won_over_json_is_no_document():
+    result = run_migrate("dbname=x", "--check", "--format", "json", "--format", "text", "--bogus")
+    assert result.returncode == migrate.EXIT_ERROR
+    assert result.stdout == ""
