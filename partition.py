@@ -192,7 +192,9 @@ def name_held_drift(snapshot, name, bounds):
         else [],
         False,
         f"SHARE UPDATE EXCLUSIVE on {PARENT}, ACCESS EXCLUSIVE on {shown_name(name)} while it"
-        " is scanned",
+        " is scanned"
+        if holder.kind == "table"
+        else "none",
         ("partition name held", PARENT, name),
     )
 

@@ -621,32 +621,43 @@ def test_upkeep_keeps_a_row_committed_while_it_waits_for_the_default_partition(
     assert empty_db.value(f"SELECT count(*) FROM ONLY {this_month}") == 101
 
 
-def test_upkeep_of_a_missed_month_fails_no_insert_of_that_month(empty_db):
-    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
-    this_month = partition.month_name(month(datetime.now(UTC)))
-    empty_db.rows(f"ALTER TABLE request_logs DETACH PARTITION {this_month}")
-    empty_db.rows(f"DROP TABLE {this_month}")
-    seed_keys(empty_db)
-    empty_db.rows(  # this month's rows land in the default partition, and keep coming
+def upkeep_under_inserts(db, created_at, upkeep):
+    """50,000 rows dated `created_at` in the default partition, then `upkeep()` while three
+    sessions insert more of that date; returns upkeep's result and the inserts' outcomes."""
+    seed_keys(db)
+    db.rows(
         "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model, method,"
-        " path, status_code, response_time) SELECT now(), user_id, id, 1, 'm', 'GET', '/', 200, 5"
-        " FROM api_keys, generate_series(1, 50000)"
+        f" path, status_code, response_time) SELECT {created_at}, user_id, id, 1, 'm', 'GET', '/',"
+        " 200, 5 FROM api_keys, generate_series(1, 50000)"
     )
     stop, outcomes = threading.Event(), []
     inserters = [
-        threading.Thread(target=insert_while, args=(empty_db, stop, outcomes)) for _ in range(3)
+        threading.Thread(target=insert_while, args=(db, stop, outcomes, created_at))
+        for _ in range(3)
     ]
     for inserter in inserters:
         inserter.start()
     try:
         poll_until("inserts to run", lambda: len(outcomes) > 30)
-        result = run_migrate(empty_db.url, "--lock-timeout", "60")
+        result = upkeep()
         ended = len(outcomes)
         poll_until("inserts after the run", lambda: len(outcomes) > ended + 30)
     finally:
         stop.set()
         for inserter in inserters:
             inserter.join()
+    return result, outcomes
+
+
+def test_upkeep_of_a_missed_month_fails_no_insert_of_that_month(empty_db):
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    this_month = partition.month_name(month(datetime.now(UTC)))
+    empty_db.rows(f"ALTER TABLE request_logs DETACH PARTITION {this_month}")
+    empty_db.rows(f"DROP TABLE {this_month}")
+
+    result, outcomes = upkeep_under_inserts(  # this month's rows land in the default partition
+        empty_db, "now()", lambda: run_migrate(empty_db.url, "--lock-timeout", "60")
+    )
 
     assert result.returncode == 0, result.stderr
     assert f"migrate: attached partition {this_month}" in result.stderr
@@ -698,29 +709,12 @@ def test_upkeep_ahead_of_a_month_whose_rows_already_arrive_fails_no_insert(empty
     following = month(now, 1)
     assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
     empty_db.rows(f"DROP TABLE {partition.month_name(following)}")
-    seed_keys(empty_db)
-    dated = f"'{(following + timedelta(seconds=5)).isoformat()}'"
-    empty_db.rows(  # next month's rows, written by clocks ahead of ours, in the default
-        "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model, method,"
-        f" path, status_code, response_time) SELECT {dated}, user_id, id, 1, 'm', 'GET', '/',"
-        " 200, 5 FROM api_keys, generate_series(1, 50000)"
+
+    _, outcomes = upkeep_under_inserts(  # next month's rows, from clocks ahead of ours
+        empty_db,
+        f"'{(following + timedelta(seconds=5)).isoformat()}'",
+        lambda: migrate_here(empty_db.params, now=now.replace(day=1)),  # beyond the skew margin
     )
-    stop, outcomes = threading.Event(), []
-    inserters = [
-        threading.Thread(target=insert_while, args=(empty_db, stop, outcomes, dated))
-        for _ in range(3)
-    ]
-    for inserter in inserters:
-        inserter.start()
-    try:
-        poll_until("inserts to run", lambda: len(outcomes) > 30)
-        migrate_here(empty_db.params, now=now.replace(day=1))  # no clock skew margin reaches it
-        ended = len(outcomes)
-        poll_until("inserts after the run", lambda: len(outcomes) > ended + 30)
-    finally:
-        stop.set()
-        for inserter in inserters:
-            inserter.join()
 
     assert [o for o in outcomes if isinstance(o, Exception)] == []
     assert empty_db.value("SELECT count(*) FROM ONLY request_logs_default") == 0
