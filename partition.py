@@ -1020,6 +1020,7 @@ def drop_partition(snapshot, name):
         DROP_DETACHED,
         ("dropped partition", PARENT, name),
         (("detached", PARENT, name),),
+        ((name, None),),
     )
     return Step(
         f"drop {shown_name(name)}",
@@ -1053,6 +1054,8 @@ def batched_delete(snapshot, name, cutoff):
         (name,),
         BATCHED_DELETE,
         ("rows before", name, cutoff.isoformat()),
+        (),
+        ((name, cutoff),),
     )
 
 

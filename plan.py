@@ -270,7 +270,11 @@ def foreign_key_matches(constraint, field):
 
 # effect: the object a statement makes, as a key the next plan can be asked about;
 # needs: the effects of other statements it must follow (a column it indexes).
-Statement = namedtuple("Statement", "sql description tables hazard effect needs", defaults=((),))
+# removes: ((relation, cutoff), ...), the rows this statement deletes for good (created_at
+# before cutoff; cutoff None: every row of the relation), so that they can be archived first.
+Statement = namedtuple(
+    "Statement", "sql description tables hazard effect needs removes", defaults=((), ())
+)
 # fix: statements; safe: whether they may run as printed; cost: their lock and work.
 Drift = namedtuple("Drift", "problem fix safe cost key")
 Unknown = namedtuple("Unknown", "kind table name")
