@@ -69,6 +69,7 @@ from catalog import (
     milliseconds,
     one_line,
     read_catalog,
+    read_only_words,
     shown,
     shown_name,
 )
@@ -79,7 +80,6 @@ from connection import (
     configure_session,
     open_side_connection,
     pause,
-    read_only_words,
     watch,
 )
 from models import MODELS, database

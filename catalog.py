@@ -43,7 +43,7 @@ import peewee
 import psycopg2
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
-from connection import MigrationError, text_limits
+from connection import MigrationError, session_facts, text_limits
 from models import MODELS, database
 
 Target = namedtuple("Target", "name oid search_path source")
@@ -142,6 +142,27 @@ def shown_name(name):
     if PLAIN_IDENTIFIER.fullmatch(name):
         return name
     return shown('"' + name.replace('"', '""') + '"')
+
+
+def read_only_words():
+    """Why the server refused a write: a standby, or a read-only default and where it is set."""
+    if session_facts.get("standby"):
+        return "the server is a standby (in recovery): point DATABASE_URL at the primary"
+    source = session_facts.get("read_only_source")
+    where = {
+        "user": f"on role {shown_name(session_facts.get('role', '?'))}"
+        " (ALTER ROLE ... RESET default_transaction_read_only)",
+        "database": f"on database {shown_name(session_facts.get('dbname', '?'))}"
+        " (ALTER DATABASE ... RESET default_transaction_read_only)",
+        "database user": "on the role in this database"
+        " (ALTER ROLE ... IN DATABASE ... RESET default_transaction_read_only)",
+        "client": "by the connection's options (PGOPTIONS or options in DATABASE_URL)",
+        "configuration file": "in the server's configuration file",
+    }.get(source, f"by {source}")
+    return (
+        f"default_transaction_read_only is on, set {where}: reset it there, or add"
+        " options='-c default_transaction_read_only=off' to DATABASE_URL"
+    )
 
 
 # --- Pinned settings ------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """
-DATABASE_URL to an open connection of models.database, and back to words an operator can act on.
+DATABASE_URL to an open connection of `database`, and back to words an operator can act on.
 
 Usage::
 
@@ -7,7 +7,7 @@ Usage::
 
     params = connection_params(os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL))
     print(describe(params))          # every password masked
-    connect(params, wait_seconds=30) # binds and opens models.database
+    connect(params, wait_seconds=30) # binds and opens `database`
 
 DATABASE_URL is parsed by libpq (psycopg2's parse_dsn), so both the keyword
 form and postgresql:// URLs work, and whatever it leaves out comes from the
@@ -25,6 +25,11 @@ No password is ever printed. Masking is structural: the password parameters,
 the user info of a URL and connection strings nested in a value (libpq can
 read a dbname as one) are masked where they are, never by searching the
 password's text, which garbles every line when it is a short word.
+
+`database`, the Peewee database every model is bound to (sessions in UTC),
+lives here, with `bind_from_url`, so that this module imports no other
+module of the tool; models.py re-exports both (`from models import
+database`), and every module above imports from here.
 """
 
 import os
@@ -36,9 +41,8 @@ import time
 
 import peewee
 import psycopg2
+from playhouse.postgres_ext import PostgresqlExtDatabase, Psycopg2ExtAdapter
 from psycopg2.extensions import make_dsn, parse_dsn
-
-from models import database
 
 DEFAULT_DATABASE_URL = (
     "host=localhost user=postgres password=postgres dbname=api_aggregator port=5432 sslmode=disable"
@@ -281,6 +285,91 @@ def url_part_holding(url, token):
     return next((label for label, text in parts if text == token), "URL")
 
 
+# --- The database: every session in UTC ------------------------------------------
+
+
+def utc_session_options(database, options=None):
+    """libpq `options` for a connection: the caller's, then `-c TimeZone=UTC`, which wins.
+
+    Passing `options` hides a URL's own options and PGOPTIONS from libpq, so
+    they are merged in here as libpq would have picked them.
+    """
+    if options is None:
+        try:
+            options = parse_dsn(database).get("options")
+        except psycopg2.ProgrammingError:  # a plain database name, not a DSN
+            options = None
+        options = options or os.environ.get("PGOPTIONS")
+    return f"{options} -c TimeZone=UTC" if options else "-c TimeZone=UTC"
+
+
+class UtcSessionAdapter(Psycopg2ExtAdapter):
+    """Opens every connection with TimeZone=UTC, a startup option: no extra statement."""
+
+    def connect(self, db, **params):
+        if db.utc_sessions:
+            params["options"] = utc_session_options(db.database, params.get("options"))
+        return super().connect(db, **params)
+
+
+class GatewayDatabase(PostgresqlExtDatabase):
+    # Only the psycopg2 adapter: requirements.txt installs psycopg2, not psycopg 3.
+    psycopg2_adapter = UtcSessionAdapter
+    # migrate.py turns this off: it writes no timestamps, and pgbouncer before
+    # 1.20 (Debian 12 ships 1.18) refuses a connection that sends `options`.
+    utc_sessions = True
+
+    # Set by bind_from_url: masks what a failed connection's message echoes of the URL.
+    masked = None
+
+    def init(self, database, **kwargs):
+        # Peewee merges these into the parameters of an earlier init(); start
+        # afresh, so no option (or password) of a previous binding leaks into this one.
+        self.connect_params = {}
+        self.masked = None
+        super().init(database, **kwargs)
+
+    def _connect(self):
+        try:
+            return super()._connect()
+        except psycopg2.OperationalError as exc:
+            if self.masked is None:
+                raise
+            raise psycopg2.OperationalError(self.masked(str(exc).strip())) from None
+
+
+database = GatewayDatabase(None)
+
+
+class DatabaseUrlError(ValueError):
+    """DATABASE_URL cannot be used; the message says why and never holds a password."""
+
+
+def bind_from_url(url=None):
+    """Bind the models to DATABASE_URL (or `url`), parsed as migrate.py parses it.
+
+    Either form libpq reads (`host=... dbname=...` or postgresql://), the PG* variables for
+    what it leaves out, migrate.py's default when DATABASE_URL is unset; sessions in UTC.
+    Nothing connects here. A bad URL raises DatabaseUrlError, and a failed connection later
+    raises with every password masked, as in migrate.py's output. Returns the database.
+    """
+    if url is None:
+        url = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
+    try:
+        params = connection_params(url)
+    except MigrationError as exc:
+        raise DatabaseUrlError(str(exc)) from None
+    dbname = params.pop("dbname", None) or os.environ.get("PGDATABASE")
+    database.utc_sessions = True
+    if dbname:
+        database.init(dbname, **params)
+    else:  # a service names the database: libpq must get no dbname (make_dsn drops None)
+        database.init(f"the database of service {params.get('service')}", dbname=None, **params)
+    everything = {**params, **({"dbname": dbname} if dbname else {})}
+    database.masked = lambda text: without_secrets(text, everything)
+    return database
+
+
 # Each connection attempt gives up after this many seconds unless DATABASE_URL
 # (connect_timeout) or PGCONNECT_TIMEOUT says otherwise; libpq's own timer does
 # not run while psycopg2 waits through a wait callback, so `wait` enforces it.
@@ -323,7 +412,7 @@ def connect_limit(params):
 
 
 def connect(params, wait_seconds=0, log=None):
-    """Bind models.database to params and open it, retrying an unreachable server until wait_seconds."""
+    """Bind `database` to params and open it, retrying an unreachable server until wait_seconds."""
     params = session_params(params)
     database.utc_sessions = False
     dbname = params.pop("dbname", None) or os.environ.get("PGDATABASE")
@@ -357,7 +446,7 @@ GUARD_OPTIONS = "-c statement_timeout=30s -c lock_timeout=30s"
 
 
 def connect_guarded():
-    """Open models.database with GUARD_OPTIONS; without them where a pooler refuses `options`
+    """Open `database` with GUARD_OPTIONS; without them where a pooler refuses `options`
     (pgbouncer before 1.20), as it then refuses every session that sends them."""
     plain = dict(database.connect_params)
     own = plain.get("options") or os.environ.get("PGOPTIONS") or ""
@@ -372,7 +461,7 @@ def connect_guarded():
 
 
 def open_side_connection():
-    """Another connection, in autocommit mode, opened as models.database opens its own.
+    """Another connection, in autocommit mode, opened as `database` opens its own.
 
     Peewee's _connect, not make_dsn: Peewee turns a postgresql:// database name
     into a connection string, and libpq would take it as a database's name.
@@ -434,29 +523,6 @@ def configure_session(connection):
         read_only_source=source,
         role=role,
         dbname=dbname,
-    )
-
-
-def read_only_words():
-    """Why the server refused a write: a standby, or a read-only default and where it is set."""
-    from catalog import shown_name  # here, not at the top: catalog imports this module
-
-    if session_facts.get("standby"):
-        return "the server is a standby (in recovery): point DATABASE_URL at the primary"
-    source = session_facts.get("read_only_source")
-    where = {
-        "user": f"on role {shown_name(session_facts.get('role', '?'))}"
-        " (ALTER ROLE ... RESET default_transaction_read_only)",
-        "database": f"on database {shown_name(session_facts.get('dbname', '?'))}"
-        " (ALTER DATABASE ... RESET default_transaction_read_only)",
-        "database user": "on the role in this database"
-        " (ALTER ROLE ... IN DATABASE ... RESET default_transaction_read_only)",
-        "client": "by the connection's options (PGOPTIONS or options in DATABASE_URL)",
-        "configuration file": "in the server's configuration file",
-    }.get(source, f"by {source}")
-    return (
-        f"default_transaction_read_only is on, set {where}: reset it there, or add"
-        " options='-c default_transaction_read_only=off' to DATABASE_URL"
     )
 
 

@@ -65,7 +65,7 @@ from apply import (
     stop_watching,
     watch_queries,
 )
-from catalog import describe_target, one_line, shown, shown_name, target_schema
+from catalog import describe_target, one_line, read_only_words, shown, shown_name, target_schema
 from connection import (
     DEFAULT_DATABASE_URL,
     MigrationError,
@@ -74,7 +74,6 @@ from connection import (
     connection_failure,
     connection_params,
     describe,
-    read_only_words,
     signals_received,
     text_limits,
     wait,

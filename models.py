@@ -38,11 +38,9 @@ so ``Model._meta.fields_to_index()`` yields every index of a table.
 
 import json
 import operator
-import os
 from datetime import UTC, datetime, timedelta
 from functools import reduce
 
-import psycopg2
 from peewee import (
     JOIN,
     SQL,
@@ -65,100 +63,13 @@ from peewee import (
     classmethod_only,
     database_required,
 )
-from playhouse.postgres_ext import (
-    BinaryJSONField,
-    DateTimeTZField,
-    PostgresqlExtDatabase,
-    Psycopg2ExtAdapter,
-)
-from psycopg2.extensions import parse_dsn
+from playhouse.postgres_ext import BinaryJSONField, DateTimeTZField
 
-# --- The database: every session in UTC ------------------------------------------
+# The database lives in connection.py, the one module of ours this one imports;
+# importing it from here stays the way to reach it.
+from connection import DatabaseUrlError, bind_from_url, database  # noqa: F401 - re-exported
 
-
-def utc_session_options(database, options=None):
-    """libpq `options` for a connection: the caller's, then `-c TimeZone=UTC`, which wins.
-
-    Passing `options` hides a URL's own options and PGOPTIONS from libpq, so
-    they are merged in here as libpq would have picked them.
-    """
-    if options is None:
-        try:
-            options = parse_dsn(database).get("options")
-        except psycopg2.ProgrammingError:  # a plain database name, not a DSN
-            options = None
-        options = options or os.environ.get("PGOPTIONS")
-    return f"{options} -c TimeZone=UTC" if options else "-c TimeZone=UTC"
-
-
-class UtcSessionAdapter(Psycopg2ExtAdapter):
-    """Opens every connection with TimeZone=UTC, a startup option: no extra statement."""
-
-    def connect(self, db, **params):
-        if db.utc_sessions:
-            params["options"] = utc_session_options(db.database, params.get("options"))
-        return super().connect(db, **params)
-
-
-class GatewayDatabase(PostgresqlExtDatabase):
-    # Only the psycopg2 adapter: requirements.txt installs psycopg2, not psycopg 3.
-    psycopg2_adapter = UtcSessionAdapter
-    # migrate.py turns this off: it writes no timestamps, and pgbouncer before
-    # 1.20 (Debian 12 ships 1.18) refuses a connection that sends `options`.
-    utc_sessions = True
-
-    # Set by bind_from_url: masks what a failed connection's message echoes of the URL.
-    masked = None
-
-    def init(self, database, **kwargs):
-        # Peewee merges these into the parameters of an earlier init(); start
-        # afresh, so no option (or password) of a previous binding leaks into this one.
-        self.connect_params = {}
-        self.masked = None
-        super().init(database, **kwargs)
-
-    def _connect(self):
-        try:
-            return super()._connect()
-        except psycopg2.OperationalError as exc:
-            if self.masked is None:
-                raise
-            raise psycopg2.OperationalError(self.masked(str(exc).strip())) from None
-
-
-database = GatewayDatabase(None)
-
-
-class DatabaseUrlError(ValueError):
-    """DATABASE_URL cannot be used; the message says why and never holds a password."""
-
-
-def bind_from_url(url=None):
-    """Bind the models to DATABASE_URL (or `url`), parsed as migrate.py parses it.
-
-    Either form libpq reads (`host=... dbname=...` or postgresql://), the PG* variables for
-    what it leaves out, migrate.py's default when DATABASE_URL is unset; sessions in UTC.
-    Nothing connects here. A bad URL raises DatabaseUrlError, and a failed connection later
-    raises with every password masked, as in migrate.py's output. Returns the database.
-    """
-    # Here, not at the top: connection.py imports this module for `database`.
-    from connection import DEFAULT_DATABASE_URL, MigrationError, connection_params, without_secrets
-
-    if url is None:
-        url = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
-    try:
-        params = connection_params(url)
-    except MigrationError as exc:
-        raise DatabaseUrlError(str(exc)) from None
-    dbname = params.pop("dbname", None) or os.environ.get("PGDATABASE")
-    database.utc_sessions = True
-    if dbname:
-        database.init(dbname, **params)
-    else:  # a service names the database: libpq must get no dbname (make_dsn drops None)
-        database.init(f"the database of service {params.get('service')}", dbname=None, **params)
-    everything = {**params, **({"dbname": dbname} if dbname else {})}
-    database.masked = lambda text: without_secrets(text, everything)
-    return database
+# --- Time: UTC, as the Go backend's days ---------------------------------------------
 
 
 def utc_now():
