@@ -391,7 +391,9 @@ def requested_versions(option):
         elif part.isdigit():
             version = int(part)
         else:
-            raise pytest.UsageError(f"--pg {option}: give major versions like 15,16,17,18, all or url")
+            raise pytest.UsageError(
+                f"--pg {option}: give major versions like 15,16,17,18, all or url"
+            )
         if version not in versions:
             versions.append(version)
     return versions

@@ -3,6 +3,7 @@ rem Create a fresh test database and run the test suite against it.
 rem
 rem   setup_test_db.bat                  all tests, against api_aggregator_test
 rem   setup_test_db.bat -k soft_delete   extra arguments go to pytest
+rem   --pg all (15, 16, 17 and 18, as CI) starts servers on Linux and macOS only
 rem
 rem DB_HOST, DB_PORT, DB_USER, DB_PASSWORD and DB_NAME override the defaults.
 rem DB_NAME must end in _test: the script drops and recreates it.

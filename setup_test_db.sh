@@ -3,6 +3,7 @@
 #
 #   ./setup_test_db.sh                 # all tests, against api_aggregator_test
 #   DB_PORT=5433 ./setup_test_db.sh -k soft_delete   # extra arguments go to pytest
+#   ./setup_test_db.sh --pg all        # on PostgreSQL 15, 16, 17 and 18, as CI
 #
 # DB_HOST, DB_PORT, DB_USER, DB_PASSWORD and DB_NAME override the defaults.
 # DB_NAME must end in _test: the script drops and recreates it.
