@@ -12,6 +12,12 @@ BENCH_DATABASE_URL names the server (default: that of TEST_DATABASE_URL, or
 postgres on localhost). The script makes one scratch database there,
 bench_scratch_<pid>, and drops it at the end. Timings are the median of
 several runs, with min and max; every ratio compares figures of this run.
+
+Whole runs (`python migrate.py`, `bench.py --create-tables`) are timed as an
+installed copy runs: with the bytecode of every module they load compiled
+beforehand, as pip compiles a package at install, into a cache of this run
+(PYTHONPYCACHEPREFIX), not compiled afresh on each run as a checkout does
+under PYTHONDONTWRITEBYTECODE=1; section 2 shows that case apart.
 """
 
 import argparse
@@ -24,6 +30,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import namedtuple
@@ -191,12 +198,46 @@ def tool_command(tool):
     return ["psql", "-q", "-X", "-v", "ON_ERROR_STOP=1", "-f", str(HERE / "schema.sql")]
 
 
-def run_tool(tool, url, *args, background=False):
+# Where the Python runs' bytecode goes, warmed before any timing (main).
+bytecode_caches = {}
+
+
+def child_environment(url, cached=True):
+    """The environment of a whole run against url: every module's bytecode cached, as after an
+    install, or (cached=False) a checkout's run under PYTHONDONTWRITEBYTECODE=1, which reads the
+    bytecode pip wrote for the standard library and the packages but compiles the tool's own
+    modules on every run."""
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    environment.pop("PYTHONPYCACHEPREFIX", None)
+    environment["DATABASE_URL"] = url
+    if not cached:
+        environment["PYTHONDONTWRITEBYTECODE"] = "1"
+    elif "cached" in bytecode_caches:
+        environment["PYTHONPYCACHEPREFIX"] = bytecode_caches["cached"]
+    return environment
+
+
+@contextlib.contextmanager
+def bytecode_cached():
+    """A bytecode cache for the run's children, warmed with every module bench.py (so
+    migrate.py) imports; removed at the end. Modules imported later, inside a function, are
+    cached by the untimed runs of section 1 before any timed run."""
+    with tempfile.TemporaryDirectory(prefix="bench-bytecode-") as folder:
+        bytecode_caches.update(cached=folder)
+        warm = [sys.executable, "-c", "import bench"]
+        subprocess.run(warm, cwd=HERE, env=child_environment(SERVER_URL), check=True)
+        try:
+            yield
+        finally:
+            bytecode_caches.clear()
+
+
+def run_tool(tool, url, *args, background=False, cached=True):
     """Run one tool against url; returns (seconds, exit status), or the Popen in the background."""
     command = tool_command(tool) + list(args)
     if tool.startswith("psql"):
         command += ["-d", url]
-    environment = {**os.environ, "DATABASE_URL": url}
+    environment = child_environment(url, cached)
     if background:
         return subprocess.Popen(
             command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -236,6 +277,12 @@ def bench_bootstrap_and_rerun(scratch, settings):
     url = proxy.url_for(scratch)
     fresh, noop, blocked = {}, {}, {}
     for tool in TOOLS:
+        # Untimed: a fresh and a no-op run, so that what a run imports late is cached too.
+        scratch.reset()
+        for _ in range(2):
+            assert run_tool(tool, url)[1] == 0, f"{tool} failed before the timed runs"
+        proxy.take()
+    for tool in TOOLS:
         fresh[tool], noop[tool], blocked[tool] = [], [], []
         for _ in range(settings.repeats):
             scratch.reset()
@@ -262,6 +309,20 @@ def bench_bootstrap_and_rerun(scratch, settings):
                 f"{spread(times)}, {statements:g} statements",
                 f"{ratio:.2f}× migrate.py's time",
             )
+    uncached = []
+    for _ in range(settings.repeats):
+        seconds, status = run_tool("migrate.py", url, cached=False)
+        assert status == 0, "migrate.py failed on a no-op run without bytecode"
+        uncached.append(seconds)
+    ratio = statistics.median(uncached) / statistics.median(s for s, _ in noop["migrate.py"])
+    stale = " (a __pycache__ in the checkout: some may be cached)"
+    add_row(
+        "2 no-op re-run, the tool's bytecode not cached",
+        "migrate.py",
+        spread(uncached),
+        f"{ratio:.2f}× the cached run: a checkout under PYTHONDONTWRITEBYTECODE=1 compiles"
+        f" the tool's modules on each run{stale if (HERE / '__pycache__').exists() else ''}",
+    )
     for tool in TOOLS:
         add_row(
             "2 no-op re-run, write transaction open",
@@ -612,7 +673,7 @@ def convert_while_inserting(scratch):
     run = subprocess.Popen(
         [sys.executable, str(HERE / "migrate.py"), "--partition-request-logs"]
         + ["--lock-timeout", "30", "--progress", "0"],
-        env={**os.environ, "DATABASE_URL": scratch.url},
+        env=child_environment(scratch.url),
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -985,6 +1046,11 @@ def print_table(settings, server_version):
     command = "bench.py --quick" if settings is QUICK else "bench.py"
     print(f"{command} on {machine()}, PostgreSQL {server_version}")
     print()
+    print(
+        "Whole runs of migrate.py and create_tables are timed with their bytecode cached,"
+        " as after an install (compiled once before timing; PYTHONPYCACHEPREFIX)."
+    )
+    print()
     print("| # | what | result | note |")
     print("|---|---|---|---|")
     for section, what, result, note in rows:
@@ -1007,27 +1073,28 @@ def main(argv=None):
     settings = QUICK if args.quick else FULL
     scratch = Scratch()
     try:
-        server_version = scratch.execute("SHOW server_version")[0][0]
-        wanted = set(args.only.split(",")) if args.only else {str(n) for n in range(1, 12)}
-        if wanted & {"1", "2"}:
-            bench_bootstrap_and_rerun(scratch, settings)
-        if "3" in wanted:
-            bench_growth(scratch, settings)
-        if "4" in wanted:
-            bench_concurrency(scratch)
-        if wanted & {"5", "8"}:
-            bench_writer_stall(scratch, settings)
-        if "8" in wanted:
-            bench_stall_per_change(scratch, settings)
-        if "9" in wanted:
-            bench_atomic_reads(scratch, settings)
-        if wanted & {"6", "7"}:
-            used = bench_queries(scratch, settings)
-            bench_write_cost(scratch, settings, used)
-        if "10" in wanted:
-            bench_partitioning(scratch, settings)
-        if "11" in wanted:
-            bench_retention(scratch, settings)
+        with bytecode_cached():
+            server_version = scratch.execute("SHOW server_version")[0][0]
+            wanted = set(args.only.split(",")) if args.only else {str(n) for n in range(1, 12)}
+            if wanted & {"1", "2"}:
+                bench_bootstrap_and_rerun(scratch, settings)
+            if "3" in wanted:
+                bench_growth(scratch, settings)
+            if "4" in wanted:
+                bench_concurrency(scratch)
+            if wanted & {"5", "8"}:
+                bench_writer_stall(scratch, settings)
+            if "8" in wanted:
+                bench_stall_per_change(scratch, settings)
+            if "9" in wanted:
+                bench_atomic_reads(scratch, settings)
+            if wanted & {"6", "7"}:
+                used = bench_queries(scratch, settings)
+                bench_write_cost(scratch, settings, used)
+            if "10" in wanted:
+                bench_partitioning(scratch, settings)
+            if "11" in wanted:
+                bench_retention(scratch, settings)
     finally:
         scratch.drop()
     print_table(settings, server_version)
