@@ -28,8 +28,8 @@ password's text, which garbles every line when it is a short word.
 
 `database`, the Peewee database every model is bound to (sessions in UTC),
 lives here, with `bind_from_url`, so that this module imports no other
-module of the tool; models.py re-exports both (`from models import
-database`), and every module above imports from here.
+module of the tool; models.py re-exports both, so `from models import
+database, bind_from_url` stays the way to reach them.
 """
 
 import os
