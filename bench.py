@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import socket
 import statistics
 import subprocess
@@ -272,6 +273,20 @@ def hold_write_transaction(scratch, seconds):
     return timer
 
 
+def children_cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_counted(tool, url, proxy, **options):
+    """One whole run: (wall seconds, statements sent, CPU seconds of the process). The CPU
+    time hardly changes when other work shares the machine; the wall time does."""
+    cpu = children_cpu_seconds()
+    seconds, status = run_tool(tool, url, **options)
+    assert status == 0, f"{tool} failed"
+    return seconds, proxy.take(), children_cpu_seconds() - cpu
+
+
 def bench_bootstrap_and_rerun(scratch, settings):
     proxy = CountingProxy(scratch.params.get("host", "localhost"), scratch.params.get("port", 5432))
     url = proxy.url_for(scratch)
@@ -280,48 +295,43 @@ def bench_bootstrap_and_rerun(scratch, settings):
         # Untimed: a fresh and a no-op run, so that what a run imports late is cached too.
         scratch.reset()
         for _ in range(2):
-            assert run_tool(tool, url)[1] == 0, f"{tool} failed before the timed runs"
-        proxy.take()
+            run_counted(tool, url, proxy)
     for tool in TOOLS:
         fresh[tool], noop[tool], blocked[tool] = [], [], []
         for _ in range(settings.repeats):
             scratch.reset()
             proxy.take()
-            seconds, status = run_tool(tool, url)
-            assert status == 0, f"{tool} failed on a fresh database"
-            fresh[tool].append((seconds, proxy.take()))
-            seconds, status = run_tool(tool, url)
-            assert status == 0, f"{tool} failed on a second run"
-            noop[tool].append((seconds, proxy.take()))
+            fresh[tool].append(run_counted(tool, url, proxy))
+            noop[tool].append(run_counted(tool, url, proxy))
             timer = hold_write_transaction(scratch, settings.hold_seconds)
             seconds, _ = run_tool(tool, url)
             timer.join()
             blocked[tool].append(seconds)
+    uncached = [
+        run_counted("migrate.py", url, proxy, cached=False) for _ in range(settings.repeats)
+    ]
     for label, results in (("1 fresh bootstrap", fresh), ("2 no-op re-run", noop)):
-        base = statistics.median(s for s, _ in results["migrate.py"])
+        base = statistics.median(s for s, _, _ in results["migrate.py"])
         for tool in TOOLS:
-            times = [s for s, _ in results[tool]]
-            statements = statistics.median(n for _, n in results[tool])
-            ratio = statistics.median(times) / base
+            times = [s for s, _, _ in results[tool]]
+            statements = statistics.median(n for _, n, _ in results[tool])
+            cpu = statistics.median(c for _, _, c in results[tool])
             add_row(
                 label,
                 tool,
-                f"{spread(times)}, {statements:g} statements",
-                f"{ratio:.2f}× migrate.py's time",
+                f"{spread(times)}, {statements:g} statements, CPU {cpu:.3g} s",
+                f"{statistics.median(times) / base:.2f}× migrate.py's time",
             )
-    uncached = []
-    for _ in range(settings.repeats):
-        seconds, status = run_tool("migrate.py", url, cached=False)
-        assert status == 0, "migrate.py failed on a no-op run without bytecode"
-        uncached.append(seconds)
-    ratio = statistics.median(uncached) / statistics.median(s for s, _ in noop["migrate.py"])
+    cached_cpu = statistics.median(c for _, _, c in noop["migrate.py"])
+    cpu = statistics.median(c for _, _, c in uncached)
     stale = " (a __pycache__ in the checkout: some may be cached)"
     add_row(
         "2 no-op re-run, the tool's bytecode not cached",
         "migrate.py",
-        spread(uncached),
-        f"{ratio:.2f}× the cached run: a checkout under PYTHONDONTWRITEBYTECODE=1 compiles"
-        f" the tool's modules on each run{stale if (HERE / '__pycache__').exists() else ''}",
+        f"{spread([s for s, _, _ in uncached])}, CPU {cpu:.3g} s",
+        f"CPU {cpu / cached_cpu:.2f}× the cached run's: a checkout under"
+        " PYTHONDONTWRITEBYTECODE=1 compiles the tool's modules on each run"
+        f"{stale if (HERE / '__pycache__').exists() else ''}",
     )
     for tool in TOOLS:
         add_row(
