@@ -21,7 +21,7 @@ reads (or database.init(...) by hand)::
     User.delete().where(User.id == alice.id).execute()   # soft delete too
     User.delete_permanently().where(User.id == alice.id).execute()  # really deleted
 
-What GORM does, the models do, in bulk queries too (README.md has the table
+What GORM does, the models do, in bulk queries too (MODELS.md has the table
 of GORM call and Peewee call): select() hides soft-deleted rows of every table
 it reads, however the query is chained; update() sets updated_at and skips
 soft-deleted rows (update_columns() leaves updated_at alone); delete() and
