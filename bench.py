@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import socket
 import statistics
 import subprocess
@@ -274,6 +273,8 @@ def hold_write_transaction(scratch, seconds):
 
 
 def children_cpu_seconds():
+    import resource  # POSIX only; test_queries imports this module on Windows too
+
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
