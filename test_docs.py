@@ -27,7 +27,7 @@ import shlex
 
 import pytest
 
-from conftest import HERE, run_migrate
+from conftest import HERE, TESTED_VERSIONS, run_migrate
 from connection import connection_params, describe
 from test_migrate import (
     EXPECTED_COLUMNS,
@@ -188,6 +188,13 @@ def test_readme_is_a_door_of_at_most_12_kb_that_links_every_document():
     ):
         assert f"]({document})" in README
         assert (HERE / document).exists()
+
+
+def test_readme_names_exactly_the_versions_ci_tests():
+    sentence = re.search(r"CI runs every test on PostgreSQL ([^;.]+)[;.]", " ".join(README.split()))
+    assert sentence, "the README no longer says which versions CI tests"
+    assert [int(n) for n in re.findall(r"\d+", sentence.group(1))] == list(TESTED_VERSIONS)
+    assert "./setup_test_db.sh --pg all" in (HERE / ".ci" / "run").read_text()
 
 
 JSON_SCENARIOS = {
