@@ -40,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 
 from peewee import Entity, Value
 
+from carry import Cannot, conversion_carry, made_like, partition_drift
 from catalog import guarded, shown, shown_name
 from models import RequestLog, database
 from plan import (
@@ -254,7 +255,9 @@ def fresh_layout(plan, now):
             ("index", PARENT, ID_INDEX._name),
         )
     ]
+    statements += made_like_parent(plan.snapshot, PARENT)
     statements += [partition_of(PARENT, DEFAULT_PARTITION, None, ours[1].hazard)]
+    statements += made_like_parent(plan.snapshot, DEFAULT_PARTITION)
     month = month_start(now)
     for offset in range(MONTHS_AHEAD + 1):
         statements.append(
@@ -265,10 +268,19 @@ def fresh_layout(plan, now):
                 ours[1].hazard,
             )
         )
+        statements += made_like_parent(plan.snapshot, month_name(add_months(month, offset)))
     transaction = (
         plan.transaction[:at] + statements + [s for s in plan.transaction[at:] if s not in ours]
     )
     return plan._replace(transaction=transaction)
+
+
+def made_like_parent(snapshot, name):
+    """What PostgreSQL does not pass on to a partition just made (carry.made_like): the
+    owner, grants, statistics targets and storage of request_logs, REPLICA IDENTITY FULL, and
+    the storage parameters of the newest month (a partitioned table has none of its own)."""
+    ranges = [(upper, n) for n, (_, upper) in partitions(snapshot).items() if upper and n != name]
+    return made_like(snapshot, PARENT, name, max(ranges)[1] if ranges else None)
 
 
 def partition_of(parent, name, month, hazard):
@@ -326,6 +338,7 @@ def upkeep(plan, now):
     if default is not None and default.parent == PARENT:
         drift += dated_rows_in_default(snapshot)
     drift += partitions_elsewhere(snapshot)
+    drift += partition_drift(snapshot, PARENT)
     unknown = [
         u for u in plan.unknown if (u.kind, u.table, u.name) != ("index", PARENT, ID_INDEX._name)
     ]
@@ -362,6 +375,7 @@ def attach_default(snapshot):
             Hazard(None, "nothing", "a new empty table"),
             ("table", DEFAULT_PARTITION, DEFAULT_PARTITION),
         ),
+        *made_like_parent(snapshot, DEFAULT_PARTITION),
         Statement(
             sql_text(
                 "ALTER TABLE",
@@ -412,7 +426,8 @@ def attach_month(snapshot, month, now=None):
             (),
             Hazard(None, "nothing", "a new empty table"),
             ("table", name, name),
-        )
+        ),
+        *made_like_parent(snapshot, name),
     ]
     if DEFAULT_PARTITION in snapshot.tables and (
         month <= (now or datetime.now(UTC)) + CLOCK_SKEW or default_holds(snapshot, month, end)
@@ -559,8 +574,8 @@ def conversion(plan, now):
     stale = found is not None and found[1] - now < timedelta(days=1)
     if stale:  # its boundary is (nearly) here: bounded again, or inserts would soon fail
         boundary = boundary_after(now)
-    carried, cannot = carried_over(snapshot)
-    problems = cannot + held_names(snapshot, boundary, now)
+    carried = carried_over(snapshot, found)
+    problems = carried.cannot + held_names(snapshot, boundary, now, carried)
     if found is None or stale or not found[0].validated:
         blocked += rows_outside_bound(snapshot, boundary, found)
     if problems:
@@ -634,45 +649,24 @@ def conversion(plan, now):
     return plan._replace(steps=steps, blocked=blocked, unknown=unknown)
 
 
-# What the conversion carries from request_logs to its partitioned twin (grants, owner), and
-# what it cannot (a trigger's or a policy's definition would be catalog text pasted into SQL).
-CARRY_QUERY = """
-SELECT pg_get_userbyid(c.relowner), current_user,
-       ARRAY(SELECT ARRAY[coalesce(r.rolname, 'PUBLIC'), a.privilege_type, a.is_grantable::text]
-             FROM aclexplode(c.relacl) a LEFT JOIN pg_roles r ON r.oid = a.grantee
-             WHERE a.grantee <> c.relowner ORDER BY 1),
-       ARRAY(SELECT 'trigger ' || tgname FROM pg_trigger WHERE tgrelid = c.oid AND NOT tgisinternal
-             UNION ALL SELECT 'publication ' || p.pubname FROM pg_publication_rel pr
-                 JOIN pg_publication p ON p.oid = pr.prpubid WHERE pr.prrelid = c.oid
-             UNION ALL SELECT 'policy ' || polname FROM pg_policy WHERE polrelid = c.oid
-             UNION ALL SELECT 'rule ' || rulename FROM pg_rewrite WHERE ev_class = c.oid
-             UNION ALL SELECT 'grant on column ' || attname FROM pg_attribute
-                 WHERE attrelid = c.oid AND attacl IS NOT NULL
-             UNION ALL SELECT 'row level security' WHERE c.relrowsecurity
-             ORDER BY 1)
-FROM pg_class c WHERE c.relnamespace = %(schema)s AND c.relname = %(table)s
-"""
+def carried_over(snapshot, found=None):
+    """What the conversion carries from request_logs to its twin and what it cannot
+    (carry.conversion_carry): owner, grants, indexes, foreign keys and publications carried;
+    triggers, policies, rules, row security, keys into request_logs refused."""
+    return conversion_carry(
+        snapshot,
+        RequestLog,
+        TWIN,
+        LEGACY,
+        own_checks=[found[0].name] if found else [],
+        own_indexes=[ID_INDEX._name, LEGACY_ID_INDEX],
+    )
 
 
-def carried_over(snapshot):
-    """(statements that give the twin request_logs' owner and grants, what cannot be carried)."""
-    row = guarded(
-        snapshot.target, CARRY_QUERY, {"schema": snapshot.target.oid, "table": PARENT}
-    ).fetchone()
-    owner, me, grants, cannot = row
-    statements = []
-    if owner != me:
-        statements.append(sql_text("ALTER TABLE", Entity(PARENT), "OWNER TO", Entity(owner)))
-    for grantee, privilege, grantable in grants:
-        who = "PUBLIC" if grantee == "PUBLIC" else render(Entity(grantee))
-        option = " WITH GRANT OPTION" if grantable == "true" else ""
-        statements.append(f"GRANT {privilege} ON TABLE {render(Entity(PARENT))} TO {who}{option}")
-    return statements, [shown(item) for item in cannot]
-
-
-def held_names(snapshot, boundary, now):
+def held_names(snapshot, boundary, now, carried=None):
     """The names the conversion would create that another relation already holds."""
     wanted = [DEFAULT_PARTITION, LEGACY, TWIN]
+    wanted += [n for i in (carried.indexes if carried else []) for n in (i.temporary, i.legacy)]
     month = boundary
     while month <= add_months(month_start(now), MONTHS_AHEAD):
         wanted.append(month_name(month))
@@ -687,24 +681,29 @@ def held_names(snapshot, boundary, now):
     if ID_INDEX._name in snapshot.relations:
         held.append(ID_INDEX._name)
     return [
-        f"the name {shown_name(name)} (held by the {snapshot.relations[name].kind}"
-        f" {shown_name(name)})"
+        Cannot(
+            f"the name {shown_name(name)} (held by the {snapshot.relations[name].kind}"
+            f" {shown_name(name)})",
+            "rename or drop what holds it",
+        )
         for name in held
     ]
 
 
 def conversion_blocker(problems, found):
+    """One blocker naming each problem (carry.Cannot) with what to do, and the SQL for it."""
     check = (
         f"; meanwhile its CHECK {shown_name(found[0].name)} refuses inserts at or after"
         f" {found[1]:%Y-%m-%d}: drop it if the conversion is not finished before then"
         if found
         else ""
     )
-    steps = [drop_check(found[0].name).sql] if found else []
+    steps = [sql for problem in problems for sql in problem.fix]
+    steps += [drop_check(found[0].name).sql] if found else []
     return Blocker(
-        f"{PARENT} cannot be converted to monthly partitions: the partitioned table would not"
-        f" have {', '.join(problems)}; move or rename them (a trigger, publication, policy or"
-        f" rule can be made again on the partitioned table afterwards){check}",
+        f"{PARENT} cannot be converted to monthly partitions, which would not carry "
+        + "; ".join(f"{p.problem} ({p.todo})" for p in problems)
+        + check,
         steps,
     )
 
@@ -789,7 +788,7 @@ def legacy_index_name(name):
     return name.replace(f"idx_{PARENT}_", f"{LEGACY}_", 1)
 
 
-def swap(snapshot, boundary, now, carried=()):
+def swap(snapshot, boundary, now, carried=None):
     """The one transaction of the swap. No statement scans: each is a catalog change."""
     indexes = [*RequestLog._meta.fields_to_index(), ID_INDEX]
     parent, twin = render(Entity(PARENT)), render(Entity(TWIN))
@@ -799,11 +798,12 @@ def swap(snapshot, boundary, now, carried=()):
     def step(sql, description="", hazard=new, tables=()):
         return Statement(sql, description, tables, hazard, key)
 
+    carried = carried or carried_over(snapshot)
     check = CHECK_PREFIX + f"{boundary:%Y_%m}"
     statements = [
         step(
             # Everything of the table but its indexes: CHECKs, NOT NULLs, defaults, column
-            # comments, storage, statistics; grants and the owner follow (`carried`).
+            # comments, storage, statistics; what PostgreSQL does not copy follows (`carried`).
             sql_text(
                 "CREATE TABLE",
                 Entity(TWIN),
@@ -816,7 +816,8 @@ def swap(snapshot, boundary, now, carried=()):
         ),
         step(sql_text("ALTER TABLE", Entity(TWIN), "DROP CONSTRAINT", Entity(check))),
         step(sql_text("COMMENT ON TABLE", Entity(TWIN), "IS", Value(RequestLog._meta.comment))),
-        *(step(sql.replace(f" {render(Entity(PARENT))}", f" {twin}", 1)) for sql in carried),
+        *(step(sql) for sql in carried.twin + carried.publications),
+        *(step(index.sql) for index in carried.indexes),
     ]
     for index in indexes:
         statements.append(
@@ -836,6 +837,7 @@ def swap(snapshot, boundary, now, carried=()):
             f"created partition {DEFAULT_PARTITION}",
         )
     )
+    statements += [step(s.sql) for s in made_like_parent(snapshot, DEFAULT_PARTITION)]
     month = boundary
     while month <= add_months(month_start(now), MONTHS_AHEAD):
         statements.append(
@@ -845,8 +847,10 @@ def swap(snapshot, boundary, now, carried=()):
                 f"created partition {month_name(month)}",
             )
         )
+        statements += [step(s.sql) for s in made_like_parent(snapshot, month_name(month))]
         month = add_months(month, 1)
     # The foreign keys last before the renames: from here to COMMIT writes to users wait.
+    statements += [step(k.sql, hazard=k.hazard, tables=k.tables) for k in carried.foreign_keys]
     for field in RequestLog._meta.refs:
         fk = render(RequestLog._schema._create_foreign_key(field))
         statements.append(
@@ -862,7 +866,15 @@ def swap(snapshot, boundary, now, carried=()):
         for i in RequestLog._meta.fields_to_index()
         if i._name in snapshot.indexes
     ]
+    renames += [
+        sql_text("ALTER INDEX", Entity(i.name), "RENAME TO", Entity(i.legacy))
+        for i in carried.indexes
+    ]
     renames.append(sql_text("ALTER TABLE", Entity(TWIN), "RENAME TO", Entity(PARENT)))
+    renames += [
+        sql_text("ALTER INDEX", Entity(i.temporary), "RENAME TO", Entity(i.name))
+        for i in carried.indexes
+    ]
     renames += [
         sql_text("ALTER INDEX", Entity(twin_index_name(i._name)), "RENAME TO", Entity(i._name))
         for i in indexes
@@ -896,6 +908,7 @@ def swap(snapshot, boundary, now, carried=()):
             tables=(LEGACY,),
         )
     )
+    statements += [step(sql, hazard=exclusive, tables=(LEGACY,)) for sql in carried.unpublish]
     return statements
 
 
