@@ -447,12 +447,11 @@ def carried_foreign_keys(snapshot, model, twin):
     }
     statements, cannot = [], []
     for key in keys:
-        where = render(Entity(key.schema, key.table))
+        where = f"{shown_name(key.schema)}.{shown_name(key.table)}"
         if not key.outgoing or key.ref_table == parent:
             cannot.append(
                 Cannot(
-                    f"the foreign key {shown_name(key.name)} of {shown(where)} referencing"
-                    f" {parent}",
+                    f"the foreign key {shown_name(key.name)} of {where} referencing {parent}",
                     f"the partitioned {parent} has no unique key on id alone for it to"
                     " reference: drop it, or keep request_logs plain",
                     [

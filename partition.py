@@ -701,7 +701,7 @@ def conversion_blocker(problems, found):
     steps = [sql for problem in problems for sql in problem.fix]
     steps += [drop_check(found[0].name).sql] if found else []
     return Blocker(
-        f"{PARENT} cannot be converted to monthly partitions, which would not carry "
+        f"{PARENT} cannot be converted to monthly partitions, for "
         + "; ".join(f"{p.problem} ({p.todo})" for p in problems)
         + check,
         steps,
