@@ -315,6 +315,11 @@ UNION ALL SELECT 'policy ' || quote_ident(polname) FROM pg_policy, pg_class c
 WHERE c.relnamespace = %(schema)s AND c.relname = %(table)s AND polrelid = c.oid
 UNION ALL SELECT 'rule ' || quote_ident(rulename) FROM pg_rewrite, pg_class c
 WHERE c.relnamespace = %(schema)s AND c.relname = %(table)s AND ev_class = c.oid
+UNION ALL SELECT CASE k.contype WHEN 'x' THEN 'exclusion constraint ' WHEN 'u' THEN 'unique constraint '
+                  ELSE 'NO INHERIT check ' END || quote_ident(k.conname)
+FROM pg_constraint k, pg_class c
+WHERE c.relnamespace = %(schema)s AND c.relname = %(table)s AND k.conrelid = c.oid
+  AND (k.contype IN ('x', 'u') OR k.contype = 'c' AND k.connoinherit)
 UNION ALL SELECT 'row level security' FROM pg_class c
 WHERE c.relnamespace = %(schema)s AND c.relname = %(table)s AND (c.relrowsecurity OR c.relforcerowsecurity)
 ORDER BY 1
@@ -340,7 +345,8 @@ def conversion_carry(snapshot, model, twin, legacy, own_checks=(), own_indexes=(
         Cannot(
             f"the {shown(item)} of {parent}",
             "drop it and make it again on the partitioned table after the conversion"
-            " (its definition is catalog text the conversion does not copy)",
+            " (its definition is catalog text the conversion does not copy; a unique or"
+            " exclusion constraint there must hold created_at)",
         )
         for (item,) in guarded(snapshot.target, OTHERS_QUERY, params)
     ]
@@ -405,7 +411,7 @@ def carried_indexes(snapshot, model, twin, legacy, own_indexes=()):
             )
             continue
         temporary = f"{name}_partitioned".encode()[:63].decode(errors="ignore")
-        renamed = f"{legacy}_{name}".encode()[:63].decode(errors="ignore")
+        renamed = f"{name}_legacy".encode()[:63].decode(errors="ignore")
         keys = []
         for key in index.keys:
             order = ""

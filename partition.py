@@ -799,6 +799,7 @@ def swap(snapshot, boundary, now, carried=None):
         return Statement(sql, description, tables, hazard, key)
 
     carried = carried or carried_over(snapshot)
+    comment = snapshot.tables[PARENT].comment or RequestLog._meta.comment  # an operator's stays
     check = CHECK_PREFIX + f"{boundary:%Y_%m}"
     statements = [
         step(
@@ -815,7 +816,7 @@ def swap(snapshot, boundary, now, carried=None):
             f"created {TWIN}, partitioned by created_at",
         ),
         step(sql_text("ALTER TABLE", Entity(TWIN), "DROP CONSTRAINT", Entity(check))),
-        step(sql_text("COMMENT ON TABLE", Entity(TWIN), "IS", Value(RequestLog._meta.comment))),
+        step(sql_text("COMMENT ON TABLE", Entity(TWIN), "IS", Value(comment))),
         *(step(sql) for sql in carried.twin + carried.publications),
         *(step(index.sql) for index in carried.indexes),
     ]

@@ -94,6 +94,8 @@ def test_the_application_adds_a_column_after_a_superuser_converted_and_kept_the_
     empty_db, app_role, other_role
 ):
     empty_db.rows(f"GRANT SELECT ON request_logs TO {quoted(other_role)}")
+    empty_db.rows(f"GRANT UPDATE (model) ON request_logs TO {quoted(other_role)}")
+    empty_db.rows("COMMENT ON TABLE request_logs IS 'the operator''s words'")
     add_dated_logs(empty_db, 10)
 
     converted = run_migrate(empty_db.url, "--partition-request-logs")
@@ -104,6 +106,15 @@ def test_the_application_adds_a_column_after_a_superuser_converted_and_kept_the_
     assert set(owners(empty_db).values()) == {app_role}
     for name in partitions_of(empty_db):
         assert empty_db.value("SELECT has_table_privilege(%s, %s, 'SELECT')", other_role, name)
+        assert empty_db.value(
+            "SELECT has_column_privilege(%s, %s, 'model', 'UPDATE')", other_role, name
+        )
+    assert empty_db.value(
+        "SELECT has_column_privilege(%s, 'request_logs', 'model', 'UPDATE')", other_role
+    )
+    assert empty_db.value("SELECT obj_description('request_logs'::regclass, 'pg_class')") == (
+        "the operator's words"
+    )
     app = as_role(empty_db, app_role)
     with app.cursor() as cursor:  # what GORM's AutoMigrate sends when the model gains a field
         cursor.execute("ALTER TABLE request_logs ADD COLUMN prompt_tokens bigint")
@@ -316,23 +327,46 @@ def test_a_dbas_index_and_foreign_key_are_on_every_partition_present_and_future(
 
 
 @pytest.mark.parametrize(
-    "index",
+    "sql, named",
     [
-        "CREATE INDEX odd ON request_logs (lower(path))",
-        "CREATE INDEX odd ON request_logs (path) WHERE status_code >= 500",
-        "CREATE UNIQUE INDEX odd ON request_logs (id, path)",
+        ("CREATE INDEX odd ON request_logs (lower(path))", "the index odd"),
+        ("CREATE INDEX odd ON request_logs (path) WHERE status_code >= 500", "the index odd"),
+        ("CREATE UNIQUE INDEX odd ON request_logs (id, path)", "the index odd"),
+        ("CREATE INDEX odd ON request_logs (path text_pattern_ops)", "the index odd"),
+        ("ALTER TABLE request_logs ADD CONSTRAINT odd UNIQUE (id, path)", "unique constraint odd"),
+        (
+            "ALTER TABLE request_logs ADD CONSTRAINT odd CHECK (response_time >= 0) NO INHERIT",
+            "NO INHERIT check odd",
+        ),
+        (
+            "ALTER TABLE request_logs ADD CONSTRAINT odd CHECK (response_time >= 0) NOT VALID",
+            "NOT VALID check odd",
+        ),
+        (
+            (
+                "ALTER TABLE request_logs ADD CONSTRAINT odd FOREIGN KEY (api_config_id)"
+                " REFERENCES api_configs NOT VALID"
+            ),
+            "foreign key odd",
+        ),
+        ("CREATE POLICY odd ON request_logs USING (true)", "policy odd"),
+        ("CREATE RULE odd AS ON DELETE TO request_logs DO INSTEAD NOTHING", "rule odd"),
+        ("ALTER TABLE request_logs SET (user_catalog_table = true)", "user_catalog_table=true"),
     ],
 )
-def test_an_index_the_conversion_cannot_rebuild_blocks_it_naming_the_index(migrated_db, index):
+def test_what_the_conversion_cannot_rebuild_blocks_it_before_any_change(migrated_db, sql, named):
     add_dated_logs(migrated_db, 10)
-    migrated_db.rows(index)
+    migrated_db.rows(sql)
     before = catalog(migrated_db)
 
     result = run_migrate(migrated_db.url, "--partition-request-logs")
+    check = run_migrate(migrated_db.url, "--partition-request-logs", "--check")
 
-    assert result.returncode == migrate.EXIT_ERROR
-    assert "the index odd of request_logs" in error_line(result)
+    assert result.returncode == check.returncode == migrate.EXIT_ERROR
+    assert named in error_line(result)
+    assert "request_logs cannot be converted to monthly partitions" in check.stdout
     assert catalog(migrated_db) == before
+    assert not is_partitioned(migrated_db)
 
 
 def test_every_blocker_is_named_in_one_line_with_what_to_do(migrated_db):
