@@ -894,7 +894,8 @@ def swap(snapshot, boundary, now, carried=None):
             f"converted {PARENT} to monthly partitions: {LEGACY} holds its rows before"
             f" {boundary:%Y-%m-%d}",
             SWAP,
-            (LEGACY, "users", "api_keys"),
+            # The foreign keys' triggers move: their referenced tables are locked too.
+            (LEGACY, "users", "api_keys", *(k.tables[0] for k in carried.foreign_keys)),
         )
     )
     statements.append(
