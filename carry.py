@@ -40,7 +40,7 @@ ON_NEW_TABLE = Hazard(None, "nothing", "instant: a table no one else sees before
 
 # Storage parameters carried, each with the values it may take: names from this list only,
 # values matched whole, so that nothing read from reloptions reaches SQL unchecked.
-NUMBER = re.compile(r"-?\d+(\.\d+)?")
+NUMBER = re.compile(r"-?\d+(\.\d+)?([eE][-+]?\d+)?")
 BOOLEAN = re.compile(r"(?i)(true|false|on|off|yes|no|1|0)")
 RELOPTIONS = {
     "fillfactor": NUMBER,
@@ -237,7 +237,11 @@ def partition_drift(snapshot, parent):
                     f"the partition {shown_table} of {parent} lacks "
                     + ", ".join(f"{shown(p)} to {shown_name(who)}" for who, p, _ in missing)
                     + f", which {parent} grants",
-                    [privilege_sql(p, (), name, who, option) for who, p, option in missing],
+                    [
+                        sql
+                        for who, p, option in missing
+                        if (sql := privilege_sql(p, (), name, who, option))
+                    ],
                     True,
                     "instant; takes no table lock",
                     ("partition grants", parent, name),

@@ -141,6 +141,22 @@ def test_a_fresh_layout_made_by_a_superuser_for_an_application_owner_is_theirs_a
     assert owners(empty_db)[new_month] == app_role
 
 
+def test_a_default_partition_upkeep_makes_again_is_the_applications(empty_db, app_role):
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    empty_db.rows("ALTER TABLE request_logs DETACH PARTITION request_logs_default")
+    empty_db.rows("DROP TABLE request_logs_default")
+
+    migrate_here(empty_db.params)
+
+    assert owners(empty_db)[partition.DEFAULT_PARTITION] == app_role
+    assert (
+        empty_db.value(
+            "SELECT relreplident FROM pg_class WHERE relname = %s", partition.DEFAULT_PARTITION
+        )
+        == "f"
+    )
+
+
 def test_a_partition_owned_by_another_role_is_drift_with_the_fix(empty_db, app_role):
     assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
     stray = a_month(empty_db)
