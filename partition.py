@@ -27,7 +27,7 @@ partition request_logs_legacy, FROM (MINVALUE) TO (the first month it does not h
 2. online: VALIDATE the CHECK (SHARE UPDATE EXCLUSIVE: blocks no writer), and the index on id
    built concurrently.
 3. transaction, the swap: the partitioned twin with its default and monthly partitions,
-   indexes and foreign keys (all empty: instant); the renames; ATTACH PARTITION, which the
+   indexes and foreign keys, and what carry.py carries (all empty: instant); the renames; ATTACH PARTITION, which the
    valid CHECK spares its scan and which adopts the table's indexes and foreign keys as they
    are. No statement scans, so its length does not grow with the rows (BENCHMARKS.md).
 
