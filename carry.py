@@ -36,7 +36,7 @@ from models import database
 from plan import Drift, Hazard, Statement, declared_by, render, sql_text
 
 # A statement on a table made in the same transaction: no other session can see it yet.
-ON_NEW_TABLE = Hazard(None, "nothing", "instant: a table no one else sees before COMMIT")
+ON_NEW_TABLE = Hazard(None, "nothing", "instant, takes no lock")
 
 # Storage parameters carried, each with the values it may take: names from this list only,
 # values matched whole, so that nothing read from reloptions reaches SQL unchecked.
@@ -131,35 +131,63 @@ def privilege_sql(privilege, columns, table, grantee, grantable):
 
 
 def like_sql(facts, name, options=(), identity=True):
-    """The SQL that gives the table `name` the parent's owner, grants, column statistics
-    targets and storage, the storage parameters `options`, and REPLICA IDENTITY FULL."""
+    """(lock, SQL) pairs that give the table `name` the parent's owner, grants, column
+    statistics targets and storage, the storage parameters `options` (all of the list
+    take SHARE UPDATE EXCLUSIVE), and REPLICA IDENTITY FULL; lock None: GRANT takes none."""
     table = Entity(name)
+    exclusive, share_update = "AccessExclusiveLock", "ShareUpdateExclusiveLock"
     sql = []
     if facts.owner != facts.me:
-        sql.append(sql_text("ALTER TABLE", table, "OWNER TO", Entity(facts.owner)))
+        sql.append((exclusive, sql_text("ALTER TABLE", table, "OWNER TO", Entity(facts.owner))))
     for grantee, privilege, grantable in facts.grants:
-        sql.append(privilege_sql(privilege, (), name, grantee, grantable))
+        sql.append((None, privilege_sql(privilege, (), name, grantee, grantable)))
     for column, grantee, privilege, grantable in facts.column_grants:
-        sql.append(privilege_sql(privilege, (column,), name, grantee, grantable))
+        sql.append((None, privilege_sql(privilege, (column,), name, grantee, grantable)))
     for column, target in facts.statistics:
         sql.append(
-            sql_text("ALTER TABLE", table, "ALTER COLUMN", Entity(column), "SET STATISTICS")
-            + f" {int(target)}"
+            (
+                share_update,
+                sql_text("ALTER TABLE", table, "ALTER COLUMN", Entity(column), "SET STATISTICS")
+                + f" {int(target)}",
+            )
         )
     for column, storage in facts.storage:
         if storage in STORAGE:
             sql.append(
-                sql_text("ALTER TABLE", table, "ALTER COLUMN", Entity(column), "SET STORAGE")
-                + f" {STORAGE[storage]}"
+                (
+                    exclusive,
+                    sql_text("ALTER TABLE", table, "ALTER COLUMN", Entity(column), "SET STORAGE")
+                    + f" {STORAGE[storage]}",
+                )
             )
     if options:
         sql.append(
-            sql_text("ALTER TABLE", table, "SET")
-            + f" ({', '.join(f'{key} = {value.lower()}' for key, value in options)})"
+            (
+                share_update,
+                sql_text("ALTER TABLE", table, "SET")
+                + f" ({', '.join(f'{key} = {value.lower()}' for key, value in options)})",
+            )
         )
     if identity:
-        sql.append(sql_text("ALTER TABLE", table, "REPLICA IDENTITY FULL"))
-    return [s for s in sql if s]
+        sql.append((exclusive, sql_text("ALTER TABLE", table, "REPLICA IDENTITY FULL")))
+    return [(lock, text) for lock, text in sql if text]
+
+
+def like_statements(facts, parent, name, options=(), identity=True):
+    """like_sql as Statements, each with the lock it takes on the table made in this
+    transaction, which blocks no one: no other session sees the table before COMMIT."""
+    return [
+        Statement(
+            text,
+            "",
+            (name,) if lock else (),
+            Hazard(lock, "nothing: no one else sees the new table", "instant")
+            if lock
+            else ON_NEW_TABLE,
+            ("made like", parent, name),
+        )
+        for lock, text in like_sql(facts, name, options, identity)
+    ]
 
 
 def made_like(snapshot, parent, name, source=None):
@@ -170,10 +198,7 @@ def made_like(snapshot, parent, name, source=None):
     if facts is None:  # a fresh layout: the run makes and owns every table
         facts = Parent(None, None, [], [], [], [])
     options = reloptions(snapshot, source or parent)[0] if (source or facts.owner) else []
-    return [
-        Statement(sql, "", (), ON_NEW_TABLE, ("made like", parent, name))
-        for sql in like_sql(facts, name, options)
-    ]
+    return like_statements(facts, parent, name, options)
 
 
 # --- Partitions that differ from their parent ------------------------------------------------
@@ -366,7 +391,7 @@ def conversion_carry(snapshot, model, twin, legacy, own_checks=(), own_indexes=(
     indexes, refused = carried_indexes(snapshot, model, twin, legacy, own_indexes)
     keys, refused_keys = carried_foreign_keys(snapshot, model, twin)
     publish, unpublish, refused_publications = carried_publications(snapshot, parent, twin, legacy)
-    twin_sql = like_sql(facts, twin, identity=True) if facts else []
+    twin_sql = like_statements(facts, parent, twin) if facts else []
     del options  # the partitions get them (made_like); a partitioned table takes none
     return Carry(
         twin_sql,

@@ -827,7 +827,8 @@ def swap(snapshot, boundary, now, carried=None):
         ),
         step(sql_text("ALTER TABLE", Entity(TWIN), "DROP CONSTRAINT", Entity(check))),
         step(sql_text("COMMENT ON TABLE", Entity(TWIN), "IS", Value(comment))),
-        *(step(sql) for sql in carried.twin + carried.publications),
+        *(step(s.sql, hazard=s.hazard, tables=s.tables) for s in carried.twin),
+        *(step(sql) for sql in carried.publications),
         *(step(index.sql) for index in carried.indexes),
     ]
     for index in indexes:
@@ -848,7 +849,10 @@ def swap(snapshot, boundary, now, carried=None):
             f"created partition {DEFAULT_PARTITION}",
         )
     )
-    statements += [step(s.sql) for s in made_like_parent(snapshot, DEFAULT_PARTITION)]
+    statements += [
+        step(s.sql, hazard=s.hazard, tables=s.tables)
+        for s in made_like_parent(snapshot, DEFAULT_PARTITION)
+    ]
     month = boundary
     while month <= add_months(month_start(now), MONTHS_AHEAD):
         statements.append(
@@ -858,7 +862,10 @@ def swap(snapshot, boundary, now, carried=None):
                 f"created partition {month_name(month)}",
             )
         )
-        statements += [step(s.sql) for s in made_like_parent(snapshot, month_name(month))]
+        statements += [
+            step(s.sql, hazard=s.hazard, tables=s.tables)
+            for s in made_like_parent(snapshot, month_name(month))
+        ]
         month = add_months(month, 1)
     # The foreign keys last before the renames: from here to COMMIT writes to users wait.
     statements += [step(k.sql, hazard=k.hazard, tables=k.tables) for k in carried.foreign_keys]
