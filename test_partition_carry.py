@@ -141,6 +141,19 @@ def test_a_fresh_layout_made_by_a_superuser_for_an_application_owner_is_theirs_a
     assert owners(empty_db)[new_month] == app_role
 
 
+def test_the_application_role_converts_and_keeps_its_own_layout(empty_db, app_role):
+    add_dated_logs(empty_db, 10)
+    url = empty_db.url_with(user=app_role)
+
+    converted = run_migrate(url, "--partition-request-logs")
+    new_month = upkeep_next_month(empty_db)  # the superuser's cron, the month after
+
+    assert converted.returncode == 0, converted.stderr
+    assert set(owners(empty_db).values()) == {app_role}
+    assert new_month in owners(empty_db)
+    assert run_migrate(url, "--check").returncode == migrate.EXIT_OK
+
+
 def test_a_default_partition_upkeep_makes_again_is_the_applications(empty_db, app_role):
     assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
     empty_db.rows("ALTER TABLE request_logs DETACH PARTITION request_logs_default")
