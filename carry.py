@@ -29,14 +29,14 @@ to do.
 import re
 from collections import namedtuple
 
-from peewee import Entity
+from peewee import Entity, Value
 
 from catalog import guarded, shown, shown_name
 from models import database
 from plan import Drift, Hazard, Statement, declared_by, render, sql_text
 
 # A statement on a table made in the same transaction: no other session can see it yet.
-ON_NEW_TABLE = Hazard(None, "nothing", "instant, takes no lock")
+ON_NEW_TABLE = Hazard(None, "nothing", "instant: a table no one else sees yet")
 
 # Storage parameters carried, each with the values it may take: names from this list only,
 # values matched whole, so that nothing read from reloptions reaches SQL unchecked.
@@ -88,16 +88,23 @@ SELECT pg_get_userbyid(c.relowner), current_user,
        ARRAY(SELECT ARRAY[t.attname, t.attstorage::text] FROM pg_attribute t
              JOIN pg_type y ON y.oid = t.atttypid
              WHERE t.attrelid = c.oid AND t.attnum > 0 AND NOT t.attisdropped
-               AND t.attstorage <> y.typstorage ORDER BY t.attnum)
+               AND t.attstorage <> y.typstorage ORDER BY t.attnum),
+       ARRAY(SELECT ARRAY[t.attname, o] FROM pg_attribute t, unnest(t.attoptions) o
+             WHERE t.attrelid = c.oid AND t.attnum > 0 AND NOT t.attisdropped ORDER BY t.attnum)
 FROM pg_class c WHERE c.relnamespace = %(schema)s AND c.relname = %(table)s
 """
+# The table's storage parameters, and its TOAST table's as toast.NAME (as ALTER TABLE sets them).
 RELOPTIONS_QUERY = """
-SELECT coalesce(c.reloptions, '{}') FROM pg_class c
+SELECT coalesce(c.reloptions, '{}')
+       || ARRAY(SELECT 'toast.' || o FROM pg_class t, unnest(t.reloptions) o WHERE t.oid = c.reltoastrelid)
+FROM pg_class c
 WHERE c.relnamespace = %(schema)s AND c.relname = %(table)s
 """
+# Column options (attoptions) carried, with the values they may take.
+ATTOPTIONS = {"n_distinct": NUMBER, "n_distinct_inherited": NUMBER}
 STORAGE = {"p": "PLAIN", "e": "EXTERNAL", "m": "MAIN", "x": "EXTENDED"}
 
-Parent = namedtuple("Parent", "owner me grants column_grants statistics storage")
+Parent = namedtuple("Parent", "owner me grants column_grants statistics storage options")
 
 
 def parent_facts(snapshot, parent):
@@ -115,7 +122,9 @@ def reloptions(snapshot, table):
     carried, refused = [], []
     for option in row[0] if row else []:
         name, _, value = option.partition("=")
-        pattern = RELOPTIONS.get(name)
+        pattern = RELOPTIONS.get(name.removeprefix("toast."))
+        if name.startswith("toast.") and not name.startswith("toast.autovacuum_"):
+            pattern = None
         (carried if pattern and pattern.fullmatch(value) else refused).append((name, value))
     return carried, refused
 
@@ -160,6 +169,16 @@ def like_sql(facts, name, options=(), identity=True):
                     + f" {STORAGE[storage]}",
                 )
             )
+    for column, option in facts.options:
+        key, _, value = option.partition("=")
+        if key in ATTOPTIONS and ATTOPTIONS[key].fullmatch(value):
+            sql.append(
+                (
+                    share_update,
+                    sql_text("ALTER TABLE", table, "ALTER COLUMN", Entity(column), "SET")
+                    + f" ({key} = {value})",
+                )
+            )
     if options:
         sql.append(
             (
@@ -196,7 +215,7 @@ def made_like(snapshot, parent, name, source=None):
     month, as a partitioned table has none), else of a plain `parent`."""
     facts = parent_facts(snapshot, parent)
     if facts is None:  # a fresh layout: the run makes and owns every table
-        facts = Parent(None, None, [], [], [], [])
+        facts = Parent(None, None, [], [], [], [], [])
     options = reloptions(snapshot, source or parent)[0] if (source or facts.owner) else []
     return like_statements(facts, parent, name, options)
 
@@ -293,7 +312,7 @@ def partition_drift(snapshot, parent):
 Carry = namedtuple("Carry", "twin indexes foreign_keys publications unpublish cannot")
 # name: the index's name, which the partitioned index takes; temporary: its name on the twin
 # until the swap's renames; legacy: the name the old table's index is renamed to.
-CarriedIndex = namedtuple("CarriedIndex", "name temporary legacy sql")
+CarriedIndex = namedtuple("CarriedIndex", "name temporary legacy sql comment")
 # problem: what blocks, in words; todo: what to do; fix: SQL that does it, where there is one.
 Cannot = namedtuple("Cannot", "problem todo fix", defaults=((),))
 
@@ -305,7 +324,8 @@ SELECT k.conname, t.relname, tn.nspname, k.conrelid = c.oid,
        ARRAY(SELECT a.attname FROM unnest(k.confkey) WITH ORDINALITY u(n, i)
              JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = u.n ORDER BY u.i),
        k.confupdtype::text, k.confdeltype::text, k.confmatchtype::text, k.condeferrable,
-       k.condeferred, k.convalidated AND {enforced}, {set_columns}
+       k.condeferred, k.convalidated AND {enforced}, {set_columns},
+       obj_description(k.oid, 'pg_constraint')
 FROM pg_class c
 JOIN pg_constraint k ON k.contype = 'f' AND c.oid IN (k.conrelid, k.confrelid)
 JOIN pg_class t ON t.oid = k.conrelid JOIN pg_namespace tn ON tn.oid = t.relnamespace
@@ -316,7 +336,7 @@ ORDER BY 1
 ForeignKey = namedtuple(
     "ForeignKey",
     "name table schema outgoing columns ref_table ref_schema ref_columns on_update on_delete"
-    " match deferrable deferred valid set_columns",
+    " match deferrable deferred valid set_columns comment",
 )
 ACTIONS = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
 MATCH = {"s": "MATCH SIMPLE", "f": "MATCH FULL"}
@@ -457,7 +477,18 @@ def carried_indexes(snapshot, model, twin, legacy, own_indexes=()):
             sql_text("CREATE INDEX", Entity(temporary), "ON", Entity(twin), "USING")
             + f" {render(Entity(index.method))} ({', '.join(keys)}){include}"
         )
-        carried.append(CarriedIndex(name, temporary, renamed, sql))
+        comment = guarded(
+            snapshot.target,
+            "SELECT obj_description(oid, 'pg_class') FROM pg_class"
+            " WHERE relnamespace = %(schema)s AND relname = %(index)s",
+            {"schema": snapshot.target.oid, "index": name},
+        ).fetchone()[0]
+        comment_sql = (
+            sql_text("COMMENT ON INDEX", Entity(temporary), "IS", Value(comment))
+            if comment is not None
+            else None
+        )
+        carried.append(CarriedIndex(name, temporary, renamed, sql, comment_sql))
     return carried, cannot
 
 
@@ -536,6 +567,23 @@ def carried_foreign_keys(snapshot, model, twin):
                 ("partitioned", parent, parent),
             )
         )
+        if key.comment is not None:
+            statements.append(
+                Statement(
+                    sql_text(
+                        "COMMENT ON CONSTRAINT",
+                        Entity(key.name),
+                        "ON",
+                        Entity(twin),
+                        "IS",
+                        Value(key.comment),
+                    ),
+                    "",
+                    (),
+                    ON_NEW_TABLE,
+                    ("partitioned", parent, parent),
+                )
+            )
     return statements, cannot
 
 

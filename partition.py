@@ -829,7 +829,7 @@ def swap(snapshot, boundary, now, carried=None):
         step(sql_text("COMMENT ON TABLE", Entity(TWIN), "IS", Value(comment))),
         *(step(s.sql, hazard=s.hazard, tables=s.tables) for s in carried.twin),
         *(step(sql) for sql in carried.publications),
-        *(step(index.sql) for index in carried.indexes),
+        *(step(sql) for i in carried.indexes for sql in (i.sql, i.comment) if sql),
     ]
     for index in indexes:
         statements.append(

@@ -424,9 +424,11 @@ def test_every_blocker_is_named_in_one_line_with_what_to_do(migrated_db):
 def test_storage_parameters_and_statistics_targets_reach_every_new_partition(migrated_db):
     add_dated_logs(migrated_db, 10)
     migrated_db.rows(
-        "ALTER TABLE request_logs SET (fillfactor = 90, autovacuum_vacuum_scale_factor = 0.01)"
+        "ALTER TABLE request_logs SET (fillfactor = 90, autovacuum_vacuum_scale_factor = 0.01,"
+        " toast.autovacuum_enabled = false)"
     )
     migrated_db.rows("ALTER TABLE request_logs ALTER COLUMN model SET STATISTICS 500")
+    migrated_db.rows("ALTER TABLE request_logs ALTER COLUMN path SET (n_distinct = -0.5)")
 
     assert run_migrate(migrated_db.url, "--partition-request-logs").returncode == 0
     new_month = upkeep_next_month(migrated_db)
@@ -440,4 +442,52 @@ def test_storage_parameters_and_statistics_targets_reach_every_new_partition(mig
             name,
         )
         assert target == 500, name
+        assert migrated_db.value(
+            # This server's own options (Debian's builds add pg_attver) left out.
+            "SELECT array_agg(o) FROM pg_attribute, unnest(attoptions) o"
+            " WHERE attrelid = %s::regclass AND attname = 'path' AND o NOT LIKE 'pg\\_%%'",
+            name,
+        ) == ["n_distinct=-0.5"], name
+        assert migrated_db.value(
+            "SELECT t.reloptions FROM pg_class c JOIN pg_class t ON t.oid = c.reltoastrelid"
+            " WHERE c.relname = %s",
+            name,
+        ) == ["autovacuum_enabled=false"], name
     assert new_month in partitions_of(migrated_db)
+
+
+@pytest.mark.parametrize("method", ["brin", "hash"])
+def test_an_index_of_another_method_and_its_comment_reach_every_partition(migrated_db, method):
+    add_dated_logs(migrated_db, 10)
+    migrated_db.rows(f"CREATE INDEX logs_extra ON request_logs USING {method} (created_at)")
+    migrated_db.rows("COMMENT ON INDEX logs_extra IS 'the DBA''s'")
+
+    assert run_migrate(migrated_db.url, "--partition-request-logs").returncode == 0
+    upkeep_next_month(migrated_db)
+
+    methods = migrated_db.rows(
+        "SELECT c.relname, am.amname FROM pg_inherits i JOIN pg_index x ON x.indexrelid = i.inhrelid"
+        " JOIN pg_class c ON c.oid = x.indrelid JOIN pg_class ic ON ic.oid = x.indexrelid"
+        " JOIN pg_am am ON am.oid = ic.relam WHERE i.inhparent = 'logs_extra'::regclass ORDER BY 1"
+    )
+    assert methods == [(name, method) for name in partitions_of(migrated_db)]
+    assert migrated_db.value("SELECT obj_description('logs_extra'::regclass, 'pg_class')") == (
+        "the DBA's"
+    )
+
+
+def test_a_publication_of_some_columns_of_request_logs_blocks_the_conversion(
+    migrated_db, publications
+):
+    if migrated_db.value("SHOW server_version_num") < "150000":
+        pytest.skip("column lists of publications exist from PostgreSQL 15")
+    pub = publications("cols", "FOR TABLE request_logs (id, created_at, model)", "true")
+    before = catalog(migrated_db)
+
+    result = run_migrate(migrated_db.url, "--partition-request-logs")
+
+    assert result.returncode == migrate.EXIT_ERROR
+    assert f"row filter or column list of request_logs in the publication {pub}" in (
+        error_line(result)
+    )
+    assert catalog(migrated_db) == before
