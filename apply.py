@@ -56,7 +56,6 @@ import logging
 import random
 import time
 from contextlib import contextmanager
-from datetime import UTC, datetime
 
 import peewee
 import psycopg2.extensions
@@ -83,7 +82,7 @@ from connection import (
     watch,
 )
 from models import MODELS, database
-from partition import not_ready_to_swap, resume_words, retention_plan, with_partitions
+from partition import clock, not_ready_to_swap, resume_words, retention_plan, with_partitions
 from plan import (
     STEP_KINDS,
     lock_name,
@@ -400,7 +399,7 @@ class Planner:
             partition,
             retain_days,
         )
-        self.now = now or datetime.now(UTC)
+        self.now = now or clock()
 
     def __call__(self, snapshot):
         plan = plan_changes(snapshot, self.atomic, self.models)

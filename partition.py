@@ -27,7 +27,7 @@ partition request_logs_legacy, FROM (MINVALUE) TO (the first month it does not h
 2. online: VALIDATE the CHECK (SHARE UPDATE EXCLUSIVE: blocks no writer), and the index on id
    built concurrently.
 3. transaction, the swap: the partitioned twin with its default and monthly partitions,
-   indexes and foreign keys (all empty: instant); the renames; ATTACH PARTITION, which the
+   indexes and foreign keys, and what carry.py carries (all empty: instant); the renames; ATTACH PARTITION, which the
    valid CHECK spares its scan and which adopts the table's indexes and foreign keys as they
    are. No statement scans, so its length does not grow with the rows (BENCHMARKS.md).
 
@@ -40,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 
 from peewee import Entity, Value
 
+from carry import Cannot, conversion_carry, made_like, partition_drift
 from catalog import guarded, shown, shown_name
 from models import RequestLog, database
 from plan import (
@@ -90,6 +91,16 @@ BATCHED_DELETE = Hazard(
 
 
 # --- Months ------------------------------------------------------------------------------
+
+# Month decisions follow the clock of the machine that runs migrate.py, as GORM stamps
+# created_at with the application's clock. A test shifts it (CLOCK_SHIFT) to live years in
+# minutes: libfaketime breaks time.sleep under Python 3.11.
+CLOCK_SHIFT = timedelta(0)
+
+
+def clock():
+    """Now, by the clock every month decision of a run reads."""
+    return datetime.now(UTC) + CLOCK_SHIFT
 
 
 def month_start(moment):
@@ -224,7 +235,7 @@ def conversion_check(snapshot):
 def with_partitions(plan, convert=False, now=None):
     """plan with what the layout needs: on a partitioned request_logs the upkeep and its
     health; with `convert`, the partitioned layout made (fresh) or converted to (plain)."""
-    now = now or datetime.now(UTC)
+    now = now or clock()
     table = plan.snapshot.tables.get(PARENT)
     if table is None:
         return fresh_layout(plan, now) if convert else plan
@@ -254,7 +265,9 @@ def fresh_layout(plan, now):
             ("index", PARENT, ID_INDEX._name),
         )
     ]
+    statements += made_like_parent(plan.snapshot, PARENT)
     statements += [partition_of(PARENT, DEFAULT_PARTITION, None, ours[1].hazard)]
+    statements += made_like_parent(plan.snapshot, DEFAULT_PARTITION)
     month = month_start(now)
     for offset in range(MONTHS_AHEAD + 1):
         statements.append(
@@ -265,10 +278,19 @@ def fresh_layout(plan, now):
                 ours[1].hazard,
             )
         )
+        statements += made_like_parent(plan.snapshot, month_name(add_months(month, offset)))
     transaction = (
         plan.transaction[:at] + statements + [s for s in plan.transaction[at:] if s not in ours]
     )
     return plan._replace(transaction=transaction)
+
+
+def made_like_parent(snapshot, name):
+    """What PostgreSQL does not pass on to a partition just made (carry.made_like): the
+    owner, grants, statistics targets and storage of request_logs, REPLICA IDENTITY FULL, and
+    the storage parameters of the newest month (a partitioned table has none of its own)."""
+    ranges = [(upper, n) for n, (_, upper) in partitions(snapshot).items() if upper and n != name]
+    return made_like(snapshot, PARENT, name, max(ranges)[1] if ranges else None)
 
 
 def partition_of(parent, name, month, hazard):
@@ -326,6 +348,7 @@ def upkeep(plan, now):
     if default is not None and default.parent == PARENT:
         drift += dated_rows_in_default(snapshot)
     drift += partitions_elsewhere(snapshot)
+    drift += partition_drift(snapshot, PARENT)
     unknown = [
         u for u in plan.unknown if (u.kind, u.table, u.name) != ("index", PARENT, ID_INDEX._name)
     ]
@@ -362,6 +385,7 @@ def attach_default(snapshot):
             Hazard(None, "nothing", "a new empty table"),
             ("table", DEFAULT_PARTITION, DEFAULT_PARTITION),
         ),
+        *made_like_parent(snapshot, DEFAULT_PARTITION),
         Statement(
             sql_text(
                 "ALTER TABLE",
@@ -412,7 +436,8 @@ def attach_month(snapshot, month, now=None):
             (),
             Hazard(None, "nothing", "a new empty table"),
             ("table", name, name),
-        )
+        ),
+        *made_like_parent(snapshot, name),
     ]
     if DEFAULT_PARTITION in snapshot.tables and (
         month <= (now or datetime.now(UTC)) + CLOCK_SKEW or default_holds(snapshot, month, end)
@@ -559,8 +584,8 @@ def conversion(plan, now):
     stale = found is not None and found[1] - now < timedelta(days=1)
     if stale:  # its boundary is (nearly) here: bounded again, or inserts would soon fail
         boundary = boundary_after(now)
-    carried, cannot = carried_over(snapshot)
-    problems = cannot + held_names(snapshot, boundary, now)
+    carried = carried_over(snapshot, found)
+    problems = carried.cannot + held_names(snapshot, boundary, now, carried)
     if found is None or stale or not found[0].validated:
         blocked += rows_outside_bound(snapshot, boundary, found)
     if problems:
@@ -634,45 +659,24 @@ def conversion(plan, now):
     return plan._replace(steps=steps, blocked=blocked, unknown=unknown)
 
 
-# What the conversion carries from request_logs to its partitioned twin (grants, owner), and
-# what it cannot (a trigger's or a policy's definition would be catalog text pasted into SQL).
-CARRY_QUERY = """
-SELECT pg_get_userbyid(c.relowner), current_user,
-       ARRAY(SELECT ARRAY[coalesce(r.rolname, 'PUBLIC'), a.privilege_type, a.is_grantable::text]
-             FROM aclexplode(c.relacl) a LEFT JOIN pg_roles r ON r.oid = a.grantee
-             WHERE a.grantee <> c.relowner ORDER BY 1),
-       ARRAY(SELECT 'trigger ' || tgname FROM pg_trigger WHERE tgrelid = c.oid AND NOT tgisinternal
-             UNION ALL SELECT 'publication ' || p.pubname FROM pg_publication_rel pr
-                 JOIN pg_publication p ON p.oid = pr.prpubid WHERE pr.prrelid = c.oid
-             UNION ALL SELECT 'policy ' || polname FROM pg_policy WHERE polrelid = c.oid
-             UNION ALL SELECT 'rule ' || rulename FROM pg_rewrite WHERE ev_class = c.oid
-             UNION ALL SELECT 'grant on column ' || attname FROM pg_attribute
-                 WHERE attrelid = c.oid AND attacl IS NOT NULL
-             UNION ALL SELECT 'row level security' WHERE c.relrowsecurity
-             ORDER BY 1)
-FROM pg_class c WHERE c.relnamespace = %(schema)s AND c.relname = %(table)s
-"""
+def carried_over(snapshot, found=None):
+    """What the conversion carries from request_logs to its twin and what it cannot
+    (carry.conversion_carry): owner, grants, indexes, foreign keys and publications carried;
+    triggers, policies, rules, row security, keys into request_logs refused."""
+    return conversion_carry(
+        snapshot,
+        RequestLog,
+        TWIN,
+        LEGACY,
+        own_checks=[found[0].name] if found else [],
+        own_indexes=[ID_INDEX._name, LEGACY_ID_INDEX],
+    )
 
 
-def carried_over(snapshot):
-    """(statements that give the twin request_logs' owner and grants, what cannot be carried)."""
-    row = guarded(
-        snapshot.target, CARRY_QUERY, {"schema": snapshot.target.oid, "table": PARENT}
-    ).fetchone()
-    owner, me, grants, cannot = row
-    statements = []
-    if owner != me:
-        statements.append(sql_text("ALTER TABLE", Entity(PARENT), "OWNER TO", Entity(owner)))
-    for grantee, privilege, grantable in grants:
-        who = "PUBLIC" if grantee == "PUBLIC" else render(Entity(grantee))
-        option = " WITH GRANT OPTION" if grantable == "true" else ""
-        statements.append(f"GRANT {privilege} ON TABLE {render(Entity(PARENT))} TO {who}{option}")
-    return statements, [shown(item) for item in cannot]
-
-
-def held_names(snapshot, boundary, now):
+def held_names(snapshot, boundary, now, carried=None):
     """The names the conversion would create that another relation already holds."""
     wanted = [DEFAULT_PARTITION, LEGACY, TWIN]
+    wanted += [n for i in (carried.indexes if carried else []) for n in (i.temporary, i.legacy)]
     month = boundary
     while month <= add_months(month_start(now), MONTHS_AHEAD):
         wanted.append(month_name(month))
@@ -687,24 +691,29 @@ def held_names(snapshot, boundary, now):
     if ID_INDEX._name in snapshot.relations:
         held.append(ID_INDEX._name)
     return [
-        f"the name {shown_name(name)} (held by the {snapshot.relations[name].kind}"
-        f" {shown_name(name)})"
+        Cannot(
+            f"the name {shown_name(name)} (held by the {snapshot.relations[name].kind}"
+            f" {shown_name(name)})",
+            "rename or drop what holds it",
+        )
         for name in held
     ]
 
 
 def conversion_blocker(problems, found):
+    """One blocker naming each problem (carry.Cannot) with what to do, and the SQL for it."""
     check = (
         f"; meanwhile its CHECK {shown_name(found[0].name)} refuses inserts at or after"
         f" {found[1]:%Y-%m-%d}: drop it if the conversion is not finished before then"
         if found
         else ""
     )
-    steps = [drop_check(found[0].name).sql] if found else []
+    steps = [sql for problem in problems for sql in problem.fix]
+    steps += [drop_check(found[0].name).sql] if found else []
     return Blocker(
-        f"{PARENT} cannot be converted to monthly partitions: the partitioned table would not"
-        f" have {', '.join(problems)}; move or rename them (a trigger, publication, policy or"
-        f" rule can be made again on the partitioned table afterwards){check}",
+        f"{PARENT} cannot be converted to monthly partitions, for "
+        + "; ".join(f"{p.problem} ({p.todo})" for p in problems)
+        + check,
         steps,
     )
 
@@ -789,7 +798,7 @@ def legacy_index_name(name):
     return name.replace(f"idx_{PARENT}_", f"{LEGACY}_", 1)
 
 
-def swap(snapshot, boundary, now, carried=()):
+def swap(snapshot, boundary, now, carried=None):
     """The one transaction of the swap. No statement scans: each is a catalog change."""
     indexes = [*RequestLog._meta.fields_to_index(), ID_INDEX]
     parent, twin = render(Entity(PARENT)), render(Entity(TWIN))
@@ -799,11 +808,13 @@ def swap(snapshot, boundary, now, carried=()):
     def step(sql, description="", hazard=new, tables=()):
         return Statement(sql, description, tables, hazard, key)
 
+    carried = carried or carried_over(snapshot)
+    comment = snapshot.tables[PARENT].comment or RequestLog._meta.comment  # an operator's stays
     check = CHECK_PREFIX + f"{boundary:%Y_%m}"
     statements = [
         step(
             # Everything of the table but its indexes: CHECKs, NOT NULLs, defaults, column
-            # comments, storage, statistics; grants and the owner follow (`carried`).
+            # comments, storage, statistics; what PostgreSQL does not copy follows (`carried`).
             sql_text(
                 "CREATE TABLE",
                 Entity(TWIN),
@@ -815,8 +826,10 @@ def swap(snapshot, boundary, now, carried=()):
             f"created {TWIN}, partitioned by created_at",
         ),
         step(sql_text("ALTER TABLE", Entity(TWIN), "DROP CONSTRAINT", Entity(check))),
-        step(sql_text("COMMENT ON TABLE", Entity(TWIN), "IS", Value(RequestLog._meta.comment))),
-        *(step(sql.replace(f" {render(Entity(PARENT))}", f" {twin}", 1)) for sql in carried),
+        step(sql_text("COMMENT ON TABLE", Entity(TWIN), "IS", Value(comment))),
+        *(step(s.sql, hazard=s.hazard, tables=s.tables) for s in carried.twin),
+        *(step(sql) for sql in carried.publications),
+        *(step(sql) for i in carried.indexes for sql in (i.sql, i.comment) if sql),
     ]
     for index in indexes:
         statements.append(
@@ -836,6 +849,10 @@ def swap(snapshot, boundary, now, carried=()):
             f"created partition {DEFAULT_PARTITION}",
         )
     )
+    statements += [
+        step(s.sql, hazard=s.hazard, tables=s.tables)
+        for s in made_like_parent(snapshot, DEFAULT_PARTITION)
+    ]
     month = boundary
     while month <= add_months(month_start(now), MONTHS_AHEAD):
         statements.append(
@@ -845,8 +862,13 @@ def swap(snapshot, boundary, now, carried=()):
                 f"created partition {month_name(month)}",
             )
         )
+        statements += [
+            step(s.sql, hazard=s.hazard, tables=s.tables)
+            for s in made_like_parent(snapshot, month_name(month))
+        ]
         month = add_months(month, 1)
     # The foreign keys last before the renames: from here to COMMIT writes to users wait.
+    statements += [step(k.sql, hazard=k.hazard, tables=k.tables) for k in carried.foreign_keys]
     for field in RequestLog._meta.refs:
         fk = render(RequestLog._schema._create_foreign_key(field))
         statements.append(
@@ -862,7 +884,15 @@ def swap(snapshot, boundary, now, carried=()):
         for i in RequestLog._meta.fields_to_index()
         if i._name in snapshot.indexes
     ]
+    renames += [
+        sql_text("ALTER INDEX", Entity(i.name), "RENAME TO", Entity(i.legacy))
+        for i in carried.indexes
+    ]
     renames.append(sql_text("ALTER TABLE", Entity(TWIN), "RENAME TO", Entity(PARENT)))
+    renames += [
+        sql_text("ALTER INDEX", Entity(i.temporary), "RENAME TO", Entity(i.name))
+        for i in carried.indexes
+    ]
     renames += [
         sql_text("ALTER INDEX", Entity(twin_index_name(i._name)), "RENAME TO", Entity(i._name))
         for i in indexes
@@ -881,7 +911,8 @@ def swap(snapshot, boundary, now, carried=()):
             f"converted {PARENT} to monthly partitions: {LEGACY} holds its rows before"
             f" {boundary:%Y-%m-%d}",
             SWAP,
-            (LEGACY, "users", "api_keys"),
+            # The foreign keys' triggers move: their referenced tables are locked too.
+            (LEGACY, "users", "api_keys", *(k.tables[0] for k in carried.foreign_keys)),
         )
     )
     statements.append(
@@ -896,6 +927,7 @@ def swap(snapshot, boundary, now, carried=()):
             tables=(LEGACY,),
         )
     )
+    statements += [step(sql, hazard=exclusive, tables=(LEGACY,)) for sql in carried.unpublish]
     return statements
 
 
@@ -951,7 +983,7 @@ def retention_plan(plan, days, now=None):
     detached (concurrently) and dropped; older rows of partitions that also hold newer ones
     (the converted table, the default partition, a plain request_logs) deleted in batches.
     A real DELETE, not a soft delete: the point is disk space."""
-    now = now or datetime.now(UTC)
+    now = now or clock()
     cutoff = now.astimezone(UTC) - timedelta(days=days)
     snapshot = plan.snapshot
     table = snapshot.tables.get(PARENT)
