@@ -643,6 +643,9 @@ def transaction_settings(target, statement_timeout):
         f"SET LOCAL statement_timeout = '{milliseconds(statement_timeout)}ms'",
         f"SET LOCAL idle_in_transaction_session_timeout = '{milliseconds(TRANSACTION_GUARD)}ms'",
         search_path_line(target).removesuffix(";").replace("SET ", "SET LOCAL ", 1),
+        # The catalog is read again inside the transaction: its spelling must not change.
+        "SET LOCAL quote_all_identifiers = off",
+        "SET LOCAL TimeZone = 'UTC'",
     ]
     if has_transaction_timeout():
         settings.append("SET LOCAL transaction_timeout = 0")
@@ -924,8 +927,14 @@ def script(plan, atomic, lock_timeout, statement_timeout):
                 "COMMIT;",
             ]
         else:
+            settings = online_settings(target, lock_timeout, statement_timeout)
+            lines += [
+                *(f"SET {name} = '{value}';" for name, value in settings.items()),
+                search_path_line(target),
+            ]
             for statement in step.statements:
                 if step.kind == "batched":  # with the planner's estimate of the rows it removes
                     lines.append(f"-- deletes {statement.description.removeprefix('deleted ')}")
                 lines += with_hazards([statement], tables)
+            lines += [f"RESET {name};" for name in [*settings, "search_path"]]
     return [one_line(line) for line in lines]
