@@ -82,6 +82,7 @@ from connection import (
     read_only_words,
     watch,
 )
+from deploy import before_rollout
 from models import MODELS, database
 from partition import not_ready_to_swap, resume_words, retention_plan, with_partitions
 from plan import (
@@ -117,7 +118,7 @@ PROBE_EVERY, PROBE_LIMIT = 5.0, 10.0
 log = logging.getLogger("migrate")
 
 # What the run has done so far, for the line an interruption prints.
-progress = {"stage": "read", "committed": False, "left": None}
+progress = {"stage": "read", "committed": False, "left": None, "deferred": []}
 
 # --- The budget for waiting --------------------------------------------------------
 
@@ -390,10 +391,19 @@ def watching(statement, tables=None):
 
 class Planner:
     """The plan of a run, from a catalog snapshot: the models' changes, then the partition
-    layout's steps (partition.py), or retention's steps alone. `now` is fixed for the run,
-    so that each plan made again agrees on the months."""
+    layout's steps (partition.py), then retention's steps; with `pre_deploy`, only what the
+    application needs to run correctly (deploy.py), the rest in `deferred`. `now` is fixed
+    for the run, so that each plan made again agrees on the months."""
 
-    def __init__(self, atomic=False, models=MODELS, partition=False, retain_days=None, now=None):
+    def __init__(
+        self,
+        atomic=False,
+        models=MODELS,
+        partition=False,
+        retain_days=None,
+        now=None,
+        pre_deploy=False,
+    ):
         self.atomic, self.models, self.partition, self.retain_days = (
             atomic,
             models,
@@ -401,12 +411,19 @@ class Planner:
             retain_days,
         )
         self.now = now or datetime.now(UTC)
+        self.pre_deploy, self.deferred = pre_deploy, []
 
     def __call__(self, snapshot):
         plan = plan_changes(snapshot, self.atomic, self.models)
+        plan = with_partitions(plan, self.partition, self.now)
+        if self.pre_deploy:
+            plan, self.deferred = before_rollout(plan, self.models)
         if self.retain_days is not None:
-            return retention_plan(plan, self.retain_days, self.now)
-        return with_partitions(plan, self.partition, self.now)
+            # Upkeep first, as a plain run: cron runs one line, and retention alone once left
+            # this month's partition unmade. The months it removes are never the ones it makes.
+            removal = retention_plan(plan, self.retain_days, self.now)
+            plan = plan._replace(steps=[*plan.steps, *removal.steps])
+        return plan
 
     def read(self, target):
         return self(read_catalog(target, self.models))
@@ -415,7 +432,7 @@ class Planner:
 def migrate(target, atomic=False, lock_timeout=5.0, statement_timeout=0.0, models=MODELS, **layout):
     """Read, plan and apply; returns the last plan and the statements executed (none when up
     to date). `layout`: partition=True (--partition-request-logs), retain_days=N, now=."""
-    progress.update(stage="read", committed=False, left=None)
+    progress.update(stage="read", committed=False, left=None, deferred=[])
     budget = Budget(lock_timeout)
     planner = Planner(atomic, models, **layout)
 
@@ -424,10 +441,12 @@ def migrate(target, atomic=False, lock_timeout=5.0, statement_timeout=0.0, model
 
     plan = read_plan()
     refuse_blocked(plan)
+    progress["deferred"] = planner.deferred
     if not plan.pending:
         return plan, []
     holder, plan = take_migration_lock(budget, read_plan, plan)
     if holder is None:  # another run did the work while we waited
+        progress["deferred"] = planner.deferred
         return plan, []
     try:
         # Made again inside the transaction: another run may have done part of it.
@@ -442,6 +461,7 @@ def migrate(target, atomic=False, lock_timeout=5.0, statement_timeout=0.0, model
         done += online + steps
     finally:
         holder.close()  # ends its transaction: the migration lock is released
+        progress["deferred"] = planner.deferred
     return after or plan, done
 
 
