@@ -419,10 +419,12 @@ class Planner:
         if self.pre_deploy:
             plan, self.deferred = before_rollout(plan, self.models)
         if self.retain_days is not None:
-            # Upkeep first, as a plain run: cron runs one line, and retention alone once left
-            # this month's partition unmade. The months it removes are never the ones it makes.
+            # And the upkeep of a plain run: cron runs one line, and retention alone once left
+            # this month's partition unmade. Removal first: the months it drops are never the
+            # ones upkeep makes, and a default partition upkeep attaches would turn its
+            # DETACH ... CONCURRENTLY into a plain one.
             removal = retention_plan(plan, self.retain_days, self.now)
-            plan = plan._replace(steps=[*plan.steps, *removal.steps])
+            plan = plan._replace(steps=[*removal.steps, *plan.steps])
         return plan
 
     def read(self, target):

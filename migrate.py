@@ -657,7 +657,14 @@ def run(args, started):
     params = connection_params(DEFAULT_DATABASE_URL if url is None else url)
     default = " (the default: DATABASE_URL is not set)" if url is None else ""
     watch_queries(args.progress)
-    connect(params, args.wait, log)
+    try:
+        connect(params, args.wait, log)
+    except MigrationError as exc:
+        if url is None:
+            raise MigrationError(
+                f"{exc} (DATABASE_URL is not set: the default was tried)"
+            ) from None
+        raise
     # After connecting: libpq alone knows what PGHOST, PGUSER, a service file made of it.
     log.info("database %s%s%s", describe(params), effective_target(params), default)
     refuse_old_server()

@@ -174,9 +174,7 @@ def test_json_leaves_one_document_on_a_signal(migrated_db, start_migrate, signum
     try:
         with holder.cursor() as cursor:
             cursor.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        run = start_migrate(
-            migrated_db.url, "--check", "--format", "json", "--lock-timeout", "60"
-        )
+        run = start_migrate(migrated_db.url, "--check", "--format", "json", "--lock-timeout", "60")
         wait_for_lock_wait(migrated_db, "the catalog read to wait for users", run=run)
         run.send_signal(signum)
         stdout, stderr = run.communicate(timeout=30)
@@ -191,8 +189,10 @@ def test_json_leaves_one_document_on_a_signal(migrated_db, start_migrate, signum
     assert stderr.strip().splitlines()[-1].startswith("migrate: error: interrupted")
     poll_until(
         "migrate.py's sessions to end",
-        lambda: not migrated_db.rows(
-            "SELECT 1 FROM pg_stat_activity WHERE application_name = 'migrate.py'"
-            " AND datname = current_database()"
+        lambda: (
+            not migrated_db.rows(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'migrate.py'"
+                " AND datname = current_database()"
+            )
         ),
     )
