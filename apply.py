@@ -643,7 +643,7 @@ def run_batches(step, plan, target, planner, lock_timeout, statement_timeout, bu
                 break
         reset_online_session()
         check_effects([statement], plan_with_retries(target, planner, budget))
-        log.info("%s: %s rows", statement.description.split(" (~")[0], f"{total:,}")
+        log.info("%s: %s rows", statement.description.rsplit(" (", 1)[0], f"{total:,}")
         done.append(statement)
     return done
 
@@ -901,6 +901,31 @@ def ongoing(statement):
     return f"{verbs.get(verb, verb)} {rest}"
 
 
+# The same, for a plan not run yet (--dry-run, --check, JSON): never the past tense.
+PLANNED_VERBS = {
+    "created": "creates",
+    "rebuilt": "rebuilds",
+    "validated": "validates",
+    "added": "adds",
+    "commented": "comments on",
+    "dropped": "drops",
+    "deleted": "deletes",
+    "detached": "detaches",
+    "attached": "attaches",
+    "bounded": "bounds",
+    "converted": "converts",
+    "moved": "moves",
+}
+
+
+def planned(statement):
+    """'created index x' -> 'creates index x'; '' for a statement that says nothing."""
+    if not statement.description:
+        return ""
+    verb, _, rest = statement.description.partition(" ")
+    return f"{PLANNED_VERBS.get(verb, verb)} {rest}"
+
+
 def first_line(exc):
     original = getattr(exc, "orig", exc)
     text = str(original).strip()
@@ -955,8 +980,8 @@ def script(plan, atomic, lock_timeout, statement_timeout):
                 search_path_line(target),
             ]
             for statement in step.statements:
-                if step.kind == "batched":  # with the planner's estimate of the rows it removes
-                    lines.append(f"-- deletes {statement.description.removeprefix('deleted ')}")
+                if step.kind == "batched":  # with the count of the rows it removes
+                    lines.append(f"-- {planned(statement)}")
                 lines += with_hazards([statement], tables)
             lines += [f"RESET {name};" for name in [*settings, "search_path"]]
     return [one_line(line) for line in lines]

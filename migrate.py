@@ -60,6 +60,7 @@ from apply import (
     migrate,
     ongoing,
     plan_with_retries,
+    planned,
     progress,
     script,
     state_words,
@@ -91,7 +92,7 @@ DEFAULT_PROGRESS = 10.0  # seconds between progress lines of a long statement
 MINIMUM_SERVER_VERSION = 120000  # pg_stat_progress_create_index, attgenerated
 # PostgreSQL's timeouts are int milliseconds; --wait gets a day.
 MAX_TIMEOUT, MAX_WAIT = 2_147_483.647, 86_400.0
-JSON_FORMAT_VERSION = 1
+JSON_FORMAT_VERSION = 2  # 2: description in the planned wording, logged_when_done added
 documented = {"written": False}  # --format json: stdout holds its one document already
 
 log = logging.getLogger("migrate")
@@ -523,7 +524,8 @@ def plan_document(plan, args, params, status):
             {
                 "stage": stage,
                 "sql": statement.sql,
-                "description": statement.description,
+                "description": planned(statement),
+                "logged_when_done": statement.description,
                 "tables": list(statement.tables),
                 "lock": lock_name(statement.hazard.lock) if statement.hazard.lock else None,
                 "blocks": statement.hazard.blocks,
