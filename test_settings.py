@@ -78,7 +78,7 @@ def printed_settings(dry_run):
             session[name] = value
         elif words[:1] == ["RESET"]:
             session.pop(words[1], None)
-        elif words[:1] in (["CREATE"], ["ALTER"], ["COMMENT"], ["DROP"]):
+        elif words[:1] in (["CREATE"], ["ALTER"], ["COMMENT"], ["DROP"], ["DELETE"]):
             found[statement] = {**session, **local}
     return found
 
@@ -163,3 +163,35 @@ def test_the_conversion_steps_run_under_the_settings_dry_run_prints(hostile_data
     timeouts = {(s["statement_timeout"], s["lock_timeout"]) for _, s in recorded}
     assert ("120000", "5000") in timeouts  # the online steps
     assert ("10000", "50") in timeouts  # the transaction steps
+
+
+def test_retention_deletes_under_the_settings_dry_run_prints(hostile_database):
+    # DELETE starts no event trigger: a statement trigger on request_logs records it.
+    names = ", ".join(f"'{name}'" for name in RECORDED)
+    hostile_database.rows(
+        f"""
+        CREATE FUNCTION audit.log_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO audit.settings_log (query, settings)
+            SELECT current_query(), jsonb_object_agg(name, setting)
+            FROM pg_catalog.pg_settings WHERE name IN ({names});
+            RETURN NULL;
+        END $$
+        """
+    )
+    hostile_database.rows(
+        "CREATE TRIGGER log_delete AFTER DELETE ON request_logs"
+        " FOR EACH STATEMENT EXECUTE FUNCTION audit.log_delete()"
+    )
+    seed_keys(hostile_database)
+    for days in (1, 100, 200):
+        hostile_database.rows(INSERT_LOG.format(created_at=f"now() - interval '{days} days'"))
+
+    printed, recorded = settings_at_each_ddl(
+        hostile_database, hostile_database.url, "--retain-request-logs", "30"
+    )
+
+    assert [q.split()[0] for q, _ in recorded] == ["DELETE", "DELETE"]  # a batch, then none left
+    assert_every_statement_ran_under_its_printed_settings(printed, recorded)
+    assert {(s["statement_timeout"], s["lock_timeout"]) for _, s in recorded} == {("0", "5000")}
+    assert hostile_database.value("SELECT count(*) FROM request_logs") == 1
