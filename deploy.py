@@ -29,16 +29,47 @@ rest, and a job stopped part way is resumed by the next, as any run is.
 """
 
 from models import MODELS, RequestLog
+from plan import index_columns, unique_constraint_for
 
 # A step a partitioned request_logs needs before any insert can succeed.
 DEFAULT_PARTITION_STEP = f"attach {RequestLog._meta.table_name}_default"
 NEEDED_EFFECTS = ("index", "dropped")  # a unique index built, or its invalid husk dropped first
 
 
-def unique_index_names(models=MODELS):
+def unique_indexes(models=MODELS):
+    """{name: (table, peewee Index)} of the contract's unique indexes."""
     return {
-        index._name for model in models for index in model._meta.fields_to_index() if index._unique
+        index._name: (model._meta.table_name, index)
+        for model in models
+        for index in model._meta.fields_to_index()
+        if index._unique
     }
+
+
+def unique_index_names(models=MODELS):
+    return set(unique_indexes(models))
+
+
+def uniqueness_missing(plan, models=MODELS):
+    """Lines for each contract unique index that no run builds (drift: its name held by
+    another relation, another definition) and that no UNIQUE constraint stands in for."""
+    unique = unique_indexes(models)
+    missing = []
+    for drift in plan.drift:
+        kind, table, name = drift.key
+        if kind == "index" and name in unique and not unique_elsewhere(plan, table, name, unique):
+            missing.append(f"unique index {name} is missing and no run builds it ({drift.problem})")
+    return missing
+
+
+def unique_elsewhere(plan, table, name, unique):
+    """Whether the columns are unique all the same: a UNIQUE constraint on them, or the index
+    of that name, valid and unique on them though it differs otherwise (a collation)."""
+    index = unique[name][1]
+    live = plan.snapshot.indexes.get(name)
+    if live is not None and live.table == table and live.unique and live.valid:
+        return tuple(key.column for key in live.keys) == tuple(index_columns(index))
+    return unique_constraint_for(index, table, plan.snapshot) is not None
 
 
 def needed(statement, unique):
@@ -59,4 +90,5 @@ def before_rollout(plan, models=MODELS):
     deferred += [s for step in plan.steps if step not in steps for s in step.statements]
     # Another session building a unique index: the application needs it, so the stage waits.
     in_progress = [i for i in plan.in_progress if any(i.startswith(f"index {n} ") for n in unique)]
+    in_progress += uniqueness_missing(plan, models)
     return plan._replace(online=online, steps=steps, in_progress=in_progress), deferred

@@ -217,3 +217,15 @@ def test_the_retention_dry_run_counts_the_rows_the_run_deletes(migrated_db):
     assert "deleted" not in dry.stdout + dry.stderr
     assert f": {old:,} rows" in run.stderr
     assert migrated_db.value("SELECT count(*) FROM request_logs") == 24 * 200 - old
+
+
+def test_pre_deploy_fails_while_a_unique_index_name_is_held_by_another_table(migrated_db):
+    migrated_db.rows("DROP INDEX idx_api_keys_key")
+    migrated_db.rows("CREATE TABLE idx_api_keys_key (id int)")
+
+    pre = run_migrate(migrated_db.url, "--pre-deploy")
+    plain = run_migrate(migrated_db.url)
+
+    assert pre.returncode == migrate.EXIT_ERROR
+    assert "unique index idx_api_keys_key is missing" in error_line(pre)
+    assert plain.returncode == 0, plain.stderr  # a plain run reports it as drift, as before
