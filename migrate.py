@@ -549,6 +549,10 @@ def plan_document(plan, args, params, status):
         ],
         "blocked": [{"problem": b.reason, "sql": b.steps} for b in plan.blocked],
         "in_progress": plan.in_progress,
+        "deferred": [  # --pre-deploy: what it leaves for --post-deploy
+            {"sql": statement.sql, "description": planned(statement)}
+            for statement in progress.get("deferred") or []
+        ],
         "unknown": [
             {"kind": u.kind, "table": u.table, "name": u.name, "shown": describe_unknown(u)}
             for u in plan.unknown
@@ -682,6 +686,7 @@ def run(args, started):
         planner = Planner(args.atomic, **layout)
         plan = plan_with_retries(target, planner, Budget(args.lock_timeout))
         status = check_status(plan) if args.check else (EXIT_ERROR if plan.blocked else EXIT_OK)
+        progress["deferred"] = planner.deferred
         if args.format == "json":
             write_out(json.dumps(plan_document(plan, args, params, status), indent=2) + "\n")
             documented["written"] = True
@@ -691,7 +696,6 @@ def run(args, started):
             log_leftovers(plan)
             if not plan.pending and not plan.blocked:
                 log.info("nothing to do: the run would send no statement")
-        progress["deferred"] = planner.deferred
         log_deferred()
         line = summary(
             plan,
