@@ -734,6 +734,7 @@ def main(argv=None):
     except OutputError as exc:  # --help into a closed or full stdout
         log.error("error: cannot write the output (%s)", exc)
         return EXIT_ERROR
+    documented["written"] = False
     if args.quiet:
         for handler in log.handlers:
             handler.addFilter(quiet_filter)
