@@ -81,6 +81,7 @@ from connection import (
     pause,
     watch,
 )
+from deploy import before_rollout
 from models import MODELS, database
 from partition import clock, not_ready_to_swap, resume_words, retention_plan, with_partitions
 from plan import (
@@ -116,7 +117,7 @@ PROBE_EVERY, PROBE_LIMIT = 5.0, 10.0
 log = logging.getLogger("migrate")
 
 # What the run has done so far, for the line an interruption prints.
-progress = {"stage": "read", "committed": False, "left": None}
+progress = {"stage": "read", "committed": False, "left": None, "deferred": []}
 
 # --- The budget for waiting --------------------------------------------------------
 
@@ -389,10 +390,19 @@ def watching(statement, tables=None):
 
 class Planner:
     """The plan of a run, from a catalog snapshot: the models' changes, then the partition
-    layout's steps (partition.py), or retention's steps alone. `now` is fixed for the run,
-    so that each plan made again agrees on the months."""
+    layout's steps (partition.py), then retention's steps; with `pre_deploy`, only what the
+    application needs to run correctly (deploy.py), the rest in `deferred`. `now` is fixed
+    for the run, so that each plan made again agrees on the months."""
 
-    def __init__(self, atomic=False, models=MODELS, partition=False, retain_days=None, now=None):
+    def __init__(
+        self,
+        atomic=False,
+        models=MODELS,
+        partition=False,
+        retain_days=None,
+        now=None,
+        pre_deploy=False,
+    ):
         self.atomic, self.models, self.partition, self.retain_days = (
             atomic,
             models,
@@ -400,12 +410,21 @@ class Planner:
             retain_days,
         )
         self.now = now or clock()
+        self.pre_deploy, self.deferred = pre_deploy, []
 
     def __call__(self, snapshot):
         plan = plan_changes(snapshot, self.atomic, self.models)
+        plan = with_partitions(plan, self.partition, self.now)
+        if self.pre_deploy:
+            plan, self.deferred = before_rollout(plan, self.models)
         if self.retain_days is not None:
-            return retention_plan(plan, self.retain_days, self.now)
-        return with_partitions(plan, self.partition, self.now)
+            # And the upkeep of a plain run: cron runs one line, and retention alone once left
+            # this month's partition unmade. Removal first: the months it drops are never the
+            # ones upkeep makes, and a default partition upkeep attaches would turn its
+            # DETACH ... CONCURRENTLY into a plain one.
+            removal = retention_plan(plan, self.retain_days, self.now)
+            plan = plan._replace(steps=[*removal.steps, *plan.steps])
+        return plan
 
     def read(self, target):
         return self(read_catalog(target, self.models))
@@ -414,7 +433,7 @@ class Planner:
 def migrate(target, atomic=False, lock_timeout=5.0, statement_timeout=0.0, models=MODELS, **layout):
     """Read, plan and apply; returns the last plan and the statements executed (none when up
     to date). `layout`: partition=True (--partition-request-logs), retain_days=N, now=."""
-    progress.update(stage="read", committed=False, left=None)
+    progress.update(stage="read", committed=False, left=None, deferred=[])
     budget = Budget(lock_timeout)
     planner = Planner(atomic, models, **layout)
 
@@ -423,10 +442,12 @@ def migrate(target, atomic=False, lock_timeout=5.0, statement_timeout=0.0, model
 
     plan = read_plan()
     refuse_blocked(plan)
+    progress["deferred"] = planner.deferred
     if not plan.pending:
         return plan, []
     holder, plan = take_migration_lock(budget, read_plan, plan)
     if holder is None:  # another run did the work while we waited
+        progress["deferred"] = planner.deferred
         return plan, []
     try:
         # Made again inside the transaction: another run may have done part of it.
@@ -441,6 +462,7 @@ def migrate(target, atomic=False, lock_timeout=5.0, statement_timeout=0.0, model
         done += online + steps
     finally:
         holder.close()  # ends its transaction: the migration lock is released
+        progress["deferred"] = planner.deferred
     return after or plan, done
 
 
@@ -620,7 +642,7 @@ def run_batches(step, plan, target, planner, lock_timeout, statement_timeout, bu
                 break
         reset_online_session()
         check_effects([statement], plan_with_retries(target, planner, budget))
-        log.info("%s: %s rows", statement.description.split(" (~")[0], f"{total:,}")
+        log.info("%s: %s rows", statement.description.rsplit(" (", 1)[0], f"{total:,}")
         done.append(statement)
     return done
 
@@ -642,6 +664,9 @@ def transaction_settings(target, statement_timeout):
         f"SET LOCAL statement_timeout = '{milliseconds(statement_timeout)}ms'",
         f"SET LOCAL idle_in_transaction_session_timeout = '{milliseconds(TRANSACTION_GUARD)}ms'",
         search_path_line(target).removesuffix(";").replace("SET ", "SET LOCAL ", 1),
+        # The catalog is read again inside the transaction: its spelling must not change.
+        "SET LOCAL quote_all_identifiers = off",
+        "SET LOCAL TimeZone = 'UTC'",
     ]
     if has_transaction_timeout():
         settings.append("SET LOCAL transaction_timeout = 0")
@@ -875,6 +900,31 @@ def ongoing(statement):
     return f"{verbs.get(verb, verb)} {rest}"
 
 
+# The same, for a plan not run yet (--dry-run, --check, JSON): never the past tense.
+PLANNED_VERBS = {
+    "created": "creates",
+    "rebuilt": "rebuilds",
+    "validated": "validates",
+    "added": "adds",
+    "commented": "comments on",
+    "dropped": "drops",
+    "deleted": "deletes",
+    "detached": "detaches",
+    "attached": "attaches",
+    "bounded": "bounds",
+    "converted": "converts",
+    "moved": "moves",
+}
+
+
+def planned(statement):
+    """'created index x' -> 'creates index x'; '' for a statement that says nothing."""
+    if not statement.description:
+        return ""
+    verb, _, rest = statement.description.partition(" ")
+    return f"{PLANNED_VERBS.get(verb, verb)} {rest}"
+
+
 def first_line(exc):
     original = getattr(exc, "orig", exc)
     text = str(original).strip()
@@ -923,8 +973,14 @@ def script(plan, atomic, lock_timeout, statement_timeout):
                 "COMMIT;",
             ]
         else:
+            settings = online_settings(target, lock_timeout, statement_timeout)
+            lines += [
+                *(f"SET {name} = '{value}';" for name, value in settings.items()),
+                search_path_line(target),
+            ]
             for statement in step.statements:
-                if step.kind == "batched":  # with the planner's estimate of the rows it removes
-                    lines.append(f"-- deletes {statement.description.removeprefix('deleted ')}")
+                if step.kind == "batched":  # with the count of the rows it removes
+                    lines.append(f"-- {planned(statement)}")
                 lines += with_hazards([statement], tables)
+            lines += [f"RESET {name};" for name in [*settings, "search_path"]]
     return [one_line(line) for line in lines]

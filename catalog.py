@@ -198,7 +198,14 @@ def guard_params(target, lock_timeout=LOCK_ATTEMPT, statement_timeout=CATALOG_GU
 
 
 def guarded(target, sql, params=None, lock_timeout=LOCK_ATTEMPT):
-    """Run sql in one implicit transaction after the guard: nothing set outlives it."""
+    """Run sql in one implicit transaction after the guard: nothing set outlives it.
+
+    Inside a transaction of ours, which pinned the same settings at its BEGIN, sql runs under
+    them: a SET LOCAL here would last until COMMIT, and the transaction's statement_timeout
+    (--statement-timeout with --atomic) would silently become CATALOG_GUARD.
+    """
+    if database.connection().get_transaction_status() != TRANSACTION_STATUS_IDLE:
+        return database.execute_sql(sql, params or {})
     values = {**guard_params(target, lock_timeout), **(params or {})}
     return database.execute_sql(f"{guard_sql()}; {sql}", values)
 

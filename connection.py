@@ -430,7 +430,7 @@ def connect(params, wait_seconds=0, log=None):
             return database
         except (peewee.OperationalError, psycopg2.OperationalError, ServerSilent) as exc:
             database.close() if not database.is_closed() else None
-            reason = connection_failure(exc, params)
+            reason = connection_failure(exc, params, wait_seconds)
             if not is_unreachable(exc) or time.monotonic() >= deadline:
                 raise MigrationError(reason) from None
             if not waiting and log:
@@ -642,13 +642,15 @@ UNREACHABLE_SIGNS = (
 )
 
 
-def connection_failure(exc, params):
-    """What a failed connection means for the operator, from libpq's message."""
+def connection_failure(exc, params, waited=0):
+    """What a failed connection means for the operator, from libpq's message; `waited`: the
+    --wait it was given, spent."""
     where = server_words(params)
+    retry = f"or raise --wait (it waited {waited:g} s)" if waited else "or pass --wait SECONDS"
     if isinstance(exc, ServerSilent):
         return (
             f"{exc} at {where} (a stopped server, a dead load balancer or a half-open network"
-            " path?): check the server and the path to it, or pass --wait SECONDS"
+            f" path?): check the server and the path to it, {retry}"
         )
     text = without_secrets(str(exc).strip(), params)
     # libpq: 'connection to server at "h", port 5432 failed: FATAL:  <reason>'
@@ -663,13 +665,24 @@ def connection_failure(exc, params):
     if re.match(r'definition of service ".*" not found|service file ".*" not found', detail):
         return f"{detail}: {service_files()}"
     if is_unreachable(exc):
-        return f"cannot reach the server at {where} ({detail}): start it, fix DATABASE_URL, or pass --wait SECONDS"
+        return f"cannot reach the server at {where} ({detail}): start it, fix DATABASE_URL, {retry}"
     return f"cannot connect to {where}: {detail}"
 
 
 def is_unreachable(exc):
     """Whether a failed connection is one --wait retries: no server (yet), or a silent one."""
     return isinstance(exc, ServerSilent) or any(sign in str(exc) for sign in UNREACHABLE_SIGNS)
+
+
+def effective_target(params):
+    """' (connected to host=h port=p dbname=d user=u)', as libpq resolved them (DATABASE_URL,
+    then the PG* variables, a service file, the defaults), where that is not what params
+    name; '' where it is."""
+    info = database.connection().info
+    used = {"host": info.host, "port": str(info.port), "dbname": info.dbname, "user": info.user}
+    if all(str(params.get(name, "")) == value for name, value in used.items()):
+        return ""
+    return f" (connected to {make_dsn(**used)})"
 
 
 def server_words(params):

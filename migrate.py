@@ -58,7 +58,9 @@ from apply import (
     Planner,
     in_lock_order,
     migrate,
+    ongoing,
     plan_with_retries,
+    planned,
     progress,
     script,
     state_words,
@@ -74,6 +76,7 @@ from connection import (
     connection_failure,
     connection_params,
     describe,
+    effective_target,
     signals_received,
     text_limits,
     wait,
@@ -88,7 +91,8 @@ DEFAULT_PROGRESS = 10.0  # seconds between progress lines of a long statement
 MINIMUM_SERVER_VERSION = 120000  # pg_stat_progress_create_index, attgenerated
 # PostgreSQL's timeouts are int milliseconds; --wait gets a day.
 MAX_TIMEOUT, MAX_WAIT = 2_147_483.647, 86_400.0
-JSON_FORMAT_VERSION = 1
+JSON_FORMAT_VERSION = 2  # 2: description in the planned wording, logged_when_done added
+documented = {"written": False}  # --format json: stdout holds its one document already
 
 log = logging.getLogger("migrate")
 
@@ -180,6 +184,19 @@ def parse_args(argv):
         " checks on existing tables then block writes while they scan",
     )
     stage.add_argument(
+        "--pre-deploy",
+        action="store_true",
+        help="before a rollout: make only what the application needs to run correctly (tables,"
+        " columns, NOT VALID foreign keys, unique indexes built online, the default partition);"
+        " exit 2 while any of it is missing (OPERATING.md)",
+    )
+    stage.add_argument(
+        "--post-deploy",
+        action="store_true",
+        help="after a rollout, as a job: the rest (index builds, validations, partition upkeep),"
+        " which is what a plain run does; a later run resumes what a stopped one left",
+    )
+    stage.add_argument(
         "--concurrently",
         action="store_true",
         help="the default (indexes and foreign key checks on existing tables run online);"
@@ -226,6 +243,13 @@ def parse_args(argv):
         " document on stdout",
     )
     parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="for cron: nothing on stderr when there was nothing to do, one summary line when"
+        " there was; errors stay one line",
+    )
+    parser.add_argument(
         "-v", "--verbose", action="store_true", help="print the traceback of an unexpected error"
     )
     parser.wants_json = requested_format(sys.argv[1:] if argv is None else list(argv)) == "json"
@@ -233,10 +257,11 @@ def parse_args(argv):
     if args.format == "json" and not (args.check or args.dry_run):
         parser.error("--format json goes with --check or --dry-run")
     if args.retain_request_logs is not None and (
-        args.check or args.sql or args.partition_request_logs
+        args.check or args.sql or args.partition_request_logs or args.pre_deploy
     ):
         parser.error(
-            "--retain-request-logs goes alone or with --dry-run (--check ignores retention)"
+            "--retain-request-logs goes alone (with upkeep), with --post-deploy or with --dry-run"
+            " (--check ignores retention)"
         )
     return args
 
@@ -320,6 +345,14 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+SUMMARY = {"summary": True}  # extra= of the lines --quiet keeps
+
+
+def quiet_filter(record):
+    """--quiet: errors, and the summary of a run that did something."""
+    return record.levelno >= logging.ERROR or getattr(record, "summary", False)
+
+
 def setup_logging():
     # A closed stderr (2>&-) is None: main refuses to run then (exit 2).
     handler = LineHandler(sys.stderr or open(os.devnull, "w"))  # noqa: SIM115 -- lives as long as the process
@@ -345,6 +378,8 @@ def check_status(plan):
 def run_command(args):
     """The command that makes what --check or --dry-run listed."""
     words = ["python migrate.py"]
+    if args.pre_deploy or args.post_deploy:
+        words.append("--pre-deploy" if args.pre_deploy else "--post-deploy")
     if args.partition_request_logs:
         words.append("--partition-request-logs")
     if args.retain_request_logs is not None:
@@ -352,7 +387,7 @@ def run_command(args):
     return " ".join(words)
 
 
-def summary(plan, status, started, command="python migrate.py", retain_days=None):
+def summary(plan, status, started, command="python migrate.py", retain_days=None, deferred=0):
     """The last line of --check and --dry-run: what is left, and what to run."""
     changes = plural(len(plan.pending) + len(plan.in_progress), "change")
     drifts = plural(len(plan.drift), "drift")
@@ -366,6 +401,11 @@ def summary(plan, status, started, command="python migrate.py", retain_days=None
         return f"{changes} pending, {drifts} ({elapsed(started)}): run {command} to make them"
     if retain_days is not None and not plan.pending:
         return f"nothing older than {plural(retain_days, 'day')} to remove ({elapsed(started)})"
+    if deferred:
+        return (
+            f"the application's needs are met ({elapsed(started)}); {plural(deferred, 'change')}"
+            " left for python migrate.py --post-deploy"
+        )
     if status == EXIT_DRIFT:
         return (
             f"nothing for a run to add; {drifts} left alone ({elapsed(started)}):"
@@ -409,25 +449,59 @@ def log_leftovers(plan):
         log.info("not in the models, left alone: %s", describe_unknown(item))
 
 
-def log_retention(done, started, days):
-    if done:
-        log.info("done: %s in %s", plural(len(done), "statement"), elapsed(started))
-    else:
-        log.info("nothing older than %s to remove (%s)", plural(days, "day"), elapsed(started))
-
-
-def log_run(plan, done, started):
+def log_run(plan, done, started, retain_days=None):
     """After apply has logged each statement as it took effect: what is left, and the summary."""
     log_leftovers(plan)
+    log_deferred()
     drift = (
         f"; up to date except {plural(len(plan.drift), 'drift')} listed above" if plan.drift else ""
     )
+    removed = sum(1 for statement in done if statement.removes)
     if done:
-        log.info("done: %s in %s%s", plural(len(done), "statement"), elapsed(started), drift)
+        what = f", {removed} of them removing old logs" if retain_days and removed else ""
+        log.info(
+            "done: %s%s in %s%s",
+            plural(len(done), "statement"),
+            what,
+            elapsed(started),
+            drift,
+            extra=SUMMARY,
+        )
+    elif retain_days is not None:
+        log.info(
+            "nothing older than %s to remove, and nothing to add (%s)%s",
+            plural(retain_days, "day"),
+            elapsed(started),
+            drift,
+        )
     elif drift:
         log.info("nothing to add (%s)%s", elapsed(started), drift)
     else:
         log.info("schema is up to date (%s)", elapsed(started))
+
+
+def log_deferred():
+    """--pre-deploy: what it left for --post-deploy."""
+    deferred = [s for s in progress.get("deferred") or [] if s.description]
+    if deferred:
+        names = ", ".join(ongoing(statement) for statement in deferred[:3])
+        more = f" and {len(deferred) - 3} more" if len(deferred) > 3 else ""
+        log.info(
+            "left for python migrate.py --post-deploy: %s (%s%s)",
+            plural(len(deferred), "statement"),
+            names,
+            more,
+        )
+
+
+def refuse_missing_needs(plan):
+    """--pre-deploy never ends 0 while the application lacks something it needs."""
+    if plan.pending or plan.in_progress:
+        first = plan.in_progress[0] if plan.in_progress else ongoing(plan.pending[0])
+        raise MigrationError(
+            f"the application's needs are not all met yet: {first}; {state_words()}: rerun"
+            " python migrate.py --pre-deploy before the rollout"
+        )
 
 
 # --- JSON -----------------------------------------------------------------------------------
@@ -449,7 +523,8 @@ def plan_document(plan, args, params, status):
             {
                 "stage": stage,
                 "sql": statement.sql,
-                "description": statement.description,
+                "description": planned(statement),
+                "logged_when_done": statement.description,
                 "tables": list(statement.tables),
                 "lock": lock_name(statement.hazard.lock) if statement.hazard.lock else None,
                 "blocks": statement.hazard.blocks,
@@ -473,6 +548,10 @@ def plan_document(plan, args, params, status):
         ],
         "blocked": [{"problem": b.reason, "sql": b.steps} for b in plan.blocked],
         "in_progress": plan.in_progress,
+        "deferred": [  # --pre-deploy: what it leaves for --post-deploy
+            {"sql": statement.sql, "description": planned(statement)}
+            for statement in progress.get("deferred") or []
+        ],
         "unknown": [
             {"kind": u.kind, "table": u.table, "name": u.name, "shown": describe_unknown(u)}
             for u in plan.unknown
@@ -481,12 +560,12 @@ def plan_document(plan, args, params, status):
     }
 
 
-def error_document(line):
-    """--format json on an error: a document that says so, so that tooling reading stdout
-    never parses an empty one."""
+def error_document(line, status=EXIT_ERROR):
+    """--format json on an error or a signal: a document that says so, so that tooling reading
+    stdout never parses an empty one."""
     try:
         document = {"format": "migrate.py plan", "version": JSON_FORMAT_VERSION, "error": line}
-        write_out(json.dumps({**document, "exit": EXIT_ERROR}, indent=2) + "\n")
+        write_out(json.dumps({**document, "exit": status}, indent=2) + "\n")
     except OutputError:
         pass  # stdout is gone: stderr has said it
 
@@ -582,36 +661,60 @@ def run(args, started):
     url = os.environ.get("DATABASE_URL")
     params = connection_params(DEFAULT_DATABASE_URL if url is None else url)
     default = " (the default: DATABASE_URL is not set)" if url is None else ""
-    log.info("database %s%s", describe(params), default)
     watch_queries(args.progress)
-    connect(params, args.wait, log)
+    try:
+        connect(params, args.wait, log)
+    except MigrationError as exc:
+        if url is None:
+            raise MigrationError(
+                f"{exc} (DATABASE_URL is not set: the default was tried)"
+            ) from None
+        raise
+    # After connecting: libpq alone knows what PGHOST, PGUSER, a service file made of it.
+    log.info("database %s%s%s", describe(params), effective_target(params), default)
     refuse_old_server()
     target = target_schema()
     progress["schema"] = target.name
     log.info(describe_target(target))
-    layout = {"partition": args.partition_request_logs, "retain_days": args.retain_request_logs}
+    layout = {
+        "partition": args.partition_request_logs,
+        "retain_days": args.retain_request_logs,
+        "pre_deploy": args.pre_deploy,
+    }
     if args.check or args.dry_run:
         planner = Planner(args.atomic, **layout)
         plan = plan_with_retries(target, planner, Budget(args.lock_timeout))
         status = check_status(plan) if args.check else (EXIT_ERROR if plan.blocked else EXIT_OK)
+        progress["deferred"] = planner.deferred
         if args.format == "json":
             write_out(json.dumps(plan_document(plan, args, params, status), indent=2) + "\n")
+            documented["written"] = True
         else:
             write_out(text_report(plan, args))
         if args.dry_run:
             log_leftovers(plan)
             if not plan.pending and not plan.blocked:
                 log.info("nothing to do: the run would send no statement")
+        log_deferred()
         line = summary(
-            plan, check_status(plan), started, run_command(args), args.retain_request_logs
+            plan,
+            check_status(plan),
+            started,
+            run_command(args),
+            args.retain_request_logs,
+            len(planner.deferred),
         )
-        (log.error if line.startswith("error: ") else log.info)("%s", line)
+        if line.startswith("error: "):
+            log.error("%s", line)
+        else:
+            log.info("%s", line, extra=SUMMARY if check_status(plan) != EXIT_OK else None)
         return status
     plan, done = migrate(target, args.atomic, args.lock_timeout, args.statement_timeout, **layout)
-    if args.retain_request_logs is not None:
-        log_retention(done, started, args.retain_request_logs)
-    else:
-        log_run(plan, done, started)
+    if args.pre_deploy:  # read again: the catalog, not the plan the run began with, decides
+        refuse_missing_needs(
+            plan_with_retries(target, Planner(**layout), Budget(args.lock_timeout))
+        )
+    log_run(plan, done, started, args.retain_request_logs)
     return EXIT_OK
 
 
@@ -630,6 +733,10 @@ def main(argv=None):
     except OutputError as exc:  # --help into a closed or full stdout
         log.error("error: cannot write the output (%s)", exc)
         return EXIT_ERROR
+    documented["written"] = False
+    if args.quiet:
+        for handler in log.handlers:
+            handler.addFilter(quiet_filter)
     psycopg2.extensions.set_wait_callback(wait)
     for signum in EXIT_SIGNAL:
         signal.signal(signum, on_signal)
@@ -643,13 +750,17 @@ def main(argv=None):
         if isinstance(exc, SystemExit):
             raise
         if signals_received or isinstance(exc, KeyboardInterrupt):
-            log.error("error: %s", interrupted_line())
-            return EXIT_SIGNAL[signals_received[0] if signals_received else signal.SIGINT]
+            line = interrupted_line()
+            log.error("error: %s", line)
+            status = EXIT_SIGNAL[signals_received[0] if signals_received else signal.SIGINT]
+            if args.format == "json" and not documented["written"]:
+                error_document(line, status)
+            return status
         if args.verbose and not isinstance(exc, MigrationError):
             log.error("traceback of the error below:", exc_info=exc)
         log.error("error: %s", error_line(exc))
         status = EXIT_ERROR
-        if args.format == "json" and not isinstance(exc, OutputError):
+        if args.format == "json" and not isinstance(exc, OutputError) and not documented["written"]:
             error_document(error_line(exc))
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -76,7 +76,11 @@ DROP_INDEX_CONCURRENTLY = Hazard(
 INSTANT_ALTER = "instant; ACCESS EXCLUSIVE on {table} (blocks reads and writes) until COMMIT"
 REWRITE = "rewrites {table} under ACCESS EXCLUSIVE (blocks reads and writes for the whole rewrite)"
 SCAN_UNDER_LOCK = "scans {table} under ACCESS EXCLUSIVE (blocks reads and writes for the scan)"
-ONLINE_INDEX = "builds online (CREATE INDEX CONCURRENTLY blocks no writer), then swaps the index"
+ONLINE_INDEX = (
+    "builds online under SHARE UPDATE EXCLUSIVE (CREATE INDEX CONCURRENTLY blocks no writer),"
+    " then swaps the index: DROP INDEX CONCURRENTLY and the rename take SHARE UPDATE EXCLUSIVE"
+    " too (block no writer)"
+)
 
 
 def lock_name(mode):
@@ -886,7 +890,12 @@ def plan_foreign_keys(model, snapshot, drift, later):
                 add + " NOT VALID",
                 validate.sql,
             ]
-            cost = "instant, then VALIDATE scans online; SHARE ROW EXCLUSIVE on both tables until COMMIT"
+            cost = (
+                f"instant: DROP CONSTRAINT takes ACCESS EXCLUSIVE on {table} and {rel_table}"
+                " (blocks reads and writes), ADD ... NOT VALID SHARE ROW EXCLUSIVE on both"
+                f" (blocks writes), until COMMIT; then VALIDATE scans {table} online under"
+                " SHARE UPDATE EXCLUSIVE (blocks no writer)"
+            )
             drift.append(Drift(problem, fix, True, cost, key))
         elif named and not named.enforced:
             drift.append(
@@ -1164,7 +1173,9 @@ def unique_constraint_drift(model, index, constraint):
             sql_text("ALTER TABLE", Entity(table), "DROP CONSTRAINT", Entity(constraint.name)),
         ],
         True,
-        ONLINE_INDEX,
+        f"builds online under SHARE UPDATE EXCLUSIVE (CREATE INDEX CONCURRENTLY blocks no"
+        f" writer); then DROP CONSTRAINT, instant, takes ACCESS EXCLUSIVE on {table} (blocks"
+        " reads and writes) until COMMIT",
         ("index", table, index._name),
     )
 

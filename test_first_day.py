@@ -32,7 +32,7 @@ def test_json_check_is_one_document_with_the_plan_and_the_same_exit_code(migrate
 
     assert result.returncode == text.returncode == migrate.EXIT_PENDING
     document = json.loads(result.stdout)
-    assert document["format"] == "migrate.py plan" and document["version"] == 1
+    assert document["format"] == "migrate.py plan" and document["version"] == 2
     assert document["schema"]["name"] == "public"
     assert [(p["stage"], p["sql"]) for p in document["pending"]] == [
         ("transaction", 'ALTER TABLE "users" ADD COLUMN IF NOT EXISTS "last_sign_in" TIMESTAMPTZ'),

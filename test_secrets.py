@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from psycopg2.extensions import make_dsn
 
 from conftest import assert_clean_failure, error_line, run_migrate
-from connection import MigrationError, connection_params, describe
+from connection import DEFAULT_DATABASE_URL, MigrationError, connection_params, describe
 
 RARE = "~^!€"
 # Mostly what URLs and connection strings give a meaning to, then anything else.
@@ -134,10 +134,8 @@ def test_a_short_password_masks_the_password_and_nothing_else():
 
 
 def test_the_default_password_does_not_hide_the_user_of_the_same_name():
-    result = run_migrate(None, "--dry-run")
-    assert result.stderr.splitlines()[0] == (
-        "migrate: database user=postgres password=*** dbname=api_aggregator host=localhost"
-        " port=5432 sslmode=disable (the default: DATABASE_URL is not set)"
+    assert describe(connection_params(DEFAULT_DATABASE_URL)) == (
+        "user=postgres password=*** dbname=api_aggregator host=localhost port=5432 sslmode=disable"
     )
 
 
