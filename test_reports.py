@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg2 import sql
 
+import catalog
 import migrate
 from conftest import (
     assert_clean_failure,
@@ -532,3 +533,61 @@ def test_a_usage_error_after_text_won_over_json_is_no_document():
     result = run_migrate("dbname=x", "--check", "--format", "json", "--format", "text", "--bogus")
     assert result.returncode == migrate.EXIT_ERROR
     assert result.stdout == ""
+
+
+# --- Every character a terminal interprets is escaped ------------------------------------------
+
+# What a terminal acts on rather than shows: a name holding one could recolour, move the
+# cursor, rewrite what an operator reads (ESC [, CSI), reorder it (bidi overrides) or split
+# it (line and paragraph separators, NEL).
+TERMINAL_CLASSES = {
+    "C0 controls and DEL": [chr(code) for code in range(0x01, 0x20)] + ["\x7f"],
+    "C1 controls": [chr(code) for code in range(0x80, 0xA0)],
+    "bidirectional controls": [chr(code) for code in range(0x202A, 0x202F)]
+    + [chr(code) for code in range(0x2066, 0x206A)]
+    + ["\u200e", "\u200f", "\u061c"],
+    "line and paragraph separators": ["\u2028", "\u2029"],
+}
+# A name per class within PostgreSQL's 63 bytes: its ends and the characters known to be used
+# in attacks (ESC of a CSI sequence, NEL, RLO, FSI).
+TERMINAL_NAMES = {
+    "C0 controls and DEL": "a\x01\x07\x08\x1b[2J\x1b]0;x\x07\x1f\x7fz",
+    "C1 controls": "a\x80\x85\x9b2J\x9d\x9fz",
+    "bidirectional controls": "a" + "".join(TERMINAL_CLASSES["bidirectional controls"]) + "z",
+    "line and paragraph separators": "a\u2028b\u2029z",
+}
+
+
+def escaped_form(char):
+    code = ord(char)
+    if char in "\n\r\t":
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}[char]
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+@pytest.mark.parametrize("kind", TERMINAL_CLASSES)
+def test_every_character_a_terminal_interprets_is_escaped_by_each_printer(kind):
+    for char in TERMINAL_CLASSES[kind]:
+        for printer in (catalog.shown, catalog.one_line):
+            assert printer(f"a{char}z") == f"a{escaped_form(char)}z", (kind, hex(ord(char)))
+        assert catalog.shown_name(f"a{char}z") == f'"a{escaped_form(char)}z"'
+
+
+@pytest.mark.parametrize("kind", TERMINAL_NAMES)
+def test_a_table_name_holding_terminal_controls_is_printed_escaped(migrated_db, kind):
+    name = TERMINAL_NAMES[kind]
+    migrated_db.rows(
+        sql.SQL("CREATE TABLE {} (id int)")
+        .format(sql.Identifier(name))
+        .as_string(migrated_db.connection)
+    )
+    run = run_migrate(migrated_db.url)
+    check = run_migrate(migrated_db.url, "--check")
+
+    escaped = "".join(
+        escaped_form(char) if char in TERMINAL_CLASSES[kind] else char for char in name
+    )
+    assert f'migrate: not in the models, left alone: table "{escaped}"' in run.stderr.splitlines()
+    assert f'--   table "{escaped}"' in check.stdout.splitlines()
+    for output in (run.stdout, run.stderr, check.stdout, check.stderr):
+        assert not set(output) & set(TERMINAL_CLASSES[kind]) - {"\n"}, ascii(output)
