@@ -13,6 +13,7 @@ import psycopg2
 import migrate
 from catalog import read_catalog, target_schema
 from conftest import (
+    BUDGET_BOUND,
     assert_clean_failure,
     catalog,
     error_line,
@@ -21,6 +22,7 @@ from conftest import (
     record_ddl,
     run_in_parallel,
     run_migrate,
+    run_migrate_timed,
 )
 from test_migrate import assert_contract_catalog
 
@@ -483,10 +485,12 @@ def test_lock_timeout_gives_up_naming_the_blocking_session_and_changes_nothing(m
     writer = open_write_transaction(migrated_db)
     writer_pid = writer.get_backend_pid()
     try:
-        result = run_migrate(migrated_db.url, "--atomic", "--lock-timeout", "0.5")
+        result, seconds = run_migrate_timed(migrated_db.url, "--atomic", "--lock-timeout", "0.5")
     finally:
         writer.rollback()
         writer.close()
+
+    assert seconds < BUDGET_BOUND, seconds
 
     assert_clean_failure(result, "request_logs stayed locked for the whole --lock-timeout of 0.5 s")
     assert f"pid {writer_pid} (" in result.stderr

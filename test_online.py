@@ -21,6 +21,7 @@ import pytest
 
 import apply
 from conftest import (
+    BUDGET_BOUND,
     HERE,
     assert_clean_failure,
     assert_no_advisory_lock_left,
@@ -30,6 +31,7 @@ from conftest import (
     record_ddl,
     run_in_parallel,
     run_migrate,
+    run_migrate_timed,
     wait_for_lock_wait,
 )
 from test_migrate import assert_contract_catalog
@@ -164,7 +166,8 @@ def test_a_reader_holding_the_table_past_the_budget_is_named_and_nothing_changes
     migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
     reader = session(migrated_db, "SELECT count(*) FROM users")
     try:
-        result = run_migrate(migrated_db.url, "--lock-timeout", "0.5")
+        result, seconds = run_migrate_timed(migrated_db.url, "--lock-timeout", "0.5")
+        assert seconds < BUDGET_BOUND, seconds
         assert_clean_failure(result, "users stayed locked for the whole --lock-timeout of 0.5 s")
         assert f"pid {reader.get_backend_pid()} (" in result.stderr
         assert "idle in transaction" in result.stderr
@@ -190,7 +193,8 @@ def test_no_op_run_beside_an_access_exclusive_holder_finishes_once_it_lets_go(
 def test_no_op_run_beside_an_access_exclusive_holder_fails_within_the_budget_naming_it(migrated_db):
     holder = session(migrated_db, "LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
     try:
-        result = run_migrate(migrated_db.url, "--lock-timeout", "0.5")
+        result, seconds = run_migrate_timed(migrated_db.url, "--lock-timeout", "0.5")
+        assert seconds < BUDGET_BOUND, seconds
         assert_clean_failure(result, "stayed locked for the whole --lock-timeout of 0.5 s")
         assert f"pid {holder.get_backend_pid()} (" in result.stderr
         assert "holds ACCESS EXCLUSIVE on api_keys" in result.stderr
@@ -214,7 +218,8 @@ def test_waiting_for_another_runs_migration_lock_ends_within_the_budget_naming_i
     migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
     other_run = session(migrated_db, f"SELECT pg_advisory_xact_lock({apply.MIGRATION_LOCK_KEY})")
     try:
-        result = run_migrate(migrated_db.url, "--lock-timeout", "0.5")
+        result, seconds = run_migrate_timed(migrated_db.url, "--lock-timeout", "0.5")
+        assert seconds < BUDGET_BOUND, seconds
         assert_clean_failure(result, "another migrate.py run held the migration lock")
         assert f"pid {other_run.get_backend_pid()} (" in result.stderr
         assert "waiting for the migration lock, held by pid" in result.stderr
@@ -288,6 +293,41 @@ def test_statement_timeout_option_stops_a_build_and_names_itself(migrated_db):
     result = run_migrate(migrated_db.url, "--statement-timeout", "0.001")
     assert_clean_failure(result, "ran longer than the --statement-timeout of 0.001 s")
     assert "raise --statement-timeout, or 0 for no limit" in result.stderr
+
+
+def index_is_valid(db, name):
+    return db.value(
+        "SELECT bool_or(indisvalid) FROM pg_index WHERE indexrelid::regclass::text = %s", name
+    )
+
+
+def test_an_online_build_waiting_for_an_open_writer_gives_up_within_the_lock_timeout(migrated_db):
+    migrated_db.rows("DROP INDEX idx_request_logs_model")
+    writer = open_write_transaction(migrated_db)
+    try:
+        result, seconds = run_migrate_timed(migrated_db.url, "--lock-timeout", "0.5")
+    finally:
+        writer.rollback()
+        writer.close()
+    assert seconds < BUDGET_BOUND, seconds
+    assert_clean_failure(result, "waited more than the --lock-timeout of 0.5 s")
+    assert not index_is_valid(migrated_db, "idx_request_logs_model")
+
+
+def test_statement_timeout_option_ends_a_waiting_build_within_its_time(migrated_db):
+    # With no lock budget the build waits for the open writer until statement_timeout ends it.
+    migrated_db.rows("DROP INDEX idx_request_logs_model")
+    writer = open_write_transaction(migrated_db)
+    try:
+        result, seconds = run_migrate_timed(
+            migrated_db.url, "--lock-timeout", "0", "--statement-timeout", "0.5"
+        )
+    finally:
+        writer.rollback()
+        writer.close()
+    assert seconds < BUDGET_BOUND, seconds
+    assert_clean_failure(result, "ran longer than the --statement-timeout of 0.5 s")
+    assert not index_is_valid(migrated_db, "idx_request_logs_model")
 
 
 # --- Hazards in --dry-run and --check, and squawk -----------------------------------------------
