@@ -6,6 +6,7 @@ batches; --check reports the layout's health; the Go backend's AutoMigrate sees 
 on a plain table.
 """
 
+import re
 import signal
 import threading
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ import pytest
 import migrate
 import partition
 from conftest import (
+    HERE,
     catalog,
     error_line,
     migrate_here,
@@ -26,6 +28,7 @@ from conftest import (
     scoped_name,
     wait_for_lock_wait,
 )
+from models import RequestLog
 from test_online import add_users_and_logs, session
 
 CONTRACT_LOG_INDEXES = sorted(
@@ -182,6 +185,7 @@ def test_conversion_under_inserts_keeps_every_row_id_and_foreign_key(migrated_db
 def test_foreign_keys_stay_enforced_on_every_partition_after_conversion(migrated_db, created_at):
     add_dated_logs(migrated_db, 10)
     assert run_migrate(migrated_db.url, "--partition-request-logs").returncode == 0
+    assert is_partitioned(migrated_db)
     with pytest.raises(psycopg2.errors.ForeignKeyViolation):
         migrated_db.rows(
             "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model,"
@@ -345,6 +349,52 @@ def test_each_plain_run_makes_the_next_months_partition_and_moves_its_rows_from_
     assert not plan.pending
 
 
+def months_covered_ahead(db, now):
+    """How many months from this one on a partition of request_logs covers, one after another."""
+    ranges = partition_ranges(db).values()
+    count = 0
+    while any(
+        (lower is None or lower <= month(now, count))
+        and (upper is None or month(now, count + 1) <= upper)
+        for lower, upper in ranges
+    ):
+        count += 1
+    return count
+
+
+def test_the_months_kept_ahead_are_the_number_the_operating_guide_states():
+    stated = re.search(r"`partition\.MONTHS_AHEAD` = (\d+)", (HERE / "OPERATING.md").read_text())
+    assert stated, "OPERATING.md states how many months upkeep keeps ready"
+    assert partition.MONTHS_AHEAD == int(stated[1]) >= 1
+
+
+def test_a_fresh_layout_and_a_conversion_cover_this_month_and_the_months_kept_ahead(empty_db):
+    now = datetime.now(UTC)
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    assert months_covered_ahead(empty_db, now) == partition.MONTHS_AHEAD + 1
+
+    empty_db.reset()
+    assert run_migrate(empty_db.url).returncode == 0
+    add_dated_logs(empty_db, 10)
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    assert is_partitioned(empty_db)
+    assert months_covered_ahead(empty_db, now) == partition.MONTHS_AHEAD + 1
+
+
+def test_a_plain_run_makes_every_month_kept_ahead_that_is_missing(empty_db):
+    now = datetime.now(UTC)
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    for offset in range(1, partition.MONTHS_AHEAD + 1):
+        name = partition.month_name(month(now, offset))
+        empty_db.rows(f"ALTER TABLE request_logs DETACH PARTITION {name}")
+        empty_db.rows(f"DROP TABLE {name}")
+    assert months_covered_ahead(empty_db, now) == 1
+
+    assert run_migrate(empty_db.url).returncode == 0
+
+    assert months_covered_ahead(empty_db, now) == partition.MONTHS_AHEAD + 1
+
+
 def test_check_reports_a_missing_partition_as_pending_and_dated_default_rows_as_drift(empty_db):
     now = datetime.now(UTC)
     assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
@@ -410,6 +460,33 @@ def test_retention_on_a_plain_table_deletes_in_batches_only_the_older_rows(migra
     assert result.returncode == 0, result.stderr
     assert "rows of request_logs older than" in result.stderr and ": 3 rows" in result.stderr
     assert migrated_db.value("SELECT count(*) FROM request_logs") == 3  # 1, 5 days and the NULL
+
+
+CUTOFF_PRINTED = re.compile(r"older than (\d{4}-\d\d-\d\d \d\d:\d\d) UTC")
+
+
+@pytest.mark.parametrize("days", [1, 30])
+def test_retention_deletes_a_row_a_minute_past_the_cutoff_and_keeps_one_a_minute_short(
+    migrated_db, days
+):
+    add_users_and_logs(migrated_db, logs=0)
+    # The cutoff is the clock at the run minus DAYS; the run takes well under a minute.
+    before = datetime.now(UTC)
+    for seconds in (60 + 1, -60):
+        migrated_db.rows(
+            INSERT_LOG.format(created_at="%s"), before - timedelta(days=days, seconds=seconds)
+        )
+    result = run_migrate(migrated_db.url, "--retain-request-logs", str(days))
+    after = datetime.now(UTC)
+
+    assert result.returncode == 0, result.stderr
+    kept = migrated_db.rows("SELECT created_at FROM request_logs")
+    assert kept == [(before - timedelta(days=days, seconds=-60),)]
+    printed = CUTOFF_PRINTED.search(result.stderr)
+    assert printed, result.stderr
+    cutoff = datetime.strptime(printed[1], "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
+    # Printed to the minute: within the minute of the clock at the run, minus DAYS.
+    assert before - timedelta(days=days, minutes=1) < cutoff <= after - timedelta(days=days)
 
 
 def test_retention_on_partitions_drops_whole_months_and_deletes_the_rest(empty_db):
@@ -543,6 +620,7 @@ def test_gorm_reads_the_same_request_logs_before_and_after_conversion(migrated_d
 
     assert run_migrate(migrated_db.url, "--partition-request-logs").returncode == 0
 
+    assert is_partitioned(migrated_db)
     assert gorm_reads(migrated_db) == plain
     assert plain["HasIndex"] == [(name,) for name in CONTRACT_LOG_INDEXES]
     assert not [row for row in plain["ColumnTypes"] if row[0] == "created_at" and not row[1]]
@@ -553,7 +631,10 @@ def test_gorm_reads_the_same_request_logs_on_a_fresh_partitioned_layout(empty_db
     plain = gorm_reads(empty_db)
     empty_db.reset()
     assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    assert is_partitioned(empty_db)
     assert gorm_reads(empty_db) == plain
+    assert plain["HasTable"] == [(1,)]
+    assert len(plain["ColumnTypes"]) == len(RequestLog._meta.sorted_fields)
 
 
 def test_a_plain_run_beside_a_converted_layout_changes_nothing(migrated_db):
