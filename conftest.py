@@ -22,8 +22,8 @@ helpers run migrate.py as an operator would, read the catalog, record DDL and
 hold write transactions open, for every test module.
 
 A test that needs a tool beyond Python and PostgreSQL skips with a reason
-starting "missing tool:" when the tool is absent (`needs_tool`,
-`skip_missing_tool`); with REQUIRE_TEST_TOOLS=1, as CI sets it, such a skip
+starting "missing tool:" when the tool is absent, through `skip_missing_tool`
+(or `skip_for` with a reason `missing_tool_reason` made); with REQUIRE_TEST_TOOLS=1, as CI sets it, such a skip
 is a failure, so CI cannot pass without running everything.
 """
 
@@ -129,15 +129,15 @@ def missing_tool_reason(tool, how_to_get_it):
     return f"{MISSING_TOOL}{tool} ({how_to_get_it})"
 
 
-def needs_tool(command, how_to_get_it):
-    """Mark a test that runs `command`: it skips, naming it, when the command is not on PATH."""
-    return pytest.mark.skipif(
-        shutil.which(command) is None, reason=missing_tool_reason(command, how_to_get_it)
-    )
-
-
 def skip_missing_tool(tool, how_to_get_it):
-    pytest.skip(missing_tool_reason(tool, how_to_get_it))
+    """Skip for a missing tool: the one way a test skips for one, which CI turns into a failure."""
+    skip_for(missing_tool_reason(tool, how_to_get_it))
+
+
+def skip_for(reason):
+    """Skip for a reason missing_tool_reason made (check_server_tools, a server's `unavailable`)."""
+    assert reason.startswith(MISSING_TOOL), reason
+    pytest.skip(reason)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -324,7 +324,7 @@ def throwaway_server(request):
     bin_folder = bin_folder or next(iter(folders.values()), None)
     problem = check_server_tools(bin_folder)
     if problem:
-        pytest.skip(problem)
+        skip_for(problem)
     server = ThrowawayServer(bin_folder)
     server.start()
     yield server
@@ -485,7 +485,7 @@ def pytest_generate_tests(metafunc):
 def pg_server(request):
     server = request.param
     if server.unavailable and server.unavailable.startswith(MISSING_TOOL):
-        pytest.skip(server.unavailable)
+        skip_for(server.unavailable)
     if server.unavailable:
         pytest.fail(f"PostgreSQL {server.major}: {server.unavailable}")
     return server

@@ -17,6 +17,7 @@ from conftest import (
     assert_clean_failure,
     catalog,
     error_line,
+    has_column,
     open_write_transaction,
     poll_until,
     record_ddl,
@@ -213,9 +214,13 @@ def test_check_on_a_legacy_database_reports_only_drift_and_exits_3(empty_db):
 
 def test_legacy_unique_constraints_and_foreign_keys_are_not_duplicated(empty_db):
     build_legacy(empty_db)
-    run_migrate(empty_db.url)
+    result = run_migrate(empty_db.url)
+    assert result.returncode == 0, result.stderr
     indexes = {name for _, name, _ in catalog(empty_db)["indexes"]}
     constraints = {name for _, name, _, _ in catalog(empty_db)["constraints"]}
+    # The run did its work beside them: what the legacy schema lacked is there.
+    assert "idx_request_logs_model_created" in indexes
+    assert has_column(empty_db, "users", "last_sign_in")
     assert "idx_users_username" not in indexes and "users_username_key" in indexes
     assert "fk_api_keys_user" not in constraints and "api_keys_user_id_fkey" in constraints
 

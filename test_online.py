@@ -32,6 +32,7 @@ from conftest import (
     run_in_parallel,
     run_migrate,
     run_migrate_timed,
+    skip_missing_tool,
     wait_for_lock_wait,
 )
 from test_migrate import assert_contract_catalog
@@ -400,7 +401,7 @@ def test_dry_run_output_on_a_live_database_is_squawk_clean(migrated_db, tmp_path
         "squawk", path=os.path.dirname(os.sys.executable)
     )
     if squawk is None:
-        pytest.skip("squawk not installed (pip install squawk-cli)")
+        skip_missing_tool("squawk", "pip install squawk-cli")
     break_three_ways(migrated_db)
     migrated_db.rows("DROP TABLE sign_in_records")
     script = tmp_path / "dry_run.sql"

@@ -207,6 +207,14 @@ def test_a_schema_name_that_needs_quoting_gets_the_schema_and_then_no_drift(
     database_setting("search_path", quoted)
     try:
         assert run_migrate(empty_db.url).returncode == 0
+        made = empty_db.rows(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY 1",
+            schema,
+        )
+        assert [name for (name,) in made] == sorted(TABLES)
+        assert not empty_db.rows(
+            "SELECT 1 FROM information_schema.tables WHERE table_schema = 'public'"
+        )
         check = run_migrate(empty_db.url, "--check")
         assert check.returncode == migrate.EXIT_OK, check.stdout + check.stderr
         assert check.stdout == ""
