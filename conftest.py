@@ -846,8 +846,10 @@ def database_setting(empty_db):
 
 
 @contextmanager
-def pgbouncer(db, pool_mode):
+def pgbouncer(db, pool_mode, round_robin=False):
     """pgbouncer in `pool_mode` in front of the test database; yields its DATABASE_URL.
+    round_robin: each transaction gets the idle server connection used longest ago (not the
+    last one), so consecutive transactions of one client reach different backends.
     Skips, naming it, where pgbouncer is not installed."""
     binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
     if binary is None:
@@ -862,6 +864,7 @@ def pgbouncer(db, pool_mode):
         f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n"
         f"unix_socket_dir =\nauth_type = trust\nauth_file = {folder}/users.txt\n"
         f"pool_mode = {pool_mode}\ndefault_pool_size = 4\nmax_client_conn = 100\n"
+        f"server_round_robin = {int(round_robin)}\n"
         f"logfile = {folder}/log\npidfile = {folder}/pid\n"
         "ignore_startup_parameters = extra_float_digits\n"
     )

@@ -25,6 +25,7 @@ from conftest import (
     HERE,
     assert_clean_failure,
     assert_no_advisory_lock_left,
+    error_line,
     has_column,
     open_write_transaction,
     pgbouncer,
@@ -443,7 +444,7 @@ def transaction_pooler(migrated_db):
         yield url
 
 
-def test_parallel_runs_through_a_transaction_pooler_leave_no_lock_and_say_why(
+def test_parallel_runs_through_a_transaction_pooler_leave_no_lock_and_any_refused_says_why(
     migrated_db, transaction_pooler
 ):
     add_users_and_logs(migrated_db, logs=20_000)
@@ -460,6 +461,25 @@ def test_parallel_runs_through_a_transaction_pooler_leave_no_lock_and_say_why(
     direct = run_migrate(migrated_db.url, "--lock-timeout", "5")
     assert direct.returncode == 0, direct.stderr
     assert_contract_catalog(migrated_db)
+
+
+def test_a_run_whose_statements_reach_different_backends_stops_saying_why(migrated_db):
+    migrated_db.rows("DROP INDEX idx_users_status")
+    with pgbouncer(migrated_db, "transaction", round_robin=True) as url:
+        # Three server connections in the pool: the migration lock pins one, and the run's
+        # transactions go round the other two.
+        clients = [psycopg2.connect(url) for _ in range(3)]
+        for client in clients:
+            client.cursor().execute("SELECT 1")
+        for client in clients:
+            client.commit()
+        result = run_migrate(url)
+        for client in clients:
+            client.close()
+    assert_clean_failure(result, "consecutive statements ran on different server backends")
+    assert "transaction pooler" in error_line(result) and "--atomic" in error_line(result)
+    assert not index_is_valid(migrated_db, "idx_users_status")
+    assert_no_advisory_lock_left(migrated_db)
 
 
 def test_atomic_runs_through_a_transaction_pooler_succeed(migrated_db, transaction_pooler):
