@@ -36,6 +36,7 @@ from conftest import (
     skip_for,
     wait_for_lock_wait,
 )
+from test_migrate import assert_contract_catalog
 from test_online import accepts_connections, add_users_and_logs, session, transaction_pooler  # noqa: F401
 
 # --- Servers and paths that stop answering -------------------------------------------------
@@ -613,7 +614,7 @@ def test_a_role_statement_timeout_of_a_few_milliseconds_does_not_stop_the_run(
 ):
     result = run_migrate(empty_db.url, PGOPTIONS=f"-c statement_timeout={milliseconds}")
     assert result.returncode == 0, result.stderr
-    assert run_migrate(empty_db.url, "--check").returncode == migrate.EXIT_OK
+    assert_contract_catalog(empty_db)
 
 
 def test_a_fix_naming_bytes_of_a_sql_ascii_database_is_commented_out(empty_db):

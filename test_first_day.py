@@ -257,6 +257,9 @@ def test_a_connection_of_the_probe_never_keeps_the_run_waiting_for_itself(migrat
     migrated_db.rows("DROP INDEX idx_request_logs_model")
     result = run_migrate(migrated_db.url, "--progress", "0.2", "--lock-timeout", "10")
     assert result.returncode == 0, result.stderr
+    assert migrated_db.value(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx_request_logs_model'::regclass"
+    )
     poll_until(
         "migrate.py's sessions of this database to end",
         lambda: (

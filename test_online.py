@@ -233,6 +233,7 @@ def test_waiting_for_another_runs_migration_lock_ends_within_the_budget_naming_i
 def test_a_run_leaves_no_advisory_lock_behind(migrated_db):
     migrated_db.rows("DROP INDEX idx_users_status")
     assert run_migrate(migrated_db.url).returncode == 0
+    assert index_is_valid(migrated_db, "idx_users_status")
     assert_no_advisory_lock_left(migrated_db)
 
 
@@ -503,16 +504,21 @@ def test_a_repeatable_read_default_does_not_make_the_run_wait_for_itself(migrate
     assert "migrate: created index idx_users_status" in result.stderr
 
 
-def test_another_applications_locked_table_does_not_hold_up_a_no_op_run(migrated_db):
+def test_another_applications_locked_table_holds_up_neither_a_run_nor_check(migrated_db):
     migrated_db.rows("CREATE TABLE audit_trail (id int PRIMARY KEY, note text)")
+    migrated_db.rows("DROP INDEX idx_users_status")
     holder = session(migrated_db, "LOCK TABLE audit_trail IN ACCESS EXCLUSIVE MODE")
     try:
+        pending = run_migrate(migrated_db.url, "--check", "--lock-timeout", "0.5")
         result = run_migrate(migrated_db.url, "--lock-timeout", "0.5")
         check = run_migrate(migrated_db.url, "--check", "--lock-timeout", "0.5")
     finally:
         holder.rollback()
         holder.close()
+    assert pending.returncode == 1, pending.stderr
+    assert "idx_users_status" in pending.stdout
     assert result.returncode == 0, result.stderr
+    assert index_is_valid(migrated_db, "idx_users_status")
     assert check.returncode == 0, check.stderr
 
 

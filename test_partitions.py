@@ -242,12 +242,16 @@ def test_a_check_named_like_a_bound_of_no_real_month_is_not_taken_for_one(migrat
         result = run_migrate(migrated_db.url, *args)
         assert "unexpected" not in result.stderr
         assert result.returncode in (migrate.EXIT_OK, migrate.EXIT_DRIFT), result.stderr
+    # Not a bound of a conversion under way: the dry run plans the conversion from its start.
+    assert "PARTITION BY RANGE" in result.stdout
 
 
 def test_a_plain_run_keeps_the_catalog_gorms_without_the_flag(migrated_db):
     add_dated_logs(migrated_db, 10)
+    migrated_db.rows("DROP INDEX idx_request_logs_model")  # work for the run beside the table
     assert run_migrate(migrated_db.url).returncode == 0
     assert not is_partitioned(migrated_db)
+    assert "idx_request_logs_model" in log_indexes(migrated_db)
 
 
 def conversion_state(db, step):
@@ -520,6 +524,28 @@ def test_retention_on_partitions_drops_whole_months_and_deletes_the_rest(empty_d
         "SELECT extract(day FROM now() - created_at)::int FROM request_logs ORDER BY 1"
     )
     assert [age for (age,) in ages] == [0, 20, 45]
+
+
+def test_retention_drops_a_month_only_once_its_end_is_past_the_cutoff(empty_db):
+    now = datetime.now(UTC)
+    migrate_here(empty_db.params, partition=True, now=now - timedelta(days=62))
+    migrate_here(empty_db.params, now=now - timedelta(days=31))
+    empty_db.rows("INSERT INTO users (username, email, password_hash) VALUES ('u', 'e', 'h')")
+    empty_db.rows("INSERT INTO api_keys (user_id, key, name) SELECT id, 'k', 'n' FROM users")
+    end = month(now, -1)  # the end of the month before last, a partition of its own
+    older = partition.month_name(month(now, -2))
+    for moment in (end - timedelta(minutes=2), end - timedelta(seconds=30)):
+        empty_db.rows(INSERT_LOG.format(created_at="%s"), moment)
+
+    # The cutoff a minute before the month's end: its rows before the cutoff go, the month stays.
+    migrate_here(empty_db.params, retain_days=1, now=end + timedelta(days=1, minutes=-1))
+    assert older in partition_ranges(empty_db)
+    assert empty_db.rows("SELECT created_at FROM request_logs") == [(end - timedelta(seconds=30),)]
+
+    # The cutoff a minute after it: the whole month goes.
+    migrate_here(empty_db.params, retain_days=1, now=end + timedelta(days=1, minutes=1))
+    assert older not in partition_ranges(empty_db)
+    assert empty_db.value("SELECT count(*) FROM request_logs") == 0
 
 
 def partition_ranges(db):
