@@ -29,6 +29,7 @@ from conftest import (
     has_column,
     open_write_transaction,
     pgbouncer,
+    poll_until,
     record_ddl,
     run_in_parallel,
     run_migrate,
@@ -150,14 +151,15 @@ def test_foreign_key_whose_rows_do_not_match_fails_online_and_stays_not_valid(mi
 # --- Lock waits: short attempts within a budget, then the blocker named ----------------
 
 
+@pytest.mark.parametrize("budget", ["60", "0"])  # 0: no limit
 def test_a_waiting_alter_retries_until_a_long_reader_ends_and_then_succeeds(
-    migrated_db, start_migrate
+    migrated_db, start_migrate, budget
 ):
     migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
     reader = session(migrated_db, "SELECT count(*) FROM users")
 
     status, _, stderr = run_until_it_waits_then_end(
-        start_migrate, migrated_db, reader, "users", "--lock-timeout", "60"
+        start_migrate, migrated_db, reader, "users", "--lock-timeout", budget
     )
 
     assert status == 0, stderr
@@ -228,6 +230,31 @@ def test_waiting_for_another_runs_migration_lock_ends_within_the_budget_naming_i
     finally:
         other_run.rollback()
         other_run.close()
+
+
+def test_with_no_lock_budget_a_run_waits_for_another_runs_migration_lock(
+    migrated_db, start_migrate
+):
+    migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
+    other_run = session(migrated_db, f"SELECT pg_advisory_xact_lock({apply.MIGRATION_LOCK_KEY})")
+    try:
+        run = start_migrate(migrated_db.url, "--lock-timeout", "0")
+        poll_until(
+            "migrate.py has waited a second for the migration lock, or ended",
+            lambda: (
+                run.poll() is not None
+                or migrated_db.value(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'migrate.py'"
+                    " AND datname = current_database() AND now() - backend_start > interval '1 s'"
+                )
+            ),
+        )
+    finally:
+        other_run.rollback()
+        other_run.close()
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 0, stderr
+    assert has_column(migrated_db, "users", "last_sign_in")
 
 
 def test_a_run_leaves_no_advisory_lock_behind(migrated_db):
@@ -315,6 +342,33 @@ def test_an_online_build_waiting_for_an_open_writer_gives_up_within_the_lock_tim
     assert seconds < BUDGET_BOUND, seconds
     assert_clean_failure(result, "waited more than the --lock-timeout of 0.5 s")
     assert not index_is_valid(migrated_db, "idx_request_logs_model")
+
+
+def test_a_build_that_waits_two_seconds_finishes_within_budgets_of_ten(migrated_db, start_migrate):
+    # Both budgets are what the statement gets on the server: one ten times too short fails.
+    migrated_db.rows("DROP INDEX idx_request_logs_model")
+    writer = open_write_transaction(migrated_db)
+    run = start_migrate(
+        migrated_db.url, "--lock-timeout", "10", "--statement-timeout", "10", "--progress", "0"
+    )
+    try:
+        pid = wait_for_lock_wait(
+            migrated_db, "the build waits for the writer", run=run, locktype="virtualxid"
+        )
+        poll_until(
+            "the build has waited two seconds",
+            lambda: migrated_db.value(
+                "SELECT now() - state_change > interval '2 s' AND wait_event_type = 'Lock'"
+                " FROM pg_stat_activity WHERE pid = %s",
+                pid,
+            ),
+        )
+    finally:
+        writer.rollback()
+        writer.close()
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 0, stderr
+    assert index_is_valid(migrated_db, "idx_request_logs_model")
 
 
 def test_statement_timeout_option_ends_a_waiting_build_within_its_time(migrated_db):

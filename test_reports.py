@@ -611,3 +611,26 @@ def test_a_backslash_is_doubled_so_that_a_name_cannot_forge_an_escape(migrated_d
     migrated_db.rows('CREATE TABLE "x\\ny" (id int)')
     result = run_migrate(migrated_db.url)
     assert 'migrate: not in the models, left alone: table "x\\\\ny"' in result.stderr.splitlines()
+
+
+@pytest.mark.parametrize("name", ["my app", "Upper", "1st", "a-b", 'q"uote', "é"])
+def test_a_name_sql_would_quote_is_printed_quoted(migrated_db, name):
+    expected = '"' + name.replace('"', '""') + '"'
+    assert catalog.shown_name(name) == expected
+    migrated_db.rows(
+        sql.SQL("CREATE TABLE {} (id int)")
+        .format(sql.Identifier(name))
+        .as_string(migrated_db.connection)
+    )
+    result = run_migrate(migrated_db.url)
+    assert f"migrate: not in the models, left alone: table {expected}" in result.stderr.splitlines()
+
+
+def test_names_are_printed_in_ascii_escapes_where_the_output_is_not_utf8(migrated_db):
+    migrated_db.rows('CREATE TABLE "café" (id int)')
+    migrated_db.rows('CREATE TABLE "日本" (id int)')
+    result = run_migrate(migrated_db.url, PYTHONIOENCODING="ascii")
+    lines = result.stderr.splitlines()
+    assert 'migrate: not in the models, left alone: table "caf\\u00e9"' in lines
+    assert 'migrate: not in the models, left alone: table "\\u65e5\\u672c"' in lines
+    assert result.stderr.isascii()
