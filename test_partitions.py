@@ -14,8 +14,10 @@ from datetime import UTC, datetime, timedelta
 import psycopg2
 import pytest
 
+import apply
 import migrate
 import partition
+from catalog import target_schema
 from conftest import (
     HERE,
     catalog,
@@ -825,6 +827,23 @@ def test_upkeep_ahead_of_a_month_whose_rows_already_arrive_fails_no_insert(empty
 
     assert [o for o in outcomes if isinstance(o, Exception)] == []
     assert empty_db.value("SELECT count(*) FROM ONLY request_logs_default") == 0
+
+
+@pytest.mark.parametrize(("hours_before", "locks"), [(12, True), (72, False)])
+def test_upkeep_holds_inserts_for_a_month_that_begins_within_a_day_of_skewed_clocks(
+    empty_db, hours_before, locks
+):
+    now = datetime.now(UTC)
+    following = month(now, 1)
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    empty_db.rows(f"DROP TABLE {partition.month_name(following)}")  # no row in default
+
+    migrate.connect(empty_db.params)
+    plan = apply.Planner(now=following - timedelta(hours=hours_before)).read(target_schema())
+
+    attach = next(s for s in plan.steps if s.name == f"attach {partition.month_name(following)}")
+    lock = 'LOCK TABLE "request_logs" IN SHARE MODE'
+    assert (lock in [statement.sql for statement in attach.statements]) == locks
 
 
 def test_conversion_carries_grants_owner_and_checks_to_the_partitioned_table(migrated_db):
