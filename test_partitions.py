@@ -1010,3 +1010,25 @@ def test_a_partition_named_with_a_newline_neither_splits_lines_nor_runs_in_psql(
     assert run.returncode == 0, run.stderr
     assert stderr_lines_are_all_ours(run) and stderr_lines_are_all_ours(check)
     assert 'dropped partition "old\\nDROP TABLE sign_in_records;--"' in run.stderr
+
+
+def test_rows_deleted_from_a_partition_named_with_a_newline_are_reported_on_one_line(empty_db):
+    from test_reports import stderr_lines_are_all_ours
+
+    now = datetime.now(UTC)
+    run_migrate(empty_db.url, "--partition-request-logs")
+    add_users_and_logs(empty_db, logs=0)
+    empty_db.rows(
+        f"CREATE TABLE {quoted(HOSTILE_PARTITION)} PARTITION OF request_logs"
+        " FOR VALUES FROM ('2020-01-01 00:00+00') TO (%s)",
+        month(now),
+    )
+    for created_at in ("'2020-01-05 00:00+00'", f"'{month(now) - timedelta(days=1)}'"):
+        empty_db.rows(INSERT_LOG.format(created_at=created_at))
+
+    run = run_migrate(empty_db.url, "--retain-request-logs", "45")
+
+    assert run.returncode == 0, run.stderr
+    assert stderr_lines_are_all_ours(run), run.stderr
+    assert 'deleted the rows of "old\\nDROP TABLE sign_in_records;--" older than' in run.stderr
+    assert empty_db.value("SELECT count(*) FROM request_logs") == 1
