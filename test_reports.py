@@ -21,6 +21,7 @@ from psycopg2 import sql
 
 import catalog
 import migrate
+import plan
 from conftest import (
     assert_clean_failure,
     bind_models,
@@ -634,3 +635,12 @@ def test_names_are_printed_in_ascii_escapes_where_the_output_is_not_utf8(migrate
     assert 'migrate: not in the models, left alone: table "caf\\u00e9"' in lines
     assert 'migrate: not in the models, left alone: table "\\u65e5\\u672c"' in lines
     assert result.stderr.isascii()
+
+
+@pytest.mark.parametrize("kind", TERMINAL_CLASSES)
+def test_printed_sql_writes_terminal_controls_in_postgresql_escapes(migrated_db, kind):
+    chars = "".join(char for char in TERMINAL_CLASSES[kind] if char != "\x00")
+    statement = plan.one_line_sql(f"SELECT 'a{chars}z' AS \"b{chars}y\"")
+    assert statement.isprintable() and statement.isascii(), ascii(statement)
+    # What psql would run is what was meant: the same text back from the server.
+    assert migrated_db.rows(statement) == [("a" + chars + "z",)]
