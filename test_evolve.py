@@ -9,6 +9,7 @@ reported (--check) with the SQL that would fix it.
 import threading
 
 import psycopg2
+import pytest
 
 import migrate
 from catalog import read_catalog, target_schema
@@ -338,6 +339,24 @@ def test_index_with_the_contract_name_but_another_definition_is_reported_not_reb
     assert "WHERE" not in migrated_db.value(
         "SELECT indexdef FROM pg_indexes WHERE indexname = 'idx_users_status'"
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "definition", "words"),
+    [
+        ("idx_users_status", ("UNIQUE INDEX idx_users_status ON users (status)"
+         " WHERE deleted_at IS NULL"), "it is unique"),
+        ("idx_users_email", "INDEX idx_users_email ON users (email)", "it is not unique"),
+    ],
+)  # fmt: skip
+def test_an_index_whose_uniqueness_differs_from_the_models_is_drift(
+    migrated_db, name, definition, words
+):
+    migrated_db.rows(f"DROP INDEX {name}")
+    migrated_db.rows(f"CREATE {definition}")
+    result = run_migrate(migrated_db.url, "--check")
+    assert result.returncode == migrate.EXIT_DRIFT, result.stdout
+    assert f"-- index {name} differs from the models ({words}): it is CREATE " in result.stdout
 
 
 def test_foreign_key_with_the_contract_name_but_another_definition_is_reported(migrated_db):
