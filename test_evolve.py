@@ -6,6 +6,7 @@ It adds what is missing and never changes what is there; what differs is
 reported (--check) with the SQL that would fix it.
 """
 
+import re
 import threading
 
 import psycopg2
@@ -357,6 +358,28 @@ def test_an_index_whose_uniqueness_differs_from_the_models_is_drift(
     result = run_migrate(migrated_db.url, "--check")
     assert result.returncode == migrate.EXIT_DRIFT, result.stdout
     assert f"-- index {name} differs from the models ({words}): it is CREATE " in result.stdout
+
+
+def test_a_column_one_character_wider_than_the_models_is_drift_whose_count_finds_what_fails(
+    migrated_db,
+):
+    migrated_db.rows("ALTER TABLE users ALTER COLUMN username TYPE varchar(256)")
+    for length in (255, 256):
+        migrated_db.rows(
+            "INSERT INTO users (username, email, password_hash) VALUES (repeat('u', %s), %s, 'h')",
+            length,
+            f"{length}@x",
+        )
+    result = run_migrate(migrated_db.url, "--check")
+
+    assert result.returncode == migrate.EXIT_DRIFT, result.stdout
+    lines = result.stdout.splitlines()
+    assert '-- ALTER TABLE "users" ALTER COLUMN "username" TYPE VARCHAR(255);' in lines  # not run
+    count = re.search(
+        r"count them with: (SELECT count\(\*\) FROM .*?)\)$", result.stdout, re.MULTILINE
+    )
+    assert count, result.stdout
+    assert migrated_db.value(count[1]) == 1  # the 256 characters, not the 255
 
 
 def test_foreign_key_with_the_contract_name_but_another_definition_is_reported(migrated_db):
