@@ -382,6 +382,26 @@ def test_a_column_one_character_wider_than_the_models_is_drift_whose_count_finds
     assert migrated_db.value(count[1]) == 1  # the 256 characters, not the 255
 
 
+@pytest.mark.parametrize(
+    ("order", "words"),
+    [
+        ("DESC", "status DESC"),
+        ("NULLS FIRST", "status NULLS FIRST"),
+        ("DESC NULLS LAST", "status DESC NULLS LAST"),
+    ],
+)
+def test_an_index_with_another_key_order_is_drift_naming_the_order(migrated_db, order, words):
+    migrated_db.rows("DROP INDEX idx_users_status")
+    migrated_db.rows(
+        f"CREATE INDEX idx_users_status ON users (status {order}) WHERE deleted_at IS NULL"
+    )
+    result = run_migrate(migrated_db.url, "--check")
+    assert result.returncode == migrate.EXIT_DRIFT, result.stdout
+    assert f"-- index idx_users_status differs from the models (its keys are ({words})):" in (
+        result.stdout
+    )
+
+
 def test_foreign_key_with_the_contract_name_but_another_definition_is_reported(migrated_db):
     migrated_db.rows("ALTER TABLE api_keys DROP CONSTRAINT fk_api_keys_user")
     migrated_db.rows(
