@@ -542,6 +542,8 @@ def test_atomic_runs_through_a_transaction_pooler_succeed(migrated_db, transacti
     migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
     result = run_migrate(transaction_pooler, "--atomic")
     assert result.returncode == 0, result.stderr
+    assert index_is_valid(migrated_db, "idx_users_status")
+    assert has_column(migrated_db, "users", "last_sign_in")
     assert run_migrate(migrated_db.url, "--check").returncode == 0
 
 
