@@ -22,8 +22,8 @@ helpers run migrate.py as an operator would, read the catalog, record DDL and
 hold write transactions open, for every test module.
 
 A test that needs a tool beyond Python and PostgreSQL skips with a reason
-starting "missing tool:" when the tool is absent (`needs_tool`,
-`skip_missing_tool`); with REQUIRE_TEST_TOOLS=1, as CI sets it, such a skip
+starting "missing tool:" when the tool is absent, through `skip_missing_tool`
+(or `skip_for` with a reason `missing_tool_reason` made); with REQUIRE_TEST_TOOLS=1, as CI sets it, such a skip
 is a failure, so CI cannot pass without running everything.
 """
 
@@ -129,15 +129,15 @@ def missing_tool_reason(tool, how_to_get_it):
     return f"{MISSING_TOOL}{tool} ({how_to_get_it})"
 
 
-def needs_tool(command, how_to_get_it):
-    """Mark a test that runs `command`: it skips, naming it, when the command is not on PATH."""
-    return pytest.mark.skipif(
-        shutil.which(command) is None, reason=missing_tool_reason(command, how_to_get_it)
-    )
-
-
 def skip_missing_tool(tool, how_to_get_it):
-    pytest.skip(missing_tool_reason(tool, how_to_get_it))
+    """Skip for a missing tool: the one way a test skips for one, which CI turns into a failure."""
+    skip_for(missing_tool_reason(tool, how_to_get_it))
+
+
+def skip_for(reason):
+    """Skip for a reason missing_tool_reason made (check_server_tools, a server's `unavailable`)."""
+    assert reason.startswith(MISSING_TOOL), reason
+    pytest.skip(reason)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -324,7 +324,7 @@ def throwaway_server(request):
     bin_folder = bin_folder or next(iter(folders.values()), None)
     problem = check_server_tools(bin_folder)
     if problem:
-        pytest.skip(problem)
+        skip_for(problem)
     server = ThrowawayServer(bin_folder)
     server.start()
     yield server
@@ -487,7 +487,7 @@ def pytest_generate_tests(metafunc):
 def pg_server(request):
     server = request.param
     if server.unavailable and server.unavailable.startswith(MISSING_TOOL):
-        pytest.skip(server.unavailable)
+        skip_for(server.unavailable)
     if server.unavailable:
         pytest.fail(f"PostgreSQL {server.major}: {server.unavailable}")
     return server
@@ -604,6 +604,19 @@ def run_migrate(database_url, *args, timeout=60, **env):
         cwd=HERE,
         check=False,
     )
+
+
+# A run given a budget of 0.5 s must end within this, measured from outside the process
+# (start-up and connecting included): generous on a loaded machine, yet a budget applied
+# ten times over (5 s) or never (the blocker is held for good) fails it.
+BUDGET_BOUND = 3.0  # seconds
+
+
+def run_migrate_timed(database_url, *args, **env):
+    """run_migrate(...) and the seconds it took, wall clock from outside the process."""
+    start = time.monotonic()
+    result = run_migrate(database_url, *args, **env)
+    return result, time.monotonic() - start
 
 
 def catalog(db):
@@ -835,8 +848,10 @@ def database_setting(empty_db):
 
 
 @contextmanager
-def pgbouncer(db, pool_mode):
+def pgbouncer(db, pool_mode, round_robin=False):
     """pgbouncer in `pool_mode` in front of the test database; yields its DATABASE_URL.
+    round_robin: each transaction gets the idle server connection used longest ago (not the
+    last one), so consecutive transactions of one client reach different backends.
     Skips, naming it, where pgbouncer is not installed."""
     binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
     if binary is None:
@@ -851,6 +866,7 @@ def pgbouncer(db, pool_mode):
         f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n"
         f"unix_socket_dir =\nauth_type = trust\nauth_file = {folder}/users.txt\n"
         f"pool_mode = {pool_mode}\ndefault_pool_size = 4\nmax_client_conn = 100\n"
+        f"server_round_robin = {int(round_robin)}\n"
         f"logfile = {folder}/log\npidfile = {folder}/pid\n"
         "ignore_startup_parameters = extra_float_digits\n"
     )

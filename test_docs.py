@@ -21,6 +21,7 @@ stderr) and keep `...` where the README leaves lines out. A new sample needs
 its scenario in SCENARIOS.
 """
 
+import ast
 import json
 import re
 import shlex
@@ -237,3 +238,28 @@ def test_readme_sample_is_the_real_output(empty_db, scenario, body):
     assert matches(stderr, real_stderr), f"stderr differs; the real output:\n{real}"
     if exit_code is not None:
         assert result.returncode == exit_code, real
+
+
+def skip_calls(path):
+    """(function the call is in, first argument's source) of each pytest.skip call in `path`."""
+    tree = ast.parse(path.read_text())
+    calls = []
+    for function in ast.walk(tree):
+        if isinstance(function, ast.FunctionDef):
+            for node in ast.walk(function):
+                if (
+                    isinstance(node, ast.Call)
+                    and ast.unparse(node.func) in ("pytest.skip", "pytest.mark.skipif")
+                    and node.args
+                ):
+                    calls.append((function.name, ast.unparse(node.args[0])))
+    return calls
+
+
+def test_every_skip_for_a_missing_tool_goes_through_the_helper_ci_turns_into_failures():
+    # Anything else that skips states a version the feature needs, not a tool to install.
+    for path in sorted(HERE.glob("test_*.py")) + [HERE / "conftest.py"]:
+        for function, reason in skip_calls(path):
+            assert function == "skip_for" or re.search(r"exists? from PostgreSQL \d+", reason), (
+                f"{path.name}: {function} skips with {reason}: use conftest.skip_missing_tool"
+            )

@@ -6,21 +6,26 @@ It adds what is missing and never changes what is there; what differs is
 reported (--check) with the SQL that would fix it.
 """
 
+import re
 import threading
 
 import psycopg2
+import pytest
 
 import migrate
 from catalog import read_catalog, target_schema
 from conftest import (
+    BUDGET_BOUND,
     assert_clean_failure,
     catalog,
     error_line,
+    has_column,
     open_write_transaction,
     poll_until,
     record_ddl,
     run_in_parallel,
     run_migrate,
+    run_migrate_timed,
 )
 from test_migrate import assert_contract_catalog
 
@@ -211,9 +216,13 @@ def test_check_on_a_legacy_database_reports_only_drift_and_exits_3(empty_db):
 
 def test_legacy_unique_constraints_and_foreign_keys_are_not_duplicated(empty_db):
     build_legacy(empty_db)
-    run_migrate(empty_db.url)
+    result = run_migrate(empty_db.url)
+    assert result.returncode == 0, result.stderr
     indexes = {name for _, name, _ in catalog(empty_db)["indexes"]}
     constraints = {name for _, name, _, _ in catalog(empty_db)["constraints"]}
+    # The run did its work beside them: what the legacy schema lacked is there.
+    assert "idx_request_logs_model_created" in indexes
+    assert has_column(empty_db, "users", "last_sign_in")
     assert "idx_users_username" not in indexes and "users_username_key" in indexes
     assert "fk_api_keys_user" not in constraints and "api_keys_user_id_fkey" in constraints
 
@@ -330,6 +339,66 @@ def test_index_with_the_contract_name_but_another_definition_is_reported_not_reb
     assert run_migrate(migrated_db.url).returncode == 0
     assert "WHERE" not in migrated_db.value(
         "SELECT indexdef FROM pg_indexes WHERE indexname = 'idx_users_status'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "definition", "words"),
+    [
+        ("idx_users_status", ("UNIQUE INDEX idx_users_status ON users (status)"
+         " WHERE deleted_at IS NULL"), "it is unique"),
+        ("idx_users_email", "INDEX idx_users_email ON users (email)", "it is not unique"),
+    ],
+)  # fmt: skip
+def test_an_index_whose_uniqueness_differs_from_the_models_is_drift(
+    migrated_db, name, definition, words
+):
+    migrated_db.rows(f"DROP INDEX {name}")
+    migrated_db.rows(f"CREATE {definition}")
+    result = run_migrate(migrated_db.url, "--check")
+    assert result.returncode == migrate.EXIT_DRIFT, result.stdout
+    assert f"-- index {name} differs from the models ({words}): it is CREATE " in result.stdout
+
+
+def test_a_column_one_character_wider_than_the_models_is_drift_whose_count_finds_what_fails(
+    migrated_db,
+):
+    migrated_db.rows("ALTER TABLE users ALTER COLUMN username TYPE varchar(256)")
+    for length in (255, 256):
+        migrated_db.rows(
+            "INSERT INTO users (username, email, password_hash) VALUES (repeat('u', %s), %s, 'h')",
+            length,
+            f"{length}@x",
+        )
+    result = run_migrate(migrated_db.url, "--check")
+
+    assert result.returncode == migrate.EXIT_DRIFT, result.stdout
+    lines = result.stdout.splitlines()
+    assert '-- ALTER TABLE "users" ALTER COLUMN "username" TYPE VARCHAR(255);' in lines  # not run
+    count = re.search(
+        r"count them with: (SELECT count\(\*\) FROM .*?)\)$", result.stdout, re.MULTILINE
+    )
+    assert count, result.stdout
+    assert migrated_db.value(count[1]) == 1  # the 256 characters, not the 255
+
+
+@pytest.mark.parametrize(
+    ("order", "words"),
+    [
+        ("DESC", "status DESC"),
+        ("NULLS FIRST", "status NULLS FIRST"),
+        ("DESC NULLS LAST", "status DESC NULLS LAST"),
+    ],
+)
+def test_an_index_with_another_key_order_is_drift_naming_the_order(migrated_db, order, words):
+    migrated_db.rows("DROP INDEX idx_users_status")
+    migrated_db.rows(
+        f"CREATE INDEX idx_users_status ON users (status {order}) WHERE deleted_at IS NULL"
+    )
+    result = run_migrate(migrated_db.url, "--check")
+    assert result.returncode == migrate.EXIT_DRIFT, result.stdout
+    assert f"-- index idx_users_status differs from the models (its keys are ({words})):" in (
+        result.stdout
     )
 
 
@@ -463,6 +532,7 @@ def test_concurrently_is_accepted_and_plans_what_the_default_plans(migrated_db):
     default = run_migrate(migrated_db.url, "--dry-run")
     concurrently = run_migrate(migrated_db.url, "--dry-run", "--concurrently")
     assert concurrently.returncode == 0, concurrently.stderr
+    assert "CREATE INDEX CONCURRENTLY" in default.stdout
     assert concurrently.stdout == default.stdout
 
 
@@ -483,10 +553,12 @@ def test_lock_timeout_gives_up_naming_the_blocking_session_and_changes_nothing(m
     writer = open_write_transaction(migrated_db)
     writer_pid = writer.get_backend_pid()
     try:
-        result = run_migrate(migrated_db.url, "--atomic", "--lock-timeout", "0.5")
+        result, seconds = run_migrate_timed(migrated_db.url, "--atomic", "--lock-timeout", "0.5")
     finally:
         writer.rollback()
         writer.close()
+
+    assert seconds < BUDGET_BOUND, seconds
 
     assert_clean_failure(result, "request_logs stayed locked for the whole --lock-timeout of 0.5 s")
     assert f"pid {writer_pid} (" in result.stderr
@@ -635,8 +707,13 @@ def test_with_atomic_the_same_build_makes_inserts_wait(migrated_db):
 def test_a_renamed_id_sequence_the_column_still_owns_is_no_drift(migrated_db):
     # GORM's AutoMigrate skips primary keys; the sequence is the column's, whatever its name.
     migrated_db.rows("ALTER SEQUENCE sign_in_records_id_seq RENAME TO sign_in_ids")
+    migrated_db.rows("DROP INDEX idx_users_status")  # what --check must still see
     result = run_migrate(migrated_db.url, "--check")
-    assert result.returncode == migrate.EXIT_OK, result.stdout
+    assert result.returncode == migrate.EXIT_PENDING, result.stdout
+    statements = [
+        line for line in result.stdout.splitlines() if line and not line.startswith(("--", "SET "))
+    ]
+    assert len(statements) == 1 and '"idx_users_status"' in statements[0], result.stdout
 
 
 def test_an_id_without_its_sequence_default_is_drift_with_a_commented_fix(migrated_db):

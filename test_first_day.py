@@ -5,7 +5,9 @@ password, and progress lines while long online work runs.
 """
 
 import json
+import threading
 import time
+from itertools import pairwise
 
 import pytest
 
@@ -164,40 +166,71 @@ def test_a_bad_url_is_one_masked_error_naming_what_to_fix(unbound):
 # --- Progress ------------------------------------------------------------------------------
 
 
-def build_waiting_for_a_writer(db, start_migrate, *args):
-    """A run whose online build waits for a writer for a good two seconds, then gets on."""
+def build_waiting_for_a_writer(db, start_migrate, *args, until):
+    """A run whose online build waits for a writer until `until(lines of stderr so far)`
+    holds, then gets on. Returns (exit code, stderr)."""
     add_users_and_logs(db, logs=10)
     db.rows("DROP INDEX idx_request_logs_model")
     writer = session(db, "UPDATE request_logs SET tokens_used = 1 WHERE id = 1")
     run = start_migrate(db.url, *args)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(run.stderr.readline, "")))
+    reader.start()
     try:
         wait_for_lock_wait(db, "the build to wait for the writer", run=run, locktype="virtualxid")
-        started = time.monotonic()
-        # Long enough for the probe to look twice at a --progress of 1 s.
-        poll_until("2.5 s of waiting", lambda: time.monotonic() - started > 2.5)
+        until(lines)
     finally:
         writer.rollback()
         writer.close()
-    _, stderr = run.communicate(timeout=60)
-    return run.returncode, stderr
+        run.wait(timeout=60)
+        reader.join(timeout=60)
+    return run.returncode, "".join(lines)
 
 
-def test_a_long_online_build_logs_progress_every_progress_seconds(migrated_db, start_migrate):
-    status, stderr = build_waiting_for_a_writer(migrated_db, start_migrate, "--progress", "1")
-    assert status == 0, stderr
-    lines = [
-        line
-        for line in stderr.splitlines()
+def progress_lines(lines):
+    return [
+        line.rstrip("\n")
+        for line in list(lines)
         if line.startswith("migrate: building index idx_request_logs_model: ")
         and "started" not in line
     ]
-    assert lines, stderr
-    assert all(line.endswith(" s") for line in lines)
-    assert any("waiting" in line for line in lines)
+
+
+def test_a_long_online_build_logs_progress_every_progress_seconds(migrated_db, start_migrate):
+    status, stderr = build_waiting_for_a_writer(
+        migrated_db,
+        start_migrate,
+        "--progress",
+        "1",
+        # Three periods and start-up take about 4 s; ten times the period would take 30.
+        until=lambda lines: poll_until(
+            "three progress lines", lambda: len(progress_lines(lines)) >= 3, seconds=15
+        ),
+    )
+    assert status == 0, stderr
+    lines = progress_lines(stderr.splitlines(keepends=True))
+    assert len(lines) >= 3, stderr
+    assert all(line.endswith(" s") and "waiting" in line for line in lines), stderr
+    # At most one line a period: the seconds each line gives apart by about one, never less.
+    seconds = [int(line.rsplit(", ", 1)[1].removesuffix(" s")) for line in lines]
+    assert all(later - earlier >= 1 for earlier, later in pairwise(seconds)), lines
+    assert len(lines) <= seconds[-1] + 1, lines
+
+
+def hold_for(seconds):
+    """Hold the writer `seconds`: the time --progress 1 would fill with lines."""
+
+    def until(_lines):
+        started = time.monotonic()
+        poll_until(f"{seconds} s of waiting", lambda: time.monotonic() - started > seconds)
+
+    return until
 
 
 def test_progress_0_logs_no_progress_line(migrated_db, start_migrate):
-    status, stderr = build_waiting_for_a_writer(migrated_db, start_migrate, "--progress", "0")
+    status, stderr = build_waiting_for_a_writer(
+        migrated_db, start_migrate, "--progress", "0", until=hold_for(2.5)
+    )
     assert status == 0, stderr
     assert [line for line in stderr.splitlines() if "building index" in line] == [
         (
@@ -224,6 +257,9 @@ def test_a_connection_of_the_probe_never_keeps_the_run_waiting_for_itself(migrat
     migrated_db.rows("DROP INDEX idx_request_logs_model")
     result = run_migrate(migrated_db.url, "--progress", "0.2", "--lock-timeout", "10")
     assert result.returncode == 0, result.stderr
+    assert migrated_db.value(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx_request_logs_model'::regclass"
+    )
     poll_until(
         "migrate.py's sessions of this database to end",
         lambda: (

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from collections import defaultdict
 
+import psycopg2
+
 import migrate
 from conftest import (
     HERE,
@@ -354,10 +356,22 @@ def test_wrong_password_is_reported_as_authentication_failure(throwaway_server):
 
 
 def test_pgpassword_is_used_and_never_printed(throwaway_server):
-    url = throwaway_server.url()
+    admin = psycopg2.connect(throwaway_server.url(password=throwaway_server.PASSWORD))
+    admin.autocommit = True
+    admin.cursor().execute("DROP DATABASE IF EXISTS pgpassword_db")
+    admin.cursor().execute("CREATE DATABASE pgpassword_db")
+    admin.close()
+    url = throwaway_server.url(dbname="pgpassword_db")
     result = run_migrate(url, "--wait", "5", PGPASSWORD=throwaway_server.PASSWORD)
     assert result.returncode == 0, result.stderr
     assert throwaway_server.PASSWORD not in result.stdout + result.stderr
+    made = psycopg2.connect(url, password=throwaway_server.PASSWORD)
+    try:
+        with made.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+            assert cursor.fetchone()[0] == len(TABLES)
+    finally:
+        made.close()
 
 
 def test_missing_database_suggests_createdb(empty_db):

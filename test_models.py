@@ -275,6 +275,19 @@ def test_subqueries_and_unions_hide_soft_deleted_rows(migrated_db):
     assert [u.username for u in union] == ["keep"]
 
 
+def test_joined_tables_hide_soft_deleted_rows_in_inner_left_and_cross_joins(migrated_db):
+    keep, gone = make_user("keep"), make_user("gone")
+    make_key(keep, "sk-keep")
+    make_key(keep, "sk-gone").delete_instance()
+    gone.delete_instance()
+    inner = ApiKey.select(ApiKey.key).join(User)
+    left = User.select(User.username, ApiKey.key).join(ApiKey, JOIN.LEFT_OUTER)
+    cross = User.select(User.username, ApiKey.key).join(ApiKey, JOIN.CROSS)
+    assert list(inner.tuples()) == [("sk-keep",)]
+    assert list(left.tuples()) == [("keep", "sk-keep")]
+    assert list(cross.tuples()) == [("keep", "sk-keep")]
+
+
 def test_with_deleted_joins_soft_deleted_rows_too(migrated_db):
     gone = make_user("gone")
     make_key(gone)

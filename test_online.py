@@ -21,15 +21,20 @@ import pytest
 
 import apply
 from conftest import (
+    BUDGET_BOUND,
     HERE,
     assert_clean_failure,
     assert_no_advisory_lock_left,
+    error_line,
     has_column,
     open_write_transaction,
     pgbouncer,
+    poll_until,
     record_ddl,
     run_in_parallel,
     run_migrate,
+    run_migrate_timed,
+    skip_missing_tool,
     wait_for_lock_wait,
 )
 from test_migrate import assert_contract_catalog
@@ -146,14 +151,15 @@ def test_foreign_key_whose_rows_do_not_match_fails_online_and_stays_not_valid(mi
 # --- Lock waits: short attempts within a budget, then the blocker named ----------------
 
 
+@pytest.mark.parametrize("budget", ["60", "0"])  # 0: no limit
 def test_a_waiting_alter_retries_until_a_long_reader_ends_and_then_succeeds(
-    migrated_db, start_migrate
+    migrated_db, start_migrate, budget
 ):
     migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
     reader = session(migrated_db, "SELECT count(*) FROM users")
 
     status, _, stderr = run_until_it_waits_then_end(
-        start_migrate, migrated_db, reader, "users", "--lock-timeout", "60"
+        start_migrate, migrated_db, reader, "users", "--lock-timeout", budget
     )
 
     assert status == 0, stderr
@@ -164,7 +170,8 @@ def test_a_reader_holding_the_table_past_the_budget_is_named_and_nothing_changes
     migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
     reader = session(migrated_db, "SELECT count(*) FROM users")
     try:
-        result = run_migrate(migrated_db.url, "--lock-timeout", "0.5")
+        result, seconds = run_migrate_timed(migrated_db.url, "--lock-timeout", "0.5")
+        assert seconds < BUDGET_BOUND, seconds
         assert_clean_failure(result, "users stayed locked for the whole --lock-timeout of 0.5 s")
         assert f"pid {reader.get_backend_pid()} (" in result.stderr
         assert "idle in transaction" in result.stderr
@@ -190,7 +197,8 @@ def test_no_op_run_beside_an_access_exclusive_holder_finishes_once_it_lets_go(
 def test_no_op_run_beside_an_access_exclusive_holder_fails_within_the_budget_naming_it(migrated_db):
     holder = session(migrated_db, "LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
     try:
-        result = run_migrate(migrated_db.url, "--lock-timeout", "0.5")
+        result, seconds = run_migrate_timed(migrated_db.url, "--lock-timeout", "0.5")
+        assert seconds < BUDGET_BOUND, seconds
         assert_clean_failure(result, "stayed locked for the whole --lock-timeout of 0.5 s")
         assert f"pid {holder.get_backend_pid()} (" in result.stderr
         assert "holds ACCESS EXCLUSIVE on api_keys" in result.stderr
@@ -214,7 +222,8 @@ def test_waiting_for_another_runs_migration_lock_ends_within_the_budget_naming_i
     migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
     other_run = session(migrated_db, f"SELECT pg_advisory_xact_lock({apply.MIGRATION_LOCK_KEY})")
     try:
-        result = run_migrate(migrated_db.url, "--lock-timeout", "0.5")
+        result, seconds = run_migrate_timed(migrated_db.url, "--lock-timeout", "0.5")
+        assert seconds < BUDGET_BOUND, seconds
         assert_clean_failure(result, "another migrate.py run held the migration lock")
         assert f"pid {other_run.get_backend_pid()} (" in result.stderr
         assert "waiting for the migration lock, held by pid" in result.stderr
@@ -223,9 +232,35 @@ def test_waiting_for_another_runs_migration_lock_ends_within_the_budget_naming_i
         other_run.close()
 
 
+def test_with_no_lock_budget_a_run_waits_for_another_runs_migration_lock(
+    migrated_db, start_migrate
+):
+    migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
+    other_run = session(migrated_db, f"SELECT pg_advisory_xact_lock({apply.MIGRATION_LOCK_KEY})")
+    try:
+        run = start_migrate(migrated_db.url, "--lock-timeout", "0")
+        poll_until(
+            "migrate.py has waited a second for the migration lock, or ended",
+            lambda: (
+                run.poll() is not None
+                or migrated_db.value(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'migrate.py'"
+                    " AND datname = current_database() AND now() - backend_start > interval '1 s'"
+                )
+            ),
+        )
+    finally:
+        other_run.rollback()
+        other_run.close()
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 0, stderr
+    assert has_column(migrated_db, "users", "last_sign_in")
+
+
 def test_a_run_leaves_no_advisory_lock_behind(migrated_db):
     migrated_db.rows("DROP INDEX idx_users_status")
     assert run_migrate(migrated_db.url).returncode == 0
+    assert index_is_valid(migrated_db, "idx_users_status")
     assert_no_advisory_lock_left(migrated_db)
 
 
@@ -288,6 +323,68 @@ def test_statement_timeout_option_stops_a_build_and_names_itself(migrated_db):
     result = run_migrate(migrated_db.url, "--statement-timeout", "0.001")
     assert_clean_failure(result, "ran longer than the --statement-timeout of 0.001 s")
     assert "raise --statement-timeout, or 0 for no limit" in result.stderr
+
+
+def index_is_valid(db, name):
+    return db.value(
+        "SELECT bool_or(indisvalid) FROM pg_index WHERE indexrelid::regclass::text = %s", name
+    )
+
+
+def test_an_online_build_waiting_for_an_open_writer_gives_up_within_the_lock_timeout(migrated_db):
+    migrated_db.rows("DROP INDEX idx_request_logs_model")
+    writer = open_write_transaction(migrated_db)
+    try:
+        result, seconds = run_migrate_timed(migrated_db.url, "--lock-timeout", "0.5")
+    finally:
+        writer.rollback()
+        writer.close()
+    assert seconds < BUDGET_BOUND, seconds
+    assert_clean_failure(result, "waited more than the --lock-timeout of 0.5 s")
+    assert not index_is_valid(migrated_db, "idx_request_logs_model")
+
+
+def test_a_build_that_waits_two_seconds_finishes_within_budgets_of_ten(migrated_db, start_migrate):
+    # Both budgets are what the statement gets on the server: one ten times too short fails.
+    migrated_db.rows("DROP INDEX idx_request_logs_model")
+    writer = open_write_transaction(migrated_db)
+    run = start_migrate(
+        migrated_db.url, "--lock-timeout", "10", "--statement-timeout", "10", "--progress", "0"
+    )
+    try:
+        pid = wait_for_lock_wait(
+            migrated_db, "the build waits for the writer", run=run, locktype="virtualxid"
+        )
+        poll_until(
+            "the build has waited two seconds",
+            lambda: migrated_db.value(
+                "SELECT now() - state_change > interval '2 s' AND wait_event_type = 'Lock'"
+                " FROM pg_stat_activity WHERE pid = %s",
+                pid,
+            ),
+        )
+    finally:
+        writer.rollback()
+        writer.close()
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 0, stderr
+    assert index_is_valid(migrated_db, "idx_request_logs_model")
+
+
+def test_statement_timeout_option_ends_a_waiting_build_within_its_time(migrated_db):
+    # With no lock budget the build waits for the open writer until statement_timeout ends it.
+    migrated_db.rows("DROP INDEX idx_request_logs_model")
+    writer = open_write_transaction(migrated_db)
+    try:
+        result, seconds = run_migrate_timed(
+            migrated_db.url, "--lock-timeout", "0", "--statement-timeout", "0.5"
+        )
+    finally:
+        writer.rollback()
+        writer.close()
+    assert seconds < BUDGET_BOUND, seconds
+    assert_clean_failure(result, "ran longer than the --statement-timeout of 0.5 s")
+    assert not index_is_valid(migrated_db, "idx_request_logs_model")
 
 
 # --- Hazards in --dry-run and --check, and squawk -----------------------------------------------
@@ -360,7 +457,7 @@ def test_dry_run_output_on_a_live_database_is_squawk_clean(migrated_db, tmp_path
         "squawk", path=os.path.dirname(os.sys.executable)
     )
     if squawk is None:
-        pytest.skip("squawk not installed (pip install squawk-cli)")
+        skip_missing_tool("squawk", "pip install squawk-cli")
     break_three_ways(migrated_db)
     migrated_db.rows("DROP TABLE sign_in_records")
     script = tmp_path / "dry_run.sql"
@@ -402,7 +499,7 @@ def transaction_pooler(migrated_db):
         yield url
 
 
-def test_parallel_runs_through_a_transaction_pooler_leave_no_lock_and_say_why(
+def test_parallel_runs_through_a_transaction_pooler_leave_no_lock_and_any_refused_says_why(
     migrated_db, transaction_pooler
 ):
     add_users_and_logs(migrated_db, logs=20_000)
@@ -421,11 +518,32 @@ def test_parallel_runs_through_a_transaction_pooler_leave_no_lock_and_say_why(
     assert_contract_catalog(migrated_db)
 
 
+def test_a_run_whose_statements_reach_different_backends_stops_saying_why(migrated_db):
+    migrated_db.rows("DROP INDEX idx_users_status")
+    with pgbouncer(migrated_db, "transaction", round_robin=True) as url:
+        # Three server connections in the pool: the migration lock pins one, and the run's
+        # transactions go round the other two.
+        clients = [psycopg2.connect(url) for _ in range(3)]
+        for client in clients:
+            client.cursor().execute("SELECT 1")
+        for client in clients:
+            client.commit()
+        result = run_migrate(url)
+        for client in clients:
+            client.close()
+    assert_clean_failure(result, "consecutive statements ran on different server backends")
+    assert "transaction pooler" in error_line(result) and "--atomic" in error_line(result)
+    assert not index_is_valid(migrated_db, "idx_users_status")
+    assert_no_advisory_lock_left(migrated_db)
+
+
 def test_atomic_runs_through_a_transaction_pooler_succeed(migrated_db, transaction_pooler):
     migrated_db.rows("DROP INDEX idx_users_status")
     migrated_db.rows("ALTER TABLE users DROP COLUMN last_sign_in")
     result = run_migrate(transaction_pooler, "--atomic")
     assert result.returncode == 0, result.stderr
+    assert index_is_valid(migrated_db, "idx_users_status")
+    assert has_column(migrated_db, "users", "last_sign_in")
     assert run_migrate(migrated_db.url, "--check").returncode == 0
 
 
@@ -442,16 +560,21 @@ def test_a_repeatable_read_default_does_not_make_the_run_wait_for_itself(migrate
     assert "migrate: created index idx_users_status" in result.stderr
 
 
-def test_another_applications_locked_table_does_not_hold_up_a_no_op_run(migrated_db):
+def test_another_applications_locked_table_holds_up_neither_a_run_nor_check(migrated_db):
     migrated_db.rows("CREATE TABLE audit_trail (id int PRIMARY KEY, note text)")
+    migrated_db.rows("DROP INDEX idx_users_status")
     holder = session(migrated_db, "LOCK TABLE audit_trail IN ACCESS EXCLUSIVE MODE")
     try:
+        pending = run_migrate(migrated_db.url, "--check", "--lock-timeout", "0.5")
         result = run_migrate(migrated_db.url, "--lock-timeout", "0.5")
         check = run_migrate(migrated_db.url, "--check", "--lock-timeout", "0.5")
     finally:
         holder.rollback()
         holder.close()
+    assert pending.returncode == 1, pending.stderr
+    assert "idx_users_status" in pending.stdout
     assert result.returncode == 0, result.stderr
+    assert index_is_valid(migrated_db, "idx_users_status")
     assert check.returncode == 0, check.stderr
 
 

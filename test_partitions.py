@@ -6,6 +6,7 @@ batches; --check reports the layout's health; the Go backend's AutoMigrate sees 
 on a plain table.
 """
 
+import re
 import signal
 import threading
 from datetime import UTC, datetime, timedelta
@@ -13,9 +14,12 @@ from datetime import UTC, datetime, timedelta
 import psycopg2
 import pytest
 
+import apply
 import migrate
 import partition
+from catalog import target_schema
 from conftest import (
+    HERE,
     catalog,
     error_line,
     migrate_here,
@@ -26,6 +30,7 @@ from conftest import (
     scoped_name,
     wait_for_lock_wait,
 )
+from models import RequestLog
 from test_online import add_users_and_logs, session
 
 CONTRACT_LOG_INDEXES = sorted(
@@ -182,6 +187,7 @@ def test_conversion_under_inserts_keeps_every_row_id_and_foreign_key(migrated_db
 def test_foreign_keys_stay_enforced_on_every_partition_after_conversion(migrated_db, created_at):
     add_dated_logs(migrated_db, 10)
     assert run_migrate(migrated_db.url, "--partition-request-logs").returncode == 0
+    assert is_partitioned(migrated_db)
     with pytest.raises(psycopg2.errors.ForeignKeyViolation):
         migrated_db.rows(
             "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model,"
@@ -238,12 +244,16 @@ def test_a_check_named_like_a_bound_of_no_real_month_is_not_taken_for_one(migrat
         result = run_migrate(migrated_db.url, *args)
         assert "unexpected" not in result.stderr
         assert result.returncode in (migrate.EXIT_OK, migrate.EXIT_DRIFT), result.stderr
+    # Not a bound of a conversion under way: the dry run plans the conversion from its start.
+    assert "PARTITION BY RANGE" in result.stdout
 
 
 def test_a_plain_run_keeps_the_catalog_gorms_without_the_flag(migrated_db):
     add_dated_logs(migrated_db, 10)
+    migrated_db.rows("DROP INDEX idx_request_logs_model")  # work for the run beside the table
     assert run_migrate(migrated_db.url).returncode == 0
     assert not is_partitioned(migrated_db)
+    assert "idx_request_logs_model" in log_indexes(migrated_db)
 
 
 def conversion_state(db, step):
@@ -345,6 +355,52 @@ def test_each_plain_run_makes_the_next_months_partition_and_moves_its_rows_from_
     assert not plan.pending
 
 
+def months_covered_ahead(db, now):
+    """How many months from this one on a partition of request_logs covers, one after another."""
+    ranges = partition_ranges(db).values()
+    count = 0
+    while any(
+        (lower is None or lower <= month(now, count))
+        and (upper is None or month(now, count + 1) <= upper)
+        for lower, upper in ranges
+    ):
+        count += 1
+    return count
+
+
+def test_the_months_kept_ahead_are_the_number_the_operating_guide_states():
+    stated = re.search(r"`partition\.MONTHS_AHEAD` = (\d+)", (HERE / "OPERATING.md").read_text())
+    assert stated, "OPERATING.md states how many months upkeep keeps ready"
+    assert partition.MONTHS_AHEAD == int(stated[1]) >= 1
+
+
+def test_a_fresh_layout_and_a_conversion_cover_this_month_and_the_months_kept_ahead(empty_db):
+    now = datetime.now(UTC)
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    assert months_covered_ahead(empty_db, now) == partition.MONTHS_AHEAD + 1
+
+    empty_db.reset()
+    assert run_migrate(empty_db.url).returncode == 0
+    add_dated_logs(empty_db, 10)
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    assert is_partitioned(empty_db)
+    assert months_covered_ahead(empty_db, now) == partition.MONTHS_AHEAD + 1
+
+
+def test_a_plain_run_makes_every_month_kept_ahead_that_is_missing(empty_db):
+    now = datetime.now(UTC)
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    for offset in range(1, partition.MONTHS_AHEAD + 1):
+        name = partition.month_name(month(now, offset))
+        empty_db.rows(f"ALTER TABLE request_logs DETACH PARTITION {name}")
+        empty_db.rows(f"DROP TABLE {name}")
+    assert months_covered_ahead(empty_db, now) == 1
+
+    assert run_migrate(empty_db.url).returncode == 0
+
+    assert months_covered_ahead(empty_db, now) == partition.MONTHS_AHEAD + 1
+
+
 def test_check_reports_a_missing_partition_as_pending_and_dated_default_rows_as_drift(empty_db):
     now = datetime.now(UTC)
     assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
@@ -412,6 +468,33 @@ def test_retention_on_a_plain_table_deletes_in_batches_only_the_older_rows(migra
     assert migrated_db.value("SELECT count(*) FROM request_logs") == 3  # 1, 5 days and the NULL
 
 
+CUTOFF_PRINTED = re.compile(r"older than (\d{4}-\d\d-\d\d \d\d:\d\d) UTC")
+
+
+@pytest.mark.parametrize("days", [1, 30])
+def test_retention_deletes_a_row_a_minute_past_the_cutoff_and_keeps_one_a_minute_short(
+    migrated_db, days
+):
+    add_users_and_logs(migrated_db, logs=0)
+    # The cutoff is the clock at the run minus DAYS; the run takes well under a minute.
+    before = datetime.now(UTC)
+    for seconds in (60 + 1, -60):
+        migrated_db.rows(
+            INSERT_LOG.format(created_at="%s"), before - timedelta(days=days, seconds=seconds)
+        )
+    result = run_migrate(migrated_db.url, "--retain-request-logs", str(days))
+    after = datetime.now(UTC)
+
+    assert result.returncode == 0, result.stderr
+    kept = migrated_db.rows("SELECT created_at FROM request_logs")
+    assert kept == [(before - timedelta(days=days, seconds=-60),)]
+    printed = CUTOFF_PRINTED.search(result.stderr)
+    assert printed, result.stderr
+    cutoff = datetime.strptime(printed[1], "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
+    # Printed to the minute: within the minute of the clock at the run, minus DAYS.
+    assert before - timedelta(days=days, minutes=1) < cutoff <= after - timedelta(days=days)
+
+
 def test_retention_on_partitions_drops_whole_months_and_deletes_the_rest(empty_db):
     now = datetime.now(UTC)
     migrate_here(empty_db.params, partition=True, now=now - timedelta(days=93))
@@ -443,6 +526,28 @@ def test_retention_on_partitions_drops_whole_months_and_deletes_the_rest(empty_d
         "SELECT extract(day FROM now() - created_at)::int FROM request_logs ORDER BY 1"
     )
     assert [age for (age,) in ages] == [0, 20, 45]
+
+
+def test_retention_drops_a_month_only_once_its_end_is_past_the_cutoff(empty_db):
+    now = datetime.now(UTC)
+    migrate_here(empty_db.params, partition=True, now=now - timedelta(days=62))
+    migrate_here(empty_db.params, now=now - timedelta(days=31))
+    empty_db.rows("INSERT INTO users (username, email, password_hash) VALUES ('u', 'e', 'h')")
+    empty_db.rows("INSERT INTO api_keys (user_id, key, name) SELECT id, 'k', 'n' FROM users")
+    end = month(now, -1)  # the end of the month before last, a partition of its own
+    older = partition.month_name(month(now, -2))
+    for moment in (end - timedelta(minutes=2), end - timedelta(seconds=30)):
+        empty_db.rows(INSERT_LOG.format(created_at="%s"), moment)
+
+    # The cutoff a minute before the month's end: its rows before the cutoff go, the month stays.
+    migrate_here(empty_db.params, retain_days=1, now=end + timedelta(days=1, minutes=-1))
+    assert older in partition_ranges(empty_db)
+    assert empty_db.rows("SELECT created_at FROM request_logs") == [(end - timedelta(seconds=30),)]
+
+    # The cutoff a minute after it: the whole month goes.
+    migrate_here(empty_db.params, retain_days=1, now=end + timedelta(days=1, minutes=1))
+    assert older not in partition_ranges(empty_db)
+    assert empty_db.value("SELECT count(*) FROM request_logs") == 0
 
 
 def partition_ranges(db):
@@ -543,6 +648,7 @@ def test_gorm_reads_the_same_request_logs_before_and_after_conversion(migrated_d
 
     assert run_migrate(migrated_db.url, "--partition-request-logs").returncode == 0
 
+    assert is_partitioned(migrated_db)
     assert gorm_reads(migrated_db) == plain
     assert plain["HasIndex"] == [(name,) for name in CONTRACT_LOG_INDEXES]
     assert not [row for row in plain["ColumnTypes"] if row[0] == "created_at" and not row[1]]
@@ -553,7 +659,10 @@ def test_gorm_reads_the_same_request_logs_on_a_fresh_partitioned_layout(empty_db
     plain = gorm_reads(empty_db)
     empty_db.reset()
     assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    assert is_partitioned(empty_db)
     assert gorm_reads(empty_db) == plain
+    assert plain["HasTable"] == [(1,)]
+    assert len(plain["ColumnTypes"]) == len(RequestLog._meta.sorted_fields)
 
 
 def test_a_plain_run_beside_a_converted_layout_changes_nothing(migrated_db):
@@ -720,6 +829,23 @@ def test_upkeep_ahead_of_a_month_whose_rows_already_arrive_fails_no_insert(empty
     assert empty_db.value("SELECT count(*) FROM ONLY request_logs_default") == 0
 
 
+@pytest.mark.parametrize(("hours_before", "locks"), [(12, True), (72, False)])
+def test_upkeep_holds_inserts_for_a_month_that_begins_within_a_day_of_skewed_clocks(
+    empty_db, hours_before, locks
+):
+    now = datetime.now(UTC)
+    following = month(now, 1)
+    assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
+    empty_db.rows(f"DROP TABLE {partition.month_name(following)}")  # no row in default
+
+    migrate.connect(empty_db.params)
+    plan = apply.Planner(now=following - timedelta(hours=hours_before)).read(target_schema())
+
+    attach = next(s for s in plan.steps if s.name == f"attach {partition.month_name(following)}")
+    lock = 'LOCK TABLE "request_logs" IN SHARE MODE'
+    assert (lock in [statement.sql for statement in attach.statements]) == locks
+
+
 def test_conversion_carries_grants_owner_and_checks_to_the_partitioned_table(migrated_db):
     role = scoped_name(migrated_db.name, "gateway")
     migrated_db.rows(f"CREATE ROLE {quoted(role)} LOGIN")
@@ -884,3 +1010,25 @@ def test_a_partition_named_with_a_newline_neither_splits_lines_nor_runs_in_psql(
     assert run.returncode == 0, run.stderr
     assert stderr_lines_are_all_ours(run) and stderr_lines_are_all_ours(check)
     assert 'dropped partition "old\\nDROP TABLE sign_in_records;--"' in run.stderr
+
+
+def test_rows_deleted_from_a_partition_named_with_a_newline_are_reported_on_one_line(empty_db):
+    from test_reports import stderr_lines_are_all_ours
+
+    now = datetime.now(UTC)
+    run_migrate(empty_db.url, "--partition-request-logs")
+    add_users_and_logs(empty_db, logs=0)
+    empty_db.rows(
+        f"CREATE TABLE {quoted(HOSTILE_PARTITION)} PARTITION OF request_logs"
+        " FOR VALUES FROM ('2020-01-01 00:00+00') TO (%s)",
+        month(now),
+    )
+    for created_at in ("'2020-01-05 00:00+00'", f"'{month(now) - timedelta(days=1)}'"):
+        empty_db.rows(INSERT_LOG.format(created_at=created_at))
+
+    run = run_migrate(empty_db.url, "--retain-request-logs", "45")
+
+    assert run.returncode == 0, run.stderr
+    assert stderr_lines_are_all_ours(run), run.stderr
+    assert 'deleted the rows of "old\\nDROP TABLE sign_in_records;--" older than' in run.stderr
+    assert empty_db.value("SELECT count(*) FROM request_logs") == 1

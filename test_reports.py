@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg2 import sql
 
+import catalog
 import migrate
+import plan
 from conftest import (
     assert_clean_failure,
     bind_models,
@@ -206,6 +208,14 @@ def test_a_schema_name_that_needs_quoting_gets_the_schema_and_then_no_drift(
     database_setting("search_path", quoted)
     try:
         assert run_migrate(empty_db.url).returncode == 0
+        made = empty_db.rows(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY 1",
+            schema,
+        )
+        assert [name for (name,) in made] == sorted(TABLES)
+        assert not empty_db.rows(
+            "SELECT 1 FROM information_schema.tables WHERE table_schema = 'public'"
+        )
         check = run_migrate(empty_db.url, "--check")
         assert check.returncode == migrate.EXIT_OK, check.stdout + check.stderr
         assert check.stdout == ""
@@ -290,6 +300,8 @@ def test_check_and_dry_run_piped_into_psql_run_only_the_statements_they_print(em
         assert result.returncode in (0, 1, 3), result.stderr
         assert stderr_lines_are_all_ours(result), result.stderr
         printed = statements_of(result.stdout)
+        if flag == "--check":  # plant() dropped an index: it is printed (psql then builds it)
+            assert any("idx_users_status" in statement for statement in printed), result.stdout
         assert all(
             line.endswith(";") for line in result.stdout.splitlines() if not line.startswith("--")
         )
@@ -491,7 +503,9 @@ def test_check_evaluating_a_check_advances_no_sequence(migrated_db):
     migrated_db.rows("ALTER TABLE users ADD CONSTRAINT quota_positive CHECK (quota >= 0)")
     before = migrated_db.value("SELECT last_value || ' ' || is_called FROM users_id_seq")
     for _ in range(3):
-        assert run_migrate(migrated_db.url, "--check").returncode == migrate.EXIT_OK
+        check = run_migrate(migrated_db.url, "--check")
+        assert check.returncode == migrate.EXIT_OK
+        assert check.stderr.splitlines()[-1].startswith("migrate: the database matches the models")
     assert migrated_db.value("SELECT last_value || ' ' || is_called FROM users_id_seq") == before
 
 
@@ -532,3 +546,101 @@ def test_a_usage_error_after_text_won_over_json_is_no_document():
     result = run_migrate("dbname=x", "--check", "--format", "json", "--format", "text", "--bogus")
     assert result.returncode == migrate.EXIT_ERROR
     assert result.stdout == ""
+
+
+# --- Every character a terminal interprets is escaped ------------------------------------------
+
+# What a terminal acts on rather than shows: a name holding one could recolour, move the
+# cursor, rewrite what an operator reads (ESC [, CSI), reorder it (bidi overrides) or split
+# it (line and paragraph separators, NEL).
+TERMINAL_CLASSES = {
+    "C0 controls and DEL": [chr(code) for code in range(0x01, 0x20)] + ["\x7f"],
+    "C1 controls": [chr(code) for code in range(0x80, 0xA0)],
+    "bidirectional controls": [chr(code) for code in range(0x202A, 0x202F)]
+    + [chr(code) for code in range(0x2066, 0x206A)]
+    + ["\u200e", "\u200f", "\u061c"],
+    "line and paragraph separators": ["\u2028", "\u2029"],
+}
+# A name per class within PostgreSQL's 63 bytes: its ends and the characters known to be used
+# in attacks (ESC of a CSI sequence, NEL, RLO, FSI).
+TERMINAL_NAMES = {
+    "C0 controls and DEL": "a\x01\x07\x08\x1b[2J\x1b]0;x\x07\x1f\x7fz",
+    "C1 controls": "a\x80\x85\x9b2J\x9d\x9fz",
+    "bidirectional controls": "a" + "".join(TERMINAL_CLASSES["bidirectional controls"]) + "z",
+    "line and paragraph separators": "a\u2028b\u2029z",
+}
+
+
+def escaped_form(char):
+    code = ord(char)
+    if char in "\n\r\t":
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}[char]
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+@pytest.mark.parametrize("kind", TERMINAL_CLASSES)
+def test_every_character_a_terminal_interprets_is_escaped_by_each_printer(kind):
+    for char in TERMINAL_CLASSES[kind]:
+        for printer in (catalog.shown, catalog.one_line):
+            assert printer(f"a{char}z") == f"a{escaped_form(char)}z", (kind, hex(ord(char)))
+        assert catalog.shown_name(f"a{char}z") == f'"a{escaped_form(char)}z"'
+
+
+@pytest.mark.parametrize("kind", TERMINAL_NAMES)
+def test_a_table_name_holding_terminal_controls_is_printed_escaped(migrated_db, kind):
+    name = TERMINAL_NAMES[kind]
+    migrated_db.rows(
+        sql.SQL("CREATE TABLE {} (id int)")
+        .format(sql.Identifier(name))
+        .as_string(migrated_db.connection)
+    )
+    run = run_migrate(migrated_db.url)
+    check = run_migrate(migrated_db.url, "--check")
+
+    escaped = "".join(
+        escaped_form(char) if char in TERMINAL_CLASSES[kind] else char for char in name
+    )
+    assert f'migrate: not in the models, left alone: table "{escaped}"' in run.stderr.splitlines()
+    assert f'--   table "{escaped}"' in check.stdout.splitlines()
+    for output in (run.stdout, run.stderr, check.stdout, check.stderr):
+        assert not set(output) & set(TERMINAL_CLASSES[kind]) - {"\n"}, ascii(output)
+
+
+def test_a_backslash_is_doubled_so_that_a_name_cannot_forge_an_escape(migrated_db):
+    assert catalog.shown("x\\ny") == "x\\\\ny" != catalog.shown("x\ny")
+    assert catalog.shown_name("x\\ny") == '"x\\\\ny"'
+    migrated_db.rows('CREATE TABLE "x\\ny" (id int)')
+    result = run_migrate(migrated_db.url)
+    assert 'migrate: not in the models, left alone: table "x\\\\ny"' in result.stderr.splitlines()
+
+
+@pytest.mark.parametrize("name", ["my app", "Upper", "1st", "a-b", 'q"uote', "é"])
+def test_a_name_sql_would_quote_is_printed_quoted(migrated_db, name):
+    expected = '"' + name.replace('"', '""') + '"'
+    assert catalog.shown_name(name) == expected
+    migrated_db.rows(
+        sql.SQL("CREATE TABLE {} (id int)")
+        .format(sql.Identifier(name))
+        .as_string(migrated_db.connection)
+    )
+    result = run_migrate(migrated_db.url)
+    assert f"migrate: not in the models, left alone: table {expected}" in result.stderr.splitlines()
+
+
+def test_names_are_printed_in_ascii_escapes_where_the_output_is_not_utf8(migrated_db):
+    migrated_db.rows('CREATE TABLE "café" (id int)')
+    migrated_db.rows('CREATE TABLE "日本" (id int)')
+    result = run_migrate(migrated_db.url, PYTHONIOENCODING="ascii")
+    lines = result.stderr.splitlines()
+    assert 'migrate: not in the models, left alone: table "caf\\u00e9"' in lines
+    assert 'migrate: not in the models, left alone: table "\\u65e5\\u672c"' in lines
+    assert result.stderr.isascii()
+
+
+@pytest.mark.parametrize("kind", TERMINAL_CLASSES)
+def test_printed_sql_writes_terminal_controls_in_postgresql_escapes(migrated_db, kind):
+    chars = "".join(char for char in TERMINAL_CLASSES[kind] if char != "\x00")
+    statement = plan.one_line_sql(f"SELECT 'a{chars}z' AS \"b{chars}y\"")
+    assert statement.isprintable() and statement.isascii(), ascii(statement)
+    # What psql would run is what was meant: the same text back from the server.
+    assert migrated_db.rows(statement) == [("a" + chars + "z",)]
