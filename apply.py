@@ -83,7 +83,14 @@ from connection import (
     watch,
 )
 from models import MODELS, database
-from partition import not_ready_to_swap, resume_words, retention_plan, with_partitions
+from moving import CATCH_UP_ROWS
+from partition import (
+    CHECKED_AFTER_COMMIT,
+    not_ready_to_swap,
+    resume_words,
+    retention_plan,
+    with_partitions,
+)
 from plan import (
     STEP_KINDS,
     lock_name,
@@ -544,10 +551,11 @@ def run_transaction(target, planner, statement_timeout, budget, step=None):
                 check_effects(statements, planner.read(target))
         return plan, statements
 
-    # The swap holds ACCESS EXCLUSIVE on request_logs and users: its effects are read back
-    # right after COMMIT instead of inside it, which would hold those locks 15-40 ms longer
-    # (BENCHMARKS.md, section 10). The catalog still decides what is logged.
-    swapping = bool(step and step.startswith("swap "))
+    # The swap, a switch, a drop hold ACCESS EXCLUSIVE on request_logs: their effects are
+    # read back right after COMMIT instead of inside it, which would hold that lock for a
+    # read of the whole catalog, 15-40 ms and more with the partitions (BENCHMARKS.md,
+    # sections 10 and 12). The catalog still decides what is logged.
+    swapping = bool(step and step.startswith(CHECKED_AFTER_COMMIT))
     plan, statements = with_lock_retries(attempt, budget, target)
     if swapping and statements:
         check_effects(statements, planner.read(target))
@@ -617,13 +625,20 @@ def run_batches(step, plan, target, planner, lock_timeout, statement_timeout, bu
                 log.info(
                     "%s: %s rows so far, %.0f s", ongoing(statement), f"{total:,}", now - started
                 )
-            if rows == 0:
+            # A catch-up stops at a batch that is not full: writers keep logging changes,
+            # and the switch replays the last few under its lock.
+            if rows == 0 or (catching_up(statement) and rows < CATCH_UP_ROWS):
                 break
         reset_online_session()
-        check_effects([statement], plan_with_retries(target, planner, budget))
+        if not catching_up(statement):  # what it replays is never "made": nothing to read back
+            check_effects([statement], plan_with_retries(target, planner, budget))
         log.info("%s: %s rows", statement.description.split(" (~")[0], f"{total:,}")
         done.append(statement)
     return done
+
+
+def catching_up(statement):
+    return statement.effect[0] == "caught up"
 
 
 def check_effects(statements, after):
@@ -714,12 +729,15 @@ def run_online(
         for statement in statements:
             log.info("%s: started (%s)", ongoing(statement), statement.hazard.work)
             with watching(statement, plan.snapshot.tables):
-                database.execute_sql(statement.sql)
+                rows = database.execute_sql(statement.sql).rowcount
             check_same_backend(backend)
             after = plan_with_retries(target, planner, budget)
             check_effects([statement], after)
             done.append(statement)
-            log.info(statement.description)
+            if statement.effect[0] == "copied":  # its last statement is the INSERT
+                log.info("%s: %s rows", statement.description, f"{max(rows, 0):,}")
+            else:
+                log.info(statement.description)
         reset_online_session()
     except (peewee.DatabaseError, psycopg2.Error) as exc:
         if pgcode(exc) is None:  # the connection was lost: say what the catalog shows, then why
