@@ -889,7 +889,12 @@ def ongoing(statement):
         "bounded": "bounding",
         "converted": "converting",
         "moved": "moving",
+        "copied": "copying",
+        "caught": "catching",
+        "marked": "marking",
     }
+    if " " not in statement.description:  # a minor statement of a step, which says nothing
+        return statement.sql.split(" (", 1)[0][:80]
     verb, rest = statement.description.split(" ", 1)
     return f"{verbs.get(verb, verb)} {rest}"
 

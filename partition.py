@@ -1091,7 +1091,7 @@ def drop_partition(snapshot, name, default):
             mark.append(
                 Statement(
                     sql_text("COMMENT ON TABLE", Entity(name), "IS", Value(moving.RETIRED_ALL)),
-                    "",
+                    f"marked partition {shown_name(name)} as retention's to drop",
                     (name,),
                     Hazard("ShareUpdateExclusiveLock", "nothing", "instant"),
                     ("retiring", PARENT, name),

@@ -5,13 +5,16 @@ reader), retention giving the disk back on a converted table, and interrupted wo
 by the next run with the same flags.
 """
 
-import signal
 import threading
 from datetime import UTC, datetime, timedelta
 
 import psycopg2
 
+import apply
+import migrate
+import models
 import partition
+from catalog import target_schema
 from conftest import migrate_here, poll_until, run_migrate, wait_for_lock_wait
 from test_online import add_users_and_logs
 from test_partitions import layout, month
@@ -182,25 +185,31 @@ def test_retention_on_a_converted_table_keeps_the_rows_in_months_and_gives_the_d
     assert used <= 1.3 * fresh, (used, fresh)
 
 
-def test_a_soft_delete_of_a_kept_row_during_the_copy_is_kept(empty_db, start_migrate):
+def test_a_soft_delete_of_a_row_copied_already_is_kept(empty_db, start_migrate):
     legacy_layout(empty_db, 20_000)
+    this, last = month(datetime.now(UTC)), month(datetime.now(UTC), -1)
     target = empty_db.value(
-        "SELECT id FROM request_logs WHERE created_at >= now() - interval '30 days' LIMIT 1"
+        "SELECT id FROM request_logs WHERE created_at >= %s AND created_at < %s LIMIT 1", last, this
     )
-    # The copy of the row's month waits for this lock, taken once the trigger logs writes:
-    # the soft delete lands after the copy began, and the catch-up must replay it.
+    copied, waiting = partition.month_name(last), partition.month_name(this)
     holder = psycopg2.connect(empty_db.url)
-    run = start_migrate(empty_db.url, "--retain-request-logs", "90", "--lock-timeout", "60")
-    poll_until(
-        "the retention's trigger logs writes to request_logs_legacy",
-        lambda: empty_db.value(
-            "SELECT count(*) FROM pg_trigger WHERE tgname = 'request_logs_keeping'"
-        ),
-        seconds=120,
-        every=0.002,
-    )
-    empty_db.rows("UPDATE request_logs SET deleted_at = now() WHERE id = %s", target)
-    holder.close()
+    try:
+        run = start_migrate(empty_db.url, "--retain-request-logs", "90", "--lock-timeout", "60")
+        poll_until(
+            f"{waiting} is made",
+            lambda: empty_db.value("SELECT to_regclass(%s) IS NOT NULL", waiting),
+            seconds=120,
+            every=0.002,
+        )
+        # The copy of this month waits for this reader, once last month's copy is done: the
+        # soft delete lands after that copy, and the catch-up must replay it.
+        with holder.cursor() as cursor:
+            cursor.execute(f'LOCK TABLE "{waiting}" IN ACCESS SHARE MODE')
+        wait_for_lock_wait(empty_db, f"the copy into {waiting} waits", run=run, table=waiting)
+        assert "rows copied" in empty_db.value("SELECT obj_description(%s::regclass)", copied)
+        empty_db.rows("UPDATE request_logs SET deleted_at = now() WHERE id = %s", target)
+    finally:
+        holder.close()
     _, stderr = run.communicate(timeout=300)
 
     assert run.returncode == 0, stderr
@@ -209,9 +218,7 @@ def test_a_soft_delete_of_a_kept_row_during_the_copy_is_kept(empty_db, start_mig
     assert empty_db.value("SELECT to_regclass('request_logs_legacy')") is None
 
 
-def test_a_retention_killed_between_its_detach_and_its_drop_is_finished_by_the_next_run(
-    empty_db, start_migrate
-):
+def test_a_retention_killed_between_its_detach_and_its_drop_is_finished_by_the_next_run(empty_db):
     layout_made_months_ago(empty_db, 0)
     empty_db.rows("ALTER TABLE request_logs DETACH PARTITION request_logs_default")
     empty_db.rows("DROP TABLE request_logs_default")
@@ -221,23 +228,23 @@ def test_a_retention_killed_between_its_detach_and_its_drop_is_finished_by_the_n
         f" ('{old:%Y-%m-%d}+00') TO ('{month(old, 1):%Y-%m-%d}+00')"
     )
     fill(empty_db, old, 100)
-    # A reader of the partition itself: the detach goes on, the DROP waits for it.
-    holder = psycopg2.connect(empty_db.url)
-    with holder.cursor() as cursor:
-        cursor.execute("LOCK TABLE ONLY request_logs_old IN ACCESS SHARE MODE")
-    run = start_migrate(empty_db.url, "--retain-request-logs", "90", "--lock-timeout", "60")
-    wait_for_lock_wait(
-        empty_db, "the DROP waits for the reader", run=run, table="request_logs_old", seconds=60
+    # What the run does up to the kill: the step's statements but its last, the DROP.
+    migrate.connect(empty_db.params)
+    step = next(
+        s
+        for s in apply.Planner(retain_days=90).read(target_schema()).steps
+        if s.name == "drop request_logs_old"
     )
+    models.database.close()
+    assert step.statements[-1].sql.startswith("DROP TABLE")
+    for statement in step.statements[:-1]:
+        empty_db.rows(statement.sql)
     assert empty_db.value(
         "SELECT NOT relispartition FROM pg_class WHERE relname = 'request_logs_old'"
     )
-    run.send_signal(signal.SIGKILL)
-    run.communicate(timeout=60)
-    holder.close()
 
     check = run_migrate(empty_db.url, "--check")
-    retention_check = run_migrate(empty_db.url, "--check", "--retain-request-logs", "90")
+    retention_check = run_migrate(empty_db.url, "--dry-run", "--retain-request-logs", "90")
     again = run_migrate(empty_db.url, "--retain-request-logs", "90")
 
     assert "request_logs_old" in check.stdout and "--retain-request-logs" in check.stdout
