@@ -498,7 +498,7 @@ def switch(snapshot, work):
                 sql_text("ALTER TABLE", parent, "ATTACH PARTITION", Entity(name))
                 + " "
                 + bounds_sql(lower, upper),
-                f"attached partition {shown_name(name)} with its rows from {shown_name(work.source)}",
+                f"attached partition {shown_name(name)}",
                 (name, "users", "api_keys"),
                 SWITCH_ATTACH,
                 key,
