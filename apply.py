@@ -83,7 +83,7 @@ from connection import (
     watch,
 )
 from models import MODELS, database
-from moving import CATCH_UP_ROWS
+from moving import CATCH_UP_TAIL
 from partition import (
     CHECKED_AFTER_COMMIT,
     not_ready_to_swap,
@@ -545,6 +545,9 @@ def run_transaction(target, planner, statement_timeout, budget, step=None):
             if reason:
                 raise MigrationError(f"{step}: not now, {reason}; {state_words()}")
             statements = pick(plan)
+            # The locks are taken from the first statement on: the plan made above holds none
+            # that a writer waits for, so the time logged starts here.
+            transaction_ms["from"] = time.perf_counter()
             for statement in statements:
                 execute_statement(statement)
             if statements and not swapping:
@@ -627,7 +630,7 @@ def run_batches(step, plan, target, planner, lock_timeout, statement_timeout, bu
                 )
             # A catch-up stops at a batch that is not full: writers keep logging changes,
             # and the switch replays the last few under its lock.
-            if rows == 0 or (catching_up(statement) and rows < CATCH_UP_ROWS):
+            if rows == 0 or (catching_up(statement) and rows < CATCH_UP_TAIL):
                 break
         reset_online_session()
         if not catching_up(statement):  # what it replays is never "made": nothing to read back
@@ -664,7 +667,9 @@ def transaction_settings(target, statement_timeout):
     return settings
 
 
-transaction_ms = {"last": 0.0}  # BEGIN to COMMIT of the last transaction that committed
+# The first statement (after the plan made inside) to COMMIT of the last transaction that
+# committed: how long it held its locks.
+transaction_ms = {"last": 0.0, "from": 0.0}
 
 
 @contextmanager
@@ -678,7 +683,7 @@ def transaction(target, statement_timeout):
     """
     params = guard_params(target, LOCK_ATTEMPT, statement_timeout)
     params["idle"] = f"{milliseconds(TRANSACTION_GUARD)}ms"
-    started = time.perf_counter()
+    started = transaction_ms["from"] = time.perf_counter()
     database.execute_sql(
         f"BEGIN; {guard_sql()}, set_config('idle_in_transaction_session_timeout', %(idle)s, true)",
         params,
@@ -693,7 +698,7 @@ def transaction(target, statement_timeout):
         raise
     try:
         database.execute_sql("COMMIT")
-        transaction_ms["last"] = (time.perf_counter() - started) * 1000
+        transaction_ms["last"] = (time.perf_counter() - max(started, transaction_ms["from"])) * 1000
     except BaseException:
         # A signal can arrive while COMMIT is on its way: say whether it took effect.
         connection = database.connection()

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import socket
@@ -27,7 +28,7 @@ import sys
 import threading
 import time
 from collections import namedtuple
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
@@ -726,6 +727,287 @@ def bench_retention(scratch, settings):
         )
 
 
+class MonthReader(threading.Thread):
+    """Counts the rows of [since, ...) over and over; the count must never drop (the inserts
+    only add rows), else a reader saw rows missing."""
+
+    def __init__(self, url, since):
+        super().__init__(daemon=True)
+        self.connection = psycopg2.connect(url)
+        self.connection.autocommit = True
+        self.since, self.stop, self.counts = since, threading.Event(), []
+
+    def run(self):
+        with self.connection.cursor() as cursor:
+            while not self.stop.is_set():
+                cursor.execute(
+                    "SELECT count(*) FROM request_logs WHERE created_at >= %s", (self.since,)
+                )
+                self.counts.append(cursor.fetchone()[0])
+        self.connection.close()
+
+    def drops(self):
+        return sum(1 for a, b in zip(self.counts, self.counts[1:], strict=False) if b < a)
+
+
+class LockHolds(logging.Handler):
+    """The 'held its locks for N ms' lines of an in-process run, by step."""
+
+    def __init__(self):
+        super().__init__()
+        self.holds = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "its transaction held its locks for" in message:
+            step = message.split(": its transaction")[0]
+            self.holds.append((step, float(message.rsplit(" for ", 1)[1].split()[0])))
+
+
+def with_inserts(scratch, action, since=None):
+    """action() while a session inserts this month's logs one at a time (and a reader counts
+    rows from `since`); returns (action's result, longest insert in s, the reader's drops)."""
+    inserter = Inserter(scratch.url)
+    reader = MonthReader(scratch.url, since) if since else None
+    inserter.start()
+    if reader:
+        reader.start()
+    time.sleep(0.3)
+    started = time.perf_counter()
+    result = action()
+    finished = time.perf_counter()
+    time.sleep(0.2)
+    for thread in (inserter, reader):
+        if thread:
+            thread.stop.set()
+            thread.join()
+    waits = [w for at, w in inserter.latencies if at >= started and at - w <= finished]
+    return result, max(waits), (reader.drops() if reader else None)
+
+
+def seed_users(scratch):
+    scratch.execute("INSERT INTO users (username, email, password_hash) VALUES ('u', 'e', 'h')")
+    scratch.execute("INSERT INTO api_keys (user_id, key, name) VALUES (1, 'k', 'n')")
+
+
+FILL_SPREAD = (
+    "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model, method,"
+    " path, status_code, response_time) SELECT %(start)s::timestamptz + (g::float8 * %(seconds)s"
+    " / %(count)s) * interval '1 second', 1, 1, 1, 'model-1', 'POST', '/', 200, 10"
+    " FROM generate_series(1, %(count)s) g"
+)
+
+
+def run_migrate_logged(scratch, *args):
+    """migrate.py as operators run it; (seconds, exit code, its stderr lines)."""
+    started = time.perf_counter()
+    run = subprocess.run(
+        [sys.executable, str(HERE / "migrate.py"), *args, "--progress", "0"],
+        env={**os.environ, "DATABASE_URL": scratch.url},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return time.perf_counter() - started, run.returncode, run.stderr.splitlines()
+
+
+def held_ms(lines, prefix):
+    return [
+        float(line.rsplit(" for ", 1)[1].split()[0])
+        for line in lines
+        if line.startswith(f"migrate: {prefix}") and "held its locks" in line
+    ]
+
+
+def bench_move_out_of_default(scratch, settings):
+    """Section 12: a month's rows in the default partition (a month no run made ready) given
+    their partition while inserts run: the switch (moving.py) against the SHARE-lock move."""
+    count = 200_000 if settings is QUICK else 2_000_000
+    now = datetime.now(UTC)
+    this = partition.month_start(now)
+    results = {}
+    for way in ("switch", "share lock"):
+        scratch.reset()
+        migrate_in_process(scratch, partition=True, now=partition.add_months(this, -4))
+        seed_users(scratch)
+        seconds_so_far = max(60, int((now - this).total_seconds()) - 60)
+        scratch.execute(FILL_SPREAD, {"start": this, "seconds": seconds_so_far, "count": count})
+        scratch.execute("CHECKPOINT")
+        if way == "switch":
+
+            def action():
+                return run_migrate_logged(scratch, "--lock-timeout", "60")
+
+        else:
+
+            def action():
+                connection = psycopg2.connect(scratch.url)
+                started = time.perf_counter()
+                with connection, connection.cursor() as cursor:
+                    for sql in partition.move_by_hand("request_logs_default", this)[1:-1]:
+                        cursor.execute(sql)
+                connection.close()
+                return time.perf_counter() - started, 0, []
+
+        (seconds, status, lines), longest, drops = with_inserts(scratch, action, since=this)
+        assert status == 0, "\n".join(lines)
+        left = scratch.execute("SELECT count(*) FROM ONLY request_logs_default")[0][0]
+        results[way] = (seconds, longest, drops, held_ms(lines, "switch "), left)
+    for way, label in (
+        ("switch", "migrate.py: copy beside, catch up, one switch"),
+        ("share lock", "one transaction: LOCK SHARE, move the rows, ATTACH (before)"),
+    ):
+        seconds, longest, drops, holds, left = results[way]
+        add_row(
+            f"12 upkeep: {count:,} rows of this month in the default partition, inserts running",
+            label,
+            f"longest insert {longest * 1000:.0f} ms; whole run {seconds:.1f} s"
+            + (f"; switch held its locks {holds[0]:.0f} ms" if holds else ""),
+            f"the reader's count of the month dropped {drops} times; {left} rows left in default",
+        )
+
+
+def bench_legacy_retention(scratch, settings):
+    """Section 13: --retain-request-logs 90 on a converted table (12 months in
+    request_logs_legacy): month partitions of the kept rows (moving.py) against the batched
+    DELETE, with WAL, disk afterwards, and the longest insert."""
+    count = 200_000 if settings is QUICK else 2_000_000
+    now = datetime.now(UTC)
+    results = {}
+    for way in ("keep", "batched DELETE"):
+        scratch.reset()
+        migrate_in_process(scratch)
+        seed_users(scratch)
+        scratch.execute(
+            FILL_SPREAD,
+            {"start": now - timedelta(days=360), "seconds": 86_400 * 359, "count": count},
+        )
+        migrate_in_process(scratch, partition=True)
+        scratch.execute("VACUUM ANALYZE request_logs_legacy")
+        scratch.execute("CHECKPOINT")
+        cutoff = now - timedelta(days=90)
+        kept = scratch.execute(
+            "SELECT count(*) FROM request_logs WHERE created_at >= %s", (cutoff,)
+        )[0][0]
+
+        def load_kept(cutoff=cutoff):
+            scratch.execute("CREATE TABLE fresh (LIKE request_logs INCLUDING ALL)")
+            scratch.execute(
+                "INSERT INTO fresh SELECT * FROM request_logs WHERE created_at >= %s", (cutoff,)
+            )
+
+        _, wal_fresh = wal_bytes_and_seconds(scratch, load_kept)
+        fresh = scratch.execute("SELECT pg_total_relation_size('fresh')")[0][0]
+        scratch.execute("DROP TABLE fresh")
+        scratch.execute("CHECKPOINT")
+        if way == "keep":
+
+            def action():
+                return run_migrate_logged(
+                    scratch, "--retain-request-logs", "90", "--lock-timeout", "60"
+                )
+
+        else:
+
+            def action(cutoff=cutoff):
+                started = time.perf_counter()
+                while scratch.execute(
+                    "WITH gone AS (DELETE FROM ONLY request_logs_legacy WHERE ctid = ANY (ARRAY ("
+                    "SELECT ctid FROM ONLY request_logs_legacy WHERE created_at < %s LIMIT 5000))"
+                    " RETURNING 1) SELECT count(*) FROM gone",
+                    (cutoff,),
+                )[0][0]:
+                    pass
+                return time.perf_counter() - started, 0, []
+
+        holder = {}
+
+        def measured(holder=holder, action=action):
+            holder["result"] = action()
+
+        (_, wal), longest, drops = with_inserts(
+            scratch, lambda: wal_bytes_and_seconds(scratch, measured), since=cutoff
+        )
+        seconds, status, lines = holder["result"]
+        assert status == 0, "\n".join(lines)
+        size = sum(
+            s
+            for (s,) in scratch.execute(
+                "SELECT pg_total_relation_size(relid) FROM pg_partition_tree('request_logs')"
+            )
+        )
+        results[way] = (
+            seconds,
+            wal,
+            size,
+            longest,
+            drops,
+            held_ms(lines, "switch "),
+            kept,
+            fresh,
+            wal_fresh,
+        )
+    for way, label in (
+        ("keep", "migrate.py: kept rows copied to months, legacy dropped"),
+        ("batched DELETE", "batched DELETE, 5,000 rows a batch (before)"),
+    ):
+        seconds, wal, size, longest, drops, holds, kept, fresh, wal_fresh = results[way]
+        add_row(
+            f"13 retention: {count:,} logs over 12 months in request_logs_legacy, 90 days kept"
+            f" ({kept:,} rows)",
+            label,
+            f"{seconds:.1f} s; WAL {wal / 2**20:.1f} MiB ({wal / wal_fresh:.2f}x writing the kept"
+            f" rows once); request_logs {size / 2**20:.1f} MiB after ({size / fresh:.2f}x the kept"
+            f" rows loaded fresh); longest insert {longest * 1000:.0f} ms"
+            + (f"; switch held its locks {holds[0]:.0f} ms" if holds else ""),
+            f"the reader's count of kept rows dropped {drops} times",
+        )
+
+
+def bench_drops(scratch, settings):
+    """Section 14: retention dropping months beside a default partition (a plain DETACH and
+    DROP in one transaction) at 120 and 1,200 partitions: the lock hold per drop, effects read
+    inside the transaction (before) and after its COMMIT (now)."""
+    sizes = (120,) if settings is QUICK else (120, 1_200)
+    now = datetime.now(UTC)
+    this = partition.month_start(now)
+    for size in sizes:
+        for way in ("inside", "after COMMIT"):
+            scratch.reset()
+            migrate_in_process(scratch, partition=True, now=now)
+            seed_users(scratch)
+            scratch.execute(
+                "DO $$ DECLARE m timestamptz; BEGIN FOR i IN 1..%(n)s LOOP"
+                " m := %(this)s::timestamptz - make_interval(months => i);"
+                " EXECUTE format('CREATE TABLE %%I PARTITION OF request_logs FOR VALUES FROM (%%L)"
+                " TO (%%L)', 'request_logs_' || to_char(m AT TIME ZONE 'UTC', 'YYYY_MM'), m,"
+                " m + interval '1 month'); END LOOP; END $$",
+                {"n": size - partition.MONTHS_AHEAD - 2, "this": this},
+            )
+            days = (
+                now - partition.add_months(this, -(size - partition.MONTHS_AHEAD - 2) + 10)
+            ).days
+            saved = apply.CHECKED_AFTER_COMMIT
+            handler = LockHolds()
+            logging.getLogger("migrate").addHandler(handler)
+            if way == "inside":
+                apply.CHECKED_AFTER_COMMIT = ("swap ",)
+            try:
+                _, longest, _ = with_inserts(
+                    scratch, lambda days=days: migrate_in_process(scratch, retain_days=days)
+                )
+            finally:
+                apply.CHECKED_AFTER_COMMIT = saved
+                logging.getLogger("migrate").removeHandler(handler)
+            holds = [ms for step, ms in handler.holds if step.startswith("drop ")]
+            add_row(
+                f"14 retention: dropping {len(holds)} months beside a default, {size:,} partitions",
+                f"effects read {way}",
+                f"lock held per drop {spread(holds, 'ms')}; longest insert {longest * 1000:.0f} ms",
+                "DETACH + DROP in one transaction, ACCESS EXCLUSIVE on request_logs",
+            )
+
+
 # --- The gateway's queries on realistic data -------------------------------------------------
 
 # The lookups the gateway runs, and the Go backend's admin and stats queries
@@ -997,7 +1279,7 @@ def main(argv=None):
     parser.add_argument(
         "--only",
         metavar="N,N",
-        help="run only these sections, e.g. --only 5,8 (8 needs 5's database), 1 to 11",
+        help="run only these sections, e.g. --only 5,8 (8 needs 5's database), 1 to 14",
     )
     parser.add_argument("--create-tables", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1008,7 +1290,7 @@ def main(argv=None):
     scratch = Scratch()
     try:
         server_version = scratch.execute("SHOW server_version")[0][0]
-        wanted = set(args.only.split(",")) if args.only else {str(n) for n in range(1, 12)}
+        wanted = set(args.only.split(",")) if args.only else {str(n) for n in range(1, 15)}
         if wanted & {"1", "2"}:
             bench_bootstrap_and_rerun(scratch, settings)
         if "3" in wanted:
@@ -1028,6 +1310,12 @@ def main(argv=None):
             bench_partitioning(scratch, settings)
         if "11" in wanted:
             bench_retention(scratch, settings)
+        if "12" in wanted:
+            bench_move_out_of_default(scratch, settings)
+        if "13" in wanted:
+            bench_legacy_retention(scratch, settings)
+        if "14" in wanted:
+            bench_drops(scratch, settings)
     finally:
         scratch.drop()
     print_table(settings, server_version)

@@ -51,6 +51,8 @@ from plan import Hazard, Statement, Step, foreign_key_matches, render, sql_text
 PARENT = RequestLog._meta.table_name
 LOG = {"move": f"{PARENT}_moving", "keep": f"{PARENT}_keeping"}
 REST = f"{PARENT}_default_next"  # the new default partition, renamed at the switch
+MOVED_OUT = f"{PARENT}_default_moved_out"  # the old one, its rows copied, until its DROP
+MOVED = "migrate.py move: a detached default partition whose rows are in their partitions"
 PREPARED = "migrate.py {kind}: rows not copied yet"
 COPIED = "migrate.py {kind}: rows copied, changes caught up until the switch"
 # A detached partition whose rows retention removes, dropped by the next retention run.
@@ -60,6 +62,8 @@ RETIRED_FORM = re.compile(
     r"migrate\.py retention: rows before (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\+00 removed"
 )
 CATCH_UP_ROWS = 5_000  # logged changes a catch-up batch replays
+# A catch-up ends at a batch this small: the switch replays what is left under its lock.
+CATCH_UP_TAIL = 50
 
 # The parts of a work: `pieces` [(table, lower, upper)], the rows of [max(lower, keep_from), upper).
 Work = namedtuple("Work", "kind source pieces keep_from")
@@ -228,7 +232,8 @@ def work_steps(snapshot, work):
         prepare += make_log(snapshot, work)
     if source is None:
         prepare.append(start_logging(snapshot, work))
-    steps = []
+    # A switch stopped before the old default's DROP: dropped first, its name is needed.
+    steps = [drop_moved_out()] if work.kind == "move" and moved_out(snapshot) else []
     if prepare:
         steps.append(
             Step(
@@ -254,8 +259,11 @@ def work_steps(snapshot, work):
             switch(snapshot, work),
         )
     )
-    if work.kind == "keep":  # planned now, so that the run goes on to it after the switch
+    # Planned now, so that the run goes on to it after the switch.
+    if work.kind == "keep":
         steps.append(drop_retired(work.source, work.keep_from))
+    else:
+        steps.append(drop_moved_out())
     return steps
 
 
@@ -370,7 +378,7 @@ def make_log(snapshot, work):
         ),
         # SECURITY DEFINER: the application's role writes the log without a grant on it.
         Statement(
-            sql_text("CREATE FUNCTION", function_name(snapshot, work.kind))
+            sql_text("CREATE OR REPLACE FUNCTION", function_name(snapshot, work.kind))
             + "() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER"
             " SET search_path = pg_catalog, pg_temp AS " + render(Value(body)),
             "",
@@ -457,10 +465,13 @@ def replay(snapshot, work, limit):
     parts = [f"changed AS ({picked})"]
     for number, (name, predicate) in enumerate(targets(work)):
         table = render(Entity(name))
-        parts.append(f"gone_{number} AS (DELETE FROM {table} WHERE id IN (SELECT id FROM changed))")
+        # = ANY (ARRAY (...)): an index scan on id, whatever the planner guesses of the log.
+        parts.append(
+            f"gone_{number} AS (DELETE FROM {table} WHERE id = ANY (ARRAY (SELECT id FROM changed)))"
+        )
         parts.append(
             f"now_{number} AS (INSERT INTO {table} ({cols}) SELECT {cols} FROM ONLY {source}"
-            f" WHERE id IN (SELECT id FROM changed) AND ({predicate}))"
+            f" WHERE id = ANY (ARRAY (SELECT id FROM changed)) AND ({predicate}))"
         )
     return Statement(
         f"WITH {', '.join(parts)} SELECT 1 FROM changed",
@@ -483,7 +494,7 @@ def switch(snapshot, work):
             SWITCH_DETACH,
             key,
         ),
-        replay(snapshot, work, None)._replace(effect=key),
+        replay(snapshot, work, None)._replace(effect=key, description=""),
     ]
     for name, lower, upper in work.pieces:
         statements += [
@@ -512,11 +523,22 @@ def switch(snapshot, work):
             ),
         ]
     if work.kind == "move":
+        # The old default is dropped after COMMIT, in a step of its own: a DROP here would
+        # hold every writer while its files go (60 ms at 200,000 rows).
         statements += [
+            stop_logging(work.kind, work.source)._replace(effect=key, hazard=SWITCH_CATALOG),
             Statement(
-                sql_text("DROP TABLE", Entity(work.source)),
-                f"dropped the old default partition {shown_name(work.source)} (its rows copied)",
+                sql_text("ALTER TABLE", Entity(work.source), "RENAME TO", Entity(MOVED_OUT)),
+                "",
                 (work.source,),
+                SWITCH_CATALOG,
+                key,
+            ),
+            Statement(
+                sql_text("COMMENT ON TABLE", Entity(MOVED_OUT), "IS", Value(MOVED)),
+                f"detached the old default partition {shown_name(work.source)}, its rows copied,"
+                f" as {MOVED_OUT}",
+                (MOVED_OUT,),
                 SWITCH_CATALOG,
                 key,
             ),
@@ -561,6 +583,29 @@ def switch(snapshot, work):
         ]
     statements += [s._replace(effect=key) for s in drop_log(work.kind)]
     return statements
+
+
+def moved_out(snapshot):
+    """Whether the old default partition of a finished move waits for its DROP."""
+    table = snapshot.tables.get(MOVED_OUT)
+    return table is not None and table.parent is None and table.comment == MOVED
+
+
+def drop_moved_out():
+    """The DROP of the old default partition: every row of it is in a partition (copies)."""
+    return Step(
+        f"drop {MOVED_OUT}",
+        "transaction",
+        [
+            Statement(
+                sql_text("DROP TABLE", Entity(MOVED_OUT)),
+                f"dropped {MOVED_OUT} (its rows are in their partitions)",
+                (MOVED_OUT,),
+                DROP_RETIRED,
+                ("dropped", PARENT, MOVED_OUT),
+            )
+        ],
+    )
 
 
 def drop_retired(name, cutoff):

@@ -311,7 +311,7 @@ def upkeep(plan, now):
                 Step(f"attach {DEFAULT_PARTITION}", "transaction", attach_default(snapshot))
             )
     month = month_start(now)
-    moves = []
+    moves, later = [], []
     for offset in range(MONTHS_AHEAD + 1):
         start = add_months(month, offset)
         name = month_name(start)
@@ -329,11 +329,16 @@ def upkeep(plan, now):
         ):
             moves.append((name, start, add_months(start, 1)))
         else:
-            steps.append(Step(f"attach {name}", "transaction", attach_month(snapshot, start)))
+            later.append(Step(f"attach {name}", "transaction", attach_month(snapshot, start)))
+    if moving.moved_out(snapshot) and not moves:
+        steps.append(moving.drop_moved_out())
     if moves:
         steps += moving.work_steps(snapshot, Work("move", default, moves, None))
     else:
         steps += moving.cleanup_steps(snapshot, "move")
+    # After the move: an ATTACH beside a default partition reads all of it, under a lock that
+    # holds its inserts, and the move leaves it small.
+    steps += later
     transaction, online = list(plan.transaction), list(plan.online)
     if ID_INDEX._name not in snapshot.indexes:
         stage, statement = build_index_on_only(RequestLog, ID_INDEX)
@@ -370,6 +375,7 @@ def work_tables(snapshot):
         *moving.ours(snapshot, "move"),
         *moving.ours(snapshot, "keep"),
         *moving.retired(snapshot),
+        *([moving.MOVED_OUT] if moving.moved_out(snapshot) else []),
     }
 
 
@@ -565,9 +571,10 @@ def dated_rows_in_default(snapshot, name, now):
     default = render(Entity(name))
     column = render(Entity("created_at"))
     first = month_start(now)
+    # Two ranges of the created_at index: no read of the rows upkeep moves itself.
     outside = (
-        f"{column} IS NOT NULL AND NOT ({column} >= {literal(first)}"
-        f" AND {column} < {literal(add_months(first, MONTHS_AHEAD + 1))})"
+        f"({column} < {literal(first)}"
+        f" OR {column} >= {literal(add_months(first, MONTHS_AHEAD + 1))})"
     )
     count = guarded(
         snapshot.target, f"SELECT count(*) FROM ONLY {default} WHERE {outside}"
@@ -1162,7 +1169,7 @@ MOVING_STEPS = ("prepare the ", "copy rows into ", "catch up the ", "switch ", "
 # Steps whose effects are read back after COMMIT: read inside, the whole catalog would be read
 # while their ACCESS EXCLUSIVE on request_logs holds every writer (0.2-5 s at 120-1,200
 # partitions). The catalog still decides what is logged.
-CHECKED_AFTER_COMMIT = ("swap ", "drop ", "switch ", "prepare the ", "clean up the ")
+CHECKED_AFTER_COMMIT = ("swap ", "drop ", "switch ", "prepare the ", "clean up the ", "attach ")
 CONVERSION_STEPS = ("bound request_logs", "check and index request_logs", "swap request_logs")
 
 
