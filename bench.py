@@ -867,6 +867,42 @@ def bench_move_out_of_default(scratch, settings):
         )
 
 
+WALDUMP = Path("/usr/lib/postgresql") / "{major}" / "bin" / "pg_waldump"
+
+
+def database_wal(scratch, action):
+    """The WAL bytes of records touching the scratch database's relations while action()
+    runs: pg_waldump over the server's pg_wal (the server is shared, and its LSN counts every
+    database's writes); the LSN difference where pg_waldump or pg_wal cannot be read."""
+    major = scratch.execute("SHOW server_version_num")[0][0][:2]
+    folder = Path(scratch.execute("SHOW data_directory")[0][0]) / "pg_wal"
+    dboid = scratch.execute("SELECT oid FROM pg_database WHERE datname = current_database()")[0][0]
+    start = scratch.execute("SELECT pg_current_wal_insert_lsn()")[0][0]
+    result = action()
+    scratch.execute("SELECT pg_switch_wal()")  # the records written so far are flushed
+    end = scratch.execute("SELECT pg_current_wal_insert_lsn()")[0][0]
+    waldump = str(WALDUMP).format(major=major)
+    try:
+        run = subprocess.run(
+            [waldump, "-p", str(folder), "-s", start, "-e", end],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        dump, why = run.stdout, run.stderr.strip().splitlines()[:1]
+    except OSError as exc:
+        dump, why = "", [str(exc)]
+    if not dump:
+        lsn = scratch.execute("SELECT pg_wal_lsn_diff(%s, %s)", (end, start))[0][0]
+        return result, int(lsn), f"LSN difference, all databases ({'; '.join(why)})"
+    marker = f" rel 1663/{dboid}/"
+    total = 0
+    for line in dump.splitlines():
+        if marker in line and "len (rec/tot):" in line:
+            total += int(line.split("len (rec/tot):")[1].split(",")[0].split("/")[1])
+    return result, total, "pg_waldump, this database's records"
+
+
 def bench_legacy_retention(scratch, settings):
     """Section 13: --retain-request-logs 90 on a converted table (12 months in
     request_logs_legacy): month partitions of the kept rows (moving.py) against the batched
@@ -896,7 +932,7 @@ def bench_legacy_retention(scratch, settings):
                 "INSERT INTO fresh SELECT * FROM request_logs WHERE created_at >= %s", (cutoff,)
             )
 
-        _, wal_fresh = wal_bytes_and_seconds(scratch, load_kept)
+        _, wal_fresh, _ = database_wal(scratch, load_kept)
         fresh = scratch.execute("SELECT pg_total_relation_size('fresh')")[0][0]
         scratch.execute("DROP TABLE fresh")
         scratch.execute("CHECKPOINT")
@@ -925,8 +961,8 @@ def bench_legacy_retention(scratch, settings):
         def measured(holder=holder, action=action):
             holder["result"] = action()
 
-        (_, wal), longest, drops = with_inserts(
-            scratch, lambda: wal_bytes_and_seconds(scratch, measured), since=cutoff
+        (_, wal, how), longest, drops = with_inserts(
+            scratch, lambda: database_wal(scratch, measured), since=cutoff
         )
         seconds, status, lines = holder["result"]
         assert status == 0, "\n".join(lines)
@@ -946,12 +982,13 @@ def bench_legacy_retention(scratch, settings):
             kept,
             fresh,
             wal_fresh,
+            how,
         )
     for way, label in (
         ("keep", "migrate.py: kept rows copied to months, legacy dropped"),
         ("batched DELETE", "batched DELETE, 5,000 rows a batch (before)"),
     ):
-        seconds, wal, size, longest, drops, holds, kept, fresh, wal_fresh = results[way]
+        seconds, wal, size, longest, drops, holds, kept, fresh, wal_fresh, how = results[way]
         add_row(
             f"13 retention: {count:,} logs over 12 months in request_logs_legacy, 90 days kept"
             f" ({kept:,} rows)",
@@ -960,7 +997,8 @@ def bench_legacy_retention(scratch, settings):
             f" rows once); request_logs {size / 2**20:.1f} MiB after ({size / fresh:.2f}x the kept"
             f" rows loaded fresh); longest insert {longest * 1000:.0f} ms"
             + (f"; switch held its locks {holds[0]:.0f} ms" if holds else ""),
-            f"the reader's count of kept rows dropped {drops} times",
+            f"the reader's count of kept rows dropped {drops} times; WAL by {how}; the"
+            " inserts' own rows are in the WAL and the space",
         )
 
 
@@ -989,7 +1027,10 @@ def bench_drops(scratch, settings):
             ).days
             saved = apply.CHECKED_AFTER_COMMIT
             handler = LockHolds()
-            logging.getLogger("migrate").addHandler(handler)
+            logger = logging.getLogger("migrate")
+            level = logger.level
+            logger.setLevel(logging.INFO)
+            logger.addHandler(handler)
             if way == "inside":
                 apply.CHECKED_AFTER_COMMIT = ("swap ",)
             try:
@@ -998,7 +1039,8 @@ def bench_drops(scratch, settings):
                 )
             finally:
                 apply.CHECKED_AFTER_COMMIT = saved
-                logging.getLogger("migrate").removeHandler(handler)
+                logger.removeHandler(handler)
+                logger.setLevel(level)
             holds = [ms for step, ms in handler.holds if step.startswith("drop ")]
             add_row(
                 f"14 retention: dropping {len(holds)} months beside a default, {size:,} partitions",
