@@ -330,8 +330,28 @@ def upkeep(plan, now):
             moves.append((name, start, add_months(start, 1)))
         else:
             later.append(Step(f"attach {name}", "transaction", attach_month(snapshot, start)))
+    held = [
+        name
+        for name in (moving.REST, moving.MOVED_OUT)
+        if name in snapshot.relations
+        and not moving.name_free(snapshot, "move", name)
+        and not (name == moving.MOVED_OUT and moving.moved_out(snapshot))
+    ]
+    if moves and held:
+        drift.append(
+            Drift(
+                f"rows of {', '.join(f'{m[1]:%Y-%m}' for m in moves)} in the default partition"
+                f" {shown_name(default)} cannot get their partition: the name"
+                f" {shown_name(held[0])} a move needs is held by another relation; rename it",
+                [],
+                False,
+                "none",
+                ("move name held", PARENT, held[0]),
+            )
+        )
+        moves = []
     if moving.moved_out(snapshot) and not moves:
-        steps.append(moving.drop_moved_out())
+        steps += moving.drop_moved_out(snapshot)
     if moves:
         steps += moving.work_steps(snapshot, Work("move", default, moves, None))
     else:
@@ -1021,14 +1041,16 @@ def retention_plan(plan, days, now=None):
     table = snapshot.tables.get(PARENT)
     # A drop interrupted after its detach (kill -9 between them) is finished first.
     steps = [
-        moving.drop_retired(name, when) for name, when in sorted(moving.retired(snapshot).items())
+        step
+        for name, when in sorted(moving.retired(snapshot).items())
+        for step in moving.drop_retired(snapshot, name, when)
     ]
     if table is not None and table.kind == "p":
         default = default_partition(snapshot)
         keep = None
         for name, (lower, upper) in sorted(partitions(snapshot).items()):
             if upper is not None and upper <= cutoff:
-                steps.append(drop_partition(snapshot, name, default))
+                steps += drop_partition(snapshot, name, default)
             elif lower is None or lower < cutoff:
                 work = kept_months(snapshot, name, lower, upper, cutoff) if keep is None else None
                 if work is not None:
@@ -1083,27 +1105,29 @@ def kept_months(snapshot, name, lower, upper, cutoff):
 
 
 def drop_partition(snapshot, name, default):
-    """The step that detaches and drops a partition. DETACH ... CONCURRENTLY blocks nothing, but
-    PostgreSQL refuses it beside a DEFAULT partition (and before 14): then a plain DETACH and the
-    DROP go in one short transaction, whose ACCESS EXCLUSIVE on request_logs is tried in
-    LOCK_ATTEMPT attempts like every other instant statement. A concurrent detach is marked
-    first (a COMMENT), so that a run stopped between the detach and the DROP leaves a table
-    the next retention run recognises and drops."""
+    """The steps that detach a partition, drop its foreign keys, then drop it. DETACH ...
+    CONCURRENTLY blocks nothing, but PostgreSQL refuses it beside a DEFAULT partition (and
+    before 14): then a plain DETACH runs in one short transaction, whose ACCESS EXCLUSIVE on
+    request_logs is tried in LOCK_ATTEMPT attempts like every other instant statement. The
+    partition is marked by a COMMENT before or with its detach, so that a run stopped before
+    the DROP leaves a table the next retention run recognises and drops. The DROP runs
+    alone, after its foreign keys are dropped: a DROP of a table with foreign keys holds
+    ACCESS EXCLUSIVE on users and api_keys while its files go."""
     concurrently = (database.server_version or 0) >= 140000 and default is None
     pending = snapshot.tables[name].detach_pending
     mark = []
+    if snapshot.tables[name].comment != moving.RETIRED_ALL:
+        mark.append(
+            Statement(
+                sql_text("COMMENT ON TABLE", Entity(name), "IS", Value(moving.RETIRED_ALL)),
+                f"marked partition {shown_name(name)} as retention's to drop",
+                (name,),
+                Hazard("ShareUpdateExclusiveLock", "nothing", "instant"),
+                ("retiring", PARENT, name),
+            )
+        )
     if pending or concurrently:
         word = "FINALIZE" if pending else "CONCURRENTLY"
-        if snapshot.tables[name].comment != moving.RETIRED_ALL:
-            mark.append(
-                Statement(
-                    sql_text("COMMENT ON TABLE", Entity(name), "IS", Value(moving.RETIRED_ALL)),
-                    f"marked partition {shown_name(name)} as retention's to drop",
-                    (name,),
-                    Hazard("ShareUpdateExclusiveLock", "nothing", "instant"),
-                    ("retiring", PARENT, name),
-                )
-            )
         detach = Statement(
             sql_text("ALTER TABLE", Entity(PARENT), "DETACH PARTITION", Entity(name), word),
             f"detached partition {shown_name(name)}",
@@ -1119,20 +1143,12 @@ def drop_partition(snapshot, name, default):
             DETACH,
             ("detached", PARENT, name),
         )
-    drop = Statement(
-        sql_text("DROP TABLE", Entity(name)),
-        f"dropped partition {shown_name(name)}",
-        (name,),
-        DROP_DETACHED,
-        ("dropped partition", PARENT, name),
-        (("detached", PARENT, name),),
-        ((name, None),),
-    )
-    return Step(
-        f"drop {shown_name(name)}",
+    first = Step(
+        f"detach {shown_name(name)}",
         "online" if pending or concurrently else "transaction",
-        [*mark, detach, drop],
+        [*mark, detach],
     )
+    return [first, *moving.drop_retired(snapshot, name, None, planned_from=name)]
 
 
 def rows_before(name, cutoff):
@@ -1169,7 +1185,16 @@ MOVING_STEPS = ("prepare the ", "copy rows into ", "catch up the ", "switch ", "
 # Steps whose effects are read back after COMMIT: read inside, the whole catalog would be read
 # while their ACCESS EXCLUSIVE on request_logs holds every writer (0.2-5 s at 120-1,200
 # partitions). The catalog still decides what is logged.
-CHECKED_AFTER_COMMIT = ("swap ", "drop ", "switch ", "prepare the ", "clean up the ", "attach ")
+CHECKED_AFTER_COMMIT = (
+    "swap ",
+    "drop ",
+    "switch ",
+    "prepare the ",
+    "clean up the ",
+    "attach ",
+    "detach ",
+    "unlink ",
+)
 CONVERSION_STEPS = ("bound request_logs", "check and index request_logs", "swap request_logs")
 
 
@@ -1185,7 +1210,7 @@ def resume_words(step_name):
             "the tables being filled, the change log and its trigger stay (the switch is all or"
             " nothing); the next run with the same flags carries on"
         )
-    if step_name.startswith(("drop ", "delete from ")):
+    if step_name.startswith(("drop ", "delete from ", "detach ", "unlink ")):
         return (
             "what was dropped or deleted before stays so; the next run with"
             " --retain-request-logs does the rest"

@@ -5,6 +5,7 @@ reader), retention giving the disk back on a converted table, and interrupted wo
 by the next run with the same flags.
 """
 
+import signal
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -228,16 +229,16 @@ def test_a_retention_killed_between_its_detach_and_its_drop_is_finished_by_the_n
         f" ('{old:%Y-%m-%d}+00') TO ('{month(old, 1):%Y-%m-%d}+00')"
     )
     fill(empty_db, old, 100)
-    # What the run does up to the kill: the step's statements but its last, the DROP.
+    # What the run does up to the kill: its detach step, not the DROP after it.
     migrate.connect(empty_db.params)
     step = next(
         s
         for s in apply.Planner(retain_days=90).read(target_schema()).steps
-        if s.name == "drop request_logs_old"
+        if s.name == "detach request_logs_old"
     )
     models.database.close()
-    assert step.statements[-1].sql.startswith("DROP TABLE")
-    for statement in step.statements[:-1]:
+    assert "DETACH PARTITION" in step.statements[-1].sql
+    for statement in step.statements:
         empty_db.rows(statement.sql)
     assert empty_db.value(
         "SELECT NOT relispartition FROM pg_class WHERE relname = 'request_logs_old'"
@@ -251,3 +252,84 @@ def test_a_retention_killed_between_its_detach_and_its_drop_is_finished_by_the_n
     assert "DROP TABLE" in retention_check.stdout
     assert again.returncode == 0, again.stderr
     assert empty_db.value("SELECT to_regclass('request_logs_old')") is None
+
+
+def test_a_move_killed_part_way_is_named_by_check_and_finished_by_the_next_run(
+    empty_db, start_migrate
+):
+    layout_made_months_ago(empty_db, 4)
+    this = month(datetime.now(UTC))
+    fill(empty_db, this, 2_000, spread=60)
+    name = partition.month_name(this)
+    holder = psycopg2.connect(empty_db.url)
+    try:
+        run = start_migrate(empty_db.url, "--lock-timeout", "60")
+        poll_until(
+            f"{name} is made beside the layout",
+            lambda: empty_db.value("SELECT to_regclass(%s) IS NOT NULL", name),
+            every=0.002,
+        )
+        with holder.cursor() as cursor:  # its copy or its switch waits for this reader
+            cursor.execute(f'LOCK TABLE "{name}" IN ACCESS SHARE MODE')
+        wait_for_lock_wait(empty_db, f"the copy into {name} waits", run=run, table=name)
+        run.send_signal(signal.SIGKILL)
+        run.communicate(timeout=60)
+    finally:
+        holder.close()
+    assert empty_db.value("SELECT count(*) FROM pg_trigger WHERE tgname = 'request_logs_moving'")
+
+    check = run_migrate(empty_db.url, "--check")
+    again = run_migrate(empty_db.url)
+
+    # Killed in its copy or its switch (whichever waited for the reader): the work is pending.
+    assert "switch request_logs_default for its copies" in check.stdout, check.stdout
+    assert check.returncode == 1
+    assert again.returncode == 0, again.stderr
+    assert layout(empty_db)[name].startswith("FOR VALUES FROM")
+    assert rows_of(empty_db, name) == 2_000 and rows_of(empty_db, default_of(empty_db)) == 0
+    assert (
+        empty_db.value("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'request_logs_%%'") == 0
+    )
+
+
+def test_a_retention_stopped_part_way_is_drift_until_the_next_retention_run(
+    empty_db, start_migrate
+):
+    legacy_layout(empty_db, 5_000)
+    name = partition.month_name(month(datetime.now(UTC)))
+    kept = empty_db.value(
+        "SELECT count(*) FROM request_logs WHERE created_at >= now() - interval '89 days'"
+    )
+    holder = psycopg2.connect(empty_db.url)
+    try:
+        run = start_migrate(empty_db.url, "--retain-request-logs", "90", "--lock-timeout", "60")
+        poll_until(
+            f"{name} is made beside the layout",
+            lambda: empty_db.value("SELECT to_regclass(%s) IS NOT NULL", name),
+            every=0.002,
+        )
+        with holder.cursor() as cursor:
+            cursor.execute(f'LOCK TABLE "{name}" IN ACCESS SHARE MODE')
+        wait_for_lock_wait(empty_db, f"the copy into {name} waits", run=run, table=name)
+        run.send_signal(signal.SIGTERM)
+        _, stopped = run.communicate(timeout=60)
+    finally:
+        holder.close()
+
+    check = run_migrate(empty_db.url, "--check")
+    plain = run_migrate(empty_db.url)
+    assert check.returncode == 3, check.stdout
+    assert "--retain-request-logs DAYS" in check.stdout and "request_logs_legacy" in check.stdout
+    assert plain.returncode == 0, plain.stderr
+    assert empty_db.value("SELECT to_regclass('request_logs_legacy')"), stopped
+
+    again = run_migrate(empty_db.url, "--retain-request-logs", "90")
+
+    assert again.returncode == 0, again.stderr
+    assert empty_db.value("SELECT to_regclass('request_logs_legacy')") is None
+    assert (
+        empty_db.value(
+            "SELECT count(*) FROM request_logs WHERE created_at >= now() - interval '89 days'"
+        )
+        == kept
+    )
