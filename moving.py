@@ -653,8 +653,9 @@ def drop_retired(snapshot, name, cutoff, planned_from=None):
             [
                 Statement(
                     sql_text("DROP TABLE", Entity(name)),
-                    f"dropped {shown_name(name)}"
-                    + (f", removing its rows before {cutoff:%Y-%m-%d %H:%M} UTC" if cutoff else ""),
+                    f"dropped {shown_name(name)}, removing its rows before {cutoff:%Y-%m-%d %H:%M} UTC"
+                    if cutoff
+                    else f"dropped partition {shown_name(name)}",
                     (name,),
                     DROP_RETIRED,
                     ("dropped partition", PARENT, name),
