@@ -86,6 +86,7 @@ from models import MODELS, database
 from moving import CATCH_UP_TAIL
 from partition import (
     CHECKED_AFTER_COMMIT,
+    MOVING_STEPS,
     not_ready_to_swap,
     resume_words,
     retention_plan,
@@ -135,6 +136,11 @@ class Budget:
     def __init__(self, seconds):
         self.seconds = seconds
         self.deadline = time.monotonic() + seconds
+        self.attempts = 0
+
+    def renew(self):
+        """A new budget for the waits to come: the minutes a copy works are not waits."""
+        self.deadline = time.monotonic() + self.seconds
         self.attempts = 0
 
     def spent(self):
@@ -581,6 +587,8 @@ def run_steps(plan, target, planner, lock_timeout, statement_timeout, budget):
         if step is None:
             continue
         progress["left"] = resume_words(name)
+        if name.startswith(MOVING_STEPS):
+            budget.renew()
         if step.kind == "transaction":
             _, statements = run_transaction(target, planner, statement_timeout, budget, step=name)
             done += statements
