@@ -473,9 +473,13 @@ def replay(snapshot, work, limit):
         parts.append(
             f"gone_{number} AS (DELETE FROM {table} WHERE id = ANY (ARRAY (SELECT id FROM changed)))"
         )
+        # OFFSET 0 fences the rows read by id from the month's range: the planner would
+        # otherwise AND in the created_at index, a read of the whole month (34 ms at 600,000
+        # rows, under the switch's lock).
         parts.append(
-            f"now_{number} AS (INSERT INTO {table} ({cols}) SELECT {cols} FROM ONLY {source}"
-            f" WHERE id = ANY (ARRAY (SELECT id FROM changed)) AND ({predicate}))"
+            f"now_{number} AS (INSERT INTO {table} ({cols}) SELECT {cols} FROM (SELECT * FROM"
+            f" ONLY {source} WHERE id = ANY (ARRAY (SELECT id FROM changed)) OFFSET 0) AS changed_rows"
+            f" WHERE {predicate})"
         )
     return Statement(
         f"WITH {', '.join(parts)} SELECT 1 FROM changed",
