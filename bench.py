@@ -1017,14 +1017,18 @@ def bench_drops(scratch, settings):
             scratch.reset()
             migrate_in_process(scratch, partition=True, now=now)
             seed_users(scratch)
-            scratch.execute(
-                "DO $$ DECLARE m timestamptz; BEGIN FOR i IN 1..%(n)s LOOP"
-                " m := %(this)s::timestamptz - make_interval(months => i);"
-                " EXECUTE format('CREATE TABLE %%I PARTITION OF request_logs FOR VALUES FROM (%%L)"
-                " TO (%%L)', 'request_logs_' || to_char(m AT TIME ZONE 'UTC', 'YYYY_MM'), m,"
-                " m + interval '1 month'); END LOOP; END $$",
-                {"n": size - partition.MONTHS_AHEAD - 2, "this": this},
-            )
+            # 40 a transaction: each holds a lock per partition and index, and the server's
+            # lock table (max_locks_per_transaction 64) is shared by every session.
+            months = size - partition.MONTHS_AHEAD - 2
+            for first in range(1, months + 1, 40):
+                scratch.execute(
+                    "DO $$ DECLARE m timestamptz; BEGIN FOR i IN %(first)s..%(last)s LOOP"
+                    " m := %(this)s::timestamptz - make_interval(months => i);"
+                    " EXECUTE format('CREATE TABLE %%I PARTITION OF request_logs FOR VALUES FROM"
+                    " (%%L) TO (%%L)', 'request_logs_' || to_char(m AT TIME ZONE 'UTC',"
+                    " 'YYYY_MM'), m, m + interval '1 month'); END LOOP; END $$",
+                    {"first": first, "last": min(first + 39, months), "this": this},
+                )
             days = (
                 now - partition.add_months(this, -(size - partition.MONTHS_AHEAD - 2) + 10)
             ).days
