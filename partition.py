@@ -81,7 +81,8 @@ ATTACH_MONTH = Hazard(
     "ShareUpdateExclusiveLock",
     "nothing on request_logs; NULL-dated inserts (ACCESS EXCLUSIVE on the default partition)"
     " and writes to users and api_keys (their foreign keys)",
-    "instant: the new partition is empty",
+    "the new partition is empty; reads the default partition, which upkeep keeps small (its"
+    " months moved out first)",
 )
 DETACH_CONCURRENTLY = Hazard(
     "ShareUpdateExclusiveLock", "nothing", "instant, waits for older transactions"
