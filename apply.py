@@ -83,7 +83,16 @@ from connection import (
 )
 from deploy import before_rollout
 from models import MODELS, database
-from partition import clock, not_ready_to_swap, resume_words, retention_plan, with_partitions
+from moving import CATCH_UP_TAIL
+from partition import (
+    CHECKED_AFTER_COMMIT,
+    MOVING_STEPS,
+    clock,
+    not_ready_to_swap,
+    resume_words,
+    retention_plan,
+    with_partitions,
+)
 from plan import (
     STEP_KINDS,
     lock_name,
@@ -128,6 +137,11 @@ class Budget:
     def __init__(self, seconds):
         self.seconds = seconds
         self.deadline = time.monotonic() + seconds
+        self.attempts = 0
+
+    def renew(self):
+        """A new budget for the waits to come: the minutes a copy works are not waits."""
+        self.deadline = time.monotonic() + self.seconds
         self.attempts = 0
 
     def spent(self):
@@ -559,16 +573,20 @@ def run_transaction(target, planner, statement_timeout, budget, step=None):
             if reason:
                 raise MigrationError(f"{step}: not now, {reason}; {state_words()}")
             statements = pick(plan)
+            # The locks are taken from the first statement on: the plan made above holds none
+            # that a writer waits for, so the time logged starts here.
+            transaction_ms["from"] = time.perf_counter()
             for statement in statements:
                 execute_statement(statement)
             if statements and not swapping:
                 check_effects(statements, planner.read(target))
         return plan, statements
 
-    # The swap holds ACCESS EXCLUSIVE on request_logs and users: its effects are read back
-    # right after COMMIT instead of inside it, which would hold those locks 15-40 ms longer
-    # (BENCHMARKS.md, section 10). The catalog still decides what is logged.
-    swapping = bool(step and step.startswith("swap "))
+    # The swap, a switch, a drop hold ACCESS EXCLUSIVE on request_logs: their effects are
+    # read back right after COMMIT instead of inside it, which would hold that lock for a
+    # read of the whole catalog, 15-40 ms and more with the partitions (BENCHMARKS.md,
+    # sections 10 and 12). The catalog still decides what is logged.
+    swapping = bool(step and step.startswith(CHECKED_AFTER_COMMIT))
     plan, statements = with_lock_retries(attempt, budget, target)
     if swapping and statements:
         check_effects(statements, planner.read(target))
@@ -591,6 +609,8 @@ def run_steps(plan, target, planner, lock_timeout, statement_timeout, budget):
         if step is None:
             continue
         progress["left"] = resume_words(name)
+        if name.startswith(MOVING_STEPS):
+            budget.renew()
         if step.kind == "transaction":
             _, statements = run_transaction(target, planner, statement_timeout, budget, step=name)
             done += statements
@@ -638,13 +658,20 @@ def run_batches(step, plan, target, planner, lock_timeout, statement_timeout, bu
                 log.info(
                     "%s: %s rows so far, %.0f s", ongoing(statement), f"{total:,}", now - started
                 )
-            if rows == 0:
+            # A catch-up stops at a batch that is not full: writers keep logging changes,
+            # and the switch replays the last few under its lock.
+            if rows == 0 or (catching_up(statement) and rows < CATCH_UP_TAIL):
                 break
         reset_online_session()
-        check_effects([statement], plan_with_retries(target, planner, budget))
+        if not catching_up(statement):  # what it replays is never "made": nothing to read back
+            check_effects([statement], plan_with_retries(target, planner, budget))
         log.info("%s: %s rows", statement.description.rsplit(" (", 1)[0], f"{total:,}")
         done.append(statement)
     return done
+
+
+def catching_up(statement):
+    return statement.effect[0] == "caught up"
 
 
 def check_effects(statements, after):
@@ -673,7 +700,9 @@ def transaction_settings(target, statement_timeout):
     return settings
 
 
-transaction_ms = {"last": 0.0}  # BEGIN to COMMIT of the last transaction that committed
+# The first statement (after the plan made inside) to COMMIT of the last transaction that
+# committed: how long it held its locks.
+transaction_ms = {"last": 0.0, "from": 0.0}
 
 
 @contextmanager
@@ -687,7 +716,7 @@ def transaction(target, statement_timeout):
     """
     params = guard_params(target, LOCK_ATTEMPT, statement_timeout)
     params["idle"] = f"{milliseconds(TRANSACTION_GUARD)}ms"
-    started = time.perf_counter()
+    started = transaction_ms["from"] = time.perf_counter()
     database.execute_sql(
         f"BEGIN; {guard_sql()}, set_config('idle_in_transaction_session_timeout', %(idle)s, true)",
         params,
@@ -702,7 +731,7 @@ def transaction(target, statement_timeout):
         raise
     try:
         database.execute_sql("COMMIT")
-        transaction_ms["last"] = (time.perf_counter() - started) * 1000
+        transaction_ms["last"] = (time.perf_counter() - max(started, transaction_ms["from"])) * 1000
     except BaseException:
         # A signal can arrive while COMMIT is on its way: say whether it took effect.
         connection = database.connection()
@@ -738,12 +767,15 @@ def run_online(
         for statement in statements:
             log.info("%s: started (%s)", ongoing(statement), statement.hazard.work)
             with watching(statement, plan.snapshot.tables):
-                database.execute_sql(statement.sql)
+                rows = database.execute_sql(statement.sql).rowcount
             check_same_backend(backend)
             after = plan_with_retries(target, planner, budget)
             check_effects([statement], after)
             done.append(statement)
-            log.info(statement.description)
+            if statement.effect[0] == "copied":  # its last statement is the INSERT
+                log.info("%s: %s rows", statement.description, f"{max(rows, 0):,}")
+            else:
+                log.info(statement.description)
         reset_online_session()
     except (peewee.DatabaseError, psycopg2.Error) as exc:
         if pgcode(exc) is None:  # the connection was lost: say what the catalog shows, then why
@@ -895,7 +927,12 @@ def ongoing(statement):
         "bounded": "bounding",
         "converted": "converting",
         "moved": "moving",
+        "copied": "copying",
+        "caught": "catching",
+        "marked": "marking",
     }
+    if " " not in statement.description:  # a minor statement of a step, which says nothing
+        return statement.sql.split(" (", 1)[0][:80]
     verb, rest = statement.description.split(" ", 1)
     return f"{verbs.get(verb, verb)} {rest}"
 

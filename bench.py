@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import socket
@@ -34,7 +35,7 @@ import tempfile
 import threading
 import time
 from collections import namedtuple
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
@@ -798,6 +799,357 @@ def bench_retention(scratch, settings):
         )
 
 
+class MonthReader(threading.Thread):
+    """Counts the rows of [since, ...) over and over; the count must never drop (the inserts
+    only add rows), else a reader saw rows missing."""
+
+    def __init__(self, url, since):
+        super().__init__(daemon=True)
+        self.connection = psycopg2.connect(url)
+        self.connection.autocommit = True
+        self.since, self.stop, self.counts = since, threading.Event(), []
+
+    def run(self):
+        with self.connection.cursor() as cursor:
+            while not self.stop.is_set():
+                cursor.execute(
+                    "SELECT count(*) FROM request_logs WHERE created_at >= %s", (self.since,)
+                )
+                self.counts.append(cursor.fetchone()[0])
+                # A pause, as the gateway's readers have: a reader that never lets go of
+                # request_logs holds off every lock attempt of 50 ms (OPERATING.md).
+                time.sleep(0.05)
+        self.connection.close()
+
+    def drops(self):
+        return sum(1 for a, b in zip(self.counts, self.counts[1:], strict=False) if b < a)
+
+
+class LockHolds(logging.Handler):
+    """The 'held its locks for N ms' lines of an in-process run, by step."""
+
+    def __init__(self):
+        super().__init__()
+        self.holds = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "its transaction held its locks for" in message:
+            step = message.split(": its transaction")[0]
+            self.holds.append((step, float(message.rsplit(" for ", 1)[1].split()[0])))
+
+
+def with_inserts(scratch, action, since=None):
+    """action() while a session inserts this month's logs one at a time (and a reader counts
+    rows from `since`); returns (action's result, longest insert in s, the reader's drops)."""
+    inserter = Inserter(scratch.url)
+    reader = MonthReader(scratch.url, since) if since else None
+    inserter.start()
+    if reader:
+        reader.start()
+    time.sleep(0.3)
+    started = time.perf_counter()
+    result = action()
+    finished = time.perf_counter()
+    time.sleep(0.2)
+    for thread in (inserter, reader):
+        if thread:
+            thread.stop.set()
+            thread.join()
+    waits = [w for at, w in inserter.latencies if at >= started and at - w <= finished]
+    return result, max(waits), (reader.drops() if reader else None)
+
+
+def seed_users(scratch):
+    scratch.execute("INSERT INTO users (username, email, password_hash) VALUES ('u', 'e', 'h')")
+    scratch.execute("INSERT INTO api_keys (user_id, key, name) VALUES (1, 'k', 'n')")
+
+
+FILL_SPREAD = (
+    "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model, method,"
+    " path, status_code, response_time) SELECT %(start)s::timestamptz + (g::float8 * %(seconds)s"
+    " / %(count)s) * interval '1 second', 1, 1, 1, 'model-1', 'POST', '/', 200, 10"
+    " FROM generate_series(1, %(count)s) g"
+)
+
+
+def run_migrate_logged(scratch, *args):
+    """migrate.py as operators run it; (seconds, exit code, its stderr lines)."""
+    started = time.perf_counter()
+    run = subprocess.run(
+        [sys.executable, str(HERE / "migrate.py"), *args, "--progress", "0"],
+        env={**os.environ, "DATABASE_URL": scratch.url},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return time.perf_counter() - started, run.returncode, run.stderr.splitlines()
+
+
+def held_ms(lines, prefix):
+    return [
+        float(line.rsplit(" for ", 1)[1].split()[0])
+        for line in lines
+        if line.startswith(f"migrate: {prefix}") and "held its locks" in line
+    ]
+
+
+def bench_move_out_of_default(scratch, settings):
+    """Section 12: a month's rows in the default partition (a month no run made ready) given
+    their partition while inserts run: the switch (moving.py) against the SHARE-lock move."""
+    count = 200_000 if settings is QUICK else 2_000_000
+    now = datetime.now(UTC)
+    this = partition.month_start(now)
+    results = {}
+    for way in ("switch", "share lock"):
+        scratch.reset()
+        migrate_in_process(scratch, partition=True, now=partition.add_months(this, -4))
+        seed_users(scratch)
+        seconds_so_far = max(60, int((now - this).total_seconds()) - 60)
+        scratch.execute(FILL_SPREAD, {"start": this, "seconds": seconds_so_far, "count": count})
+        scratch.execute("CHECKPOINT")
+        if way == "switch":
+
+            def action():
+                return run_migrate_logged(scratch, "--lock-timeout", "60")
+
+        else:
+
+            def action():
+                connection = psycopg2.connect(scratch.url)
+                started = time.perf_counter()
+                with connection, connection.cursor() as cursor:
+                    for sql in partition.move_by_hand("request_logs_default", this)[1:-1]:
+                        cursor.execute(sql)
+                connection.close()
+                return time.perf_counter() - started, 0, []
+
+        (seconds, status, lines), longest, drops = with_inserts(scratch, action, since=this)
+        assert status == 0, "\n".join(lines)
+        left = scratch.execute("SELECT count(*) FROM ONLY request_logs_default")[0][0]
+        results[way] = (seconds, longest, drops, held_ms(lines, "switch "), left)
+    for way, label in (
+        ("switch", "migrate.py: copy beside, catch up, one switch"),
+        ("share lock", "one transaction: LOCK SHARE, move the rows, ATTACH (before)"),
+    ):
+        seconds, longest, drops, holds, left = results[way]
+        add_row(
+            f"12 upkeep: {count:,} rows of this month in the default partition, inserts running",
+            label,
+            f"longest insert {longest * 1000:.0f} ms; whole run {seconds:.1f} s"
+            + (f"; switch held its locks {holds[0]:.0f} ms" if holds else ""),
+            f"the reader's count of the month dropped {drops} times; {left} rows left in default",
+        )
+
+
+WALDUMP = Path("/usr/lib/postgresql") / "{major}" / "bin" / "pg_waldump"
+
+
+def database_wal(scratch, action):
+    """The WAL bytes of records touching the scratch database's relations while action()
+    runs: pg_waldump over the server's pg_wal (the server is shared, and its LSN counts every
+    database's writes); the LSN difference where pg_waldump or pg_wal cannot be read."""
+    major = scratch.execute("SHOW server_version_num")[0][0][:2]
+    folder = Path(scratch.execute("SHOW data_directory")[0][0]) / "pg_wal"
+    dboid = scratch.execute("SELECT oid FROM pg_database WHERE datname = current_database()")[0][0]
+    start = scratch.execute("SELECT pg_current_wal_insert_lsn()")[0][0]
+    result = action()
+    scratch.execute("SELECT pg_switch_wal()")  # the records written so far are flushed
+    end = scratch.execute("SELECT pg_current_wal_insert_lsn()")[0][0]
+    waldump = str(WALDUMP).format(major=major)
+    try:
+        run = subprocess.run(
+            [waldump, "-p", str(folder), "-s", start, "-e", end],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        dump, why = run.stdout, run.stderr.strip().splitlines()[:1]
+    except OSError as exc:
+        dump, why = "", [str(exc)]
+    if not dump:
+        lsn = scratch.execute("SELECT pg_wal_lsn_diff(%s, %s)", (end, start))[0][0]
+        return result, int(lsn), f"LSN difference, all databases ({'; '.join(why)})"
+    marker = f" rel 1663/{dboid}/"
+    total = 0
+    for line in dump.splitlines():
+        if marker in line and "len (rec/tot):" in line:
+            total += int(line.split("len (rec/tot):")[1].split(",")[0].split("/")[1])
+    return result, total, "pg_waldump, this database's records"
+
+
+def bench_legacy_retention(scratch, settings):
+    """Section 13: --retain-request-logs 90 on a converted table (12 months in
+    request_logs_legacy): month partitions of the kept rows (moving.py) against the batched
+    DELETE, with WAL, disk afterwards, and the longest insert."""
+    count = 200_000 if settings is QUICK else 2_000_000
+    now = datetime.now(UTC)
+    results = {}
+    for way in ("keep", "batched DELETE"):
+        scratch.reset()
+        migrate_in_process(scratch)
+        seed_users(scratch)
+        scratch.execute(
+            FILL_SPREAD,
+            {"start": now - timedelta(days=360), "seconds": 86_400 * 359, "count": count},
+        )
+        migrate_in_process(scratch, partition=True)
+        scratch.execute("VACUUM ANALYZE request_logs_legacy")
+        scratch.execute("CHECKPOINT")
+        cutoff = now - timedelta(days=90)
+        kept = scratch.execute(
+            "SELECT count(*) FROM request_logs WHERE created_at >= %s", (cutoff,)
+        )[0][0]
+
+        def load_kept(cutoff=cutoff):
+            scratch.execute("CREATE TABLE fresh (LIKE request_logs INCLUDING ALL)")
+            scratch.execute(
+                "INSERT INTO fresh SELECT * FROM request_logs WHERE created_at >= %s", (cutoff,)
+            )
+
+        _, wal_fresh, _ = database_wal(scratch, load_kept)
+        fresh = scratch.execute("SELECT pg_total_relation_size('fresh')")[0][0]
+        scratch.execute("DROP TABLE fresh")
+        scratch.execute("CHECKPOINT")
+        if way == "keep":
+
+            def action():
+                return run_migrate_logged(
+                    scratch, "--retain-request-logs", "90", "--lock-timeout", "60"
+                )
+
+        else:
+
+            def action(cutoff=cutoff):
+                started = time.perf_counter()
+                while scratch.execute(
+                    "WITH gone AS (DELETE FROM ONLY request_logs_legacy WHERE ctid = ANY (ARRAY ("
+                    "SELECT ctid FROM ONLY request_logs_legacy WHERE created_at < %s LIMIT 5000))"
+                    " RETURNING 1) SELECT count(*) FROM gone",
+                    (cutoff,),
+                )[0][0]:
+                    pass
+                return time.perf_counter() - started, 0, []
+
+        holder = {}
+
+        def measured(holder=holder, action=action):
+            holder["result"] = action()
+
+        (_, wal, how), longest, drops = with_inserts(
+            scratch, lambda: database_wal(scratch, measured), since=cutoff
+        )
+        seconds, status, lines = holder["result"]
+        assert status == 0, "\n".join(lines)
+        size = sum(
+            s
+            for (s,) in scratch.execute(
+                "SELECT pg_total_relation_size(relid) FROM pg_partition_tree('request_logs')"
+            )
+        )
+        results[way] = (
+            seconds,
+            wal,
+            size,
+            longest,
+            drops,
+            held_ms(lines, "switch "),
+            kept,
+            fresh,
+            wal_fresh,
+            how,
+        )
+    for way, label in (
+        ("keep", "migrate.py: kept rows copied to months, legacy dropped"),
+        ("batched DELETE", "batched DELETE, 5,000 rows a batch (before)"),
+    ):
+        seconds, wal, size, longest, drops, holds, kept, fresh, wal_fresh, how = results[way]
+        add_row(
+            f"13 retention: {count:,} logs over 12 months in request_logs_legacy, 90 days kept"
+            f" ({kept:,} rows)",
+            label,
+            f"{seconds:.1f} s; WAL {wal / 2**20:.1f} MiB ({wal / wal_fresh:.2f}x writing the kept"
+            f" rows once); request_logs {size / 2**20:.1f} MiB after ({size / fresh:.2f}x the kept"
+            f" rows loaded fresh); longest insert {longest * 1000:.0f} ms"
+            + (f"; switch held its locks {holds[0]:.0f} ms" if holds else ""),
+            f"the reader's count of kept rows dropped {drops} times; WAL by {how}; the"
+            " inserts' own rows are in the WAL and the space",
+        )
+
+
+def drop_partitions(scratch):
+    """request_logs' partitions dropped 40 a transaction: one DROP SCHEMA of 1,200 of them
+    exhausts the server's shared lock table."""
+    names = [
+        name
+        for (name,) in scratch.execute(
+            "SELECT c.relname FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid"
+            " WHERE h.inhparent = to_regclass('request_logs')"
+        )
+    ]
+    for first in range(0, len(names), 40):
+        scratch.execute(
+            "DROP TABLE "
+            + ", ".join('"' + n.replace('"', '""') + '"' for n in names[first : first + 40])
+        )
+
+
+def bench_drops(scratch, settings):
+    """Section 14: retention dropping months beside a default partition (a plain DETACH and
+    DROP in one transaction) at 120 and 1,200 partitions: the lock hold per drop, effects read
+    inside the transaction (before) and after its COMMIT (now)."""
+    sizes = (120,) if settings is QUICK else (120, 1_200)
+    now = datetime.now(UTC)
+    this = partition.month_start(now)
+    for size in sizes:
+        for way in ("inside", "after COMMIT"):
+            drop_partitions(scratch)
+            scratch.reset()
+            migrate_in_process(scratch, partition=True, now=now)
+            seed_users(scratch)
+            # 40 a transaction: each holds a lock per partition and index, and the server's
+            # lock table (max_locks_per_transaction 64) is shared by every session.
+            months = size - partition.MONTHS_AHEAD - 2
+            for first in range(1, months + 1, 40):
+                scratch.execute(
+                    "DO $$ DECLARE m timestamptz; BEGIN FOR i IN %(first)s..%(last)s LOOP"
+                    " m := %(this)s::timestamptz - make_interval(months => i);"
+                    " EXECUTE format('CREATE TABLE %%I PARTITION OF request_logs FOR VALUES FROM"
+                    " (%%L) TO (%%L)', 'request_logs_' || to_char(m AT TIME ZONE 'UTC',"
+                    " 'YYYY_MM'), m, m + interval '1 month'); END LOOP; END $$",
+                    {"first": first, "last": min(first + 39, months), "this": this},
+                )
+            days = (
+                now - partition.add_months(this, -(size - partition.MONTHS_AHEAD - 2) + 10)
+            ).days
+            saved = apply.CHECKED_AFTER_COMMIT
+            handler = LockHolds()
+            logger = logging.getLogger("migrate")
+            level = logger.level
+            logger.setLevel(logging.INFO)
+            logger.addHandler(handler)
+            if way == "inside":
+                apply.CHECKED_AFTER_COMMIT = ("swap ",)
+            try:
+                _, longest, _ = with_inserts(
+                    scratch, lambda days=days: migrate_in_process(scratch, retain_days=days)
+                )
+            finally:
+                apply.CHECKED_AFTER_COMMIT = saved
+                logger.removeHandler(handler)
+                logger.setLevel(level)
+            holds = [ms for step, ms in handler.holds if step.startswith("detach ")]
+            others = [ms for step, ms in handler.holds if step.startswith(("unlink ", "drop "))]
+            add_row(
+                f"14 retention: dropping {len(holds)} months beside a default, {size:,} partitions",
+                f"effects read {way}",
+                f"lock held per detach {spread(holds, 'ms')}; longest insert {longest * 1000:.0f} ms",
+                "the DETACH's transaction: ACCESS EXCLUSIVE on request_logs; then the foreign"
+                " keys' and the DROP's, each locking only the detached table (and users, api_keys"
+                f" for the first): {spread(others, 'ms')}",
+            )
+
+
 # --- The gateway's queries on realistic data -------------------------------------------------
 
 # The lookups the gateway runs, and the Go backend's admin and stats queries
@@ -1074,7 +1426,7 @@ def main(argv=None):
     parser.add_argument(
         "--only",
         metavar="N,N",
-        help="run only these sections, e.g. --only 5,8 (8 needs 5's database), 1 to 11",
+        help="run only these sections, e.g. --only 5,8 (8 needs 5's database), 1 to 14",
     )
     parser.add_argument("--create-tables", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1086,7 +1438,7 @@ def main(argv=None):
     try:
         with bytecode_cached():
             server_version = scratch.execute("SHOW server_version")[0][0]
-            wanted = set(args.only.split(",")) if args.only else {str(n) for n in range(1, 12)}
+            wanted = set(args.only.split(",")) if args.only else {str(n) for n in range(1, 15)}
             if wanted & {"1", "2"}:
                 bench_bootstrap_and_rerun(scratch, settings)
             if "3" in wanted:
@@ -1106,7 +1458,15 @@ def main(argv=None):
                 bench_partitioning(scratch, settings)
             if "11" in wanted:
                 bench_retention(scratch, settings)
+            if "12" in wanted:
+                bench_move_out_of_default(scratch, settings)
+            if "13" in wanted:
+                bench_legacy_retention(scratch, settings)
+            if "14" in wanted:
+                bench_drops(scratch, settings)
     finally:
+        with contextlib.suppress(psycopg2.Error):
+            drop_partitions(scratch)
         scratch.drop()
     print_table(settings, server_version)
     return 0

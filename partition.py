@@ -40,9 +40,11 @@ from datetime import UTC, datetime, timedelta
 
 from peewee import Entity, Value
 
+import moving
 from carry import Cannot, conversion_carry, made_like, partition_drift
 from catalog import guarded, shown, shown_name
 from models import RequestLog, database
+from moving import Work, literal
 from plan import (
     Blocker,
     Drift,
@@ -64,7 +66,9 @@ TWIN = f"{PARENT}_partitioned"
 ID_INDEX = RequestLog.index(RequestLog.id, name=f"idx_{PARENT}_id")
 LEGACY_ID_INDEX = f"{LEGACY}_id"
 CHECK_PREFIX = f"{PARENT}_before_"  # + YYYY_MM: the boundary the CHECK proves
-MONTHS_AHEAD = 1  # partitions for this month and the next
+# Partitions for this month and the three after: a deploy (or cron run) every two to three
+# months still finds the month ready before its first row, so rows never land in the default.
+MONTHS_AHEAD = 3
 BATCH_ROWS = 5_000  # rows a retention DELETE removes per transaction
 
 ADD_CHECK_NOT_VALID = Hazard("AccessExclusiveLock", "reads and writes", "instant, no scan")
@@ -78,7 +82,8 @@ ATTACH_MONTH = Hazard(
     "ShareUpdateExclusiveLock",
     "nothing on request_logs; NULL-dated inserts (ACCESS EXCLUSIVE on the default partition)"
     " and writes to users and api_keys (their foreign keys)",
-    "instant: the new partition is empty",
+    "the new partition is empty; reads the default partition, which upkeep keeps small (its"
+    " months moved out first)",
 )
 DETACH_CONCURRENTLY = Hazard(
     "ShareUpdateExclusiveLock", "nothing", "instant, waits for older transactions"
@@ -117,11 +122,6 @@ def month_name(month):
     return f"{PARENT}_{month:%Y_%m}"
 
 
-def literal(moment):
-    """A timestamptz literal with its offset, read the same in every session time zone."""
-    return render(Value(moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S+00")))
-
-
 def boundary_after(now):
     """The first month a converted table does not hold: the next, or the one after when the
     next starts within a day (the conversion may take that long; the CHECK must admit now)."""
@@ -149,6 +149,14 @@ def bound_value(text):
         return datetime.fromisoformat(value)
     except ValueError:
         return FAR_PAST if value.startswith("-") or value.endswith(" BC") else FAR_FUTURE
+
+
+def default_partition(snapshot):
+    """The name of request_logs' DEFAULT partition, whatever it is called, or None."""
+    return next(
+        (t.name for t in snapshot.tables.values() if t.parent == PARENT and t.bound == "DEFAULT"),
+        None,
+    )
 
 
 def partitions(snapshot):
@@ -309,32 +317,74 @@ def partition_of(parent, name, month, hazard):
 
 
 def upkeep(plan, now):
-    """Partitions for this month and the next, the default partition, the id index; the
-    health of the layout as drift."""
+    """Partitions for this month and the MONTHS_AHEAD after, the default partition, the id
+    index; the health of the layout as drift. A month whose rows may already be arriving
+    (it has begun, by this clock or a skewed one, or the default partition holds some) is
+    filled beside the layout and switched in (moving.py): writers are never held while its
+    rows move."""
     snapshot = plan.snapshot
     ranges = partitions(snapshot)
     steps, drift = list(plan.steps), list(plan.drift)
-    default = snapshot.tables.get(DEFAULT_PARTITION)
-    if DEFAULT_PARTITION in snapshot.relations and (default is None or default.parent != PARENT):
-        drift.append(name_held_drift(snapshot, DEFAULT_PARTITION, "DEFAULT"))
-    elif default is None:
-        steps.append(Step(f"attach {DEFAULT_PARTITION}", "transaction", attach_default(snapshot)))
+    default = default_partition(snapshot)
+    if default is None:
+        if DEFAULT_PARTITION in snapshot.relations:
+            drift.append(name_held_drift(snapshot, DEFAULT_PARTITION, "DEFAULT"))
+        else:
+            steps.append(
+                Step(f"attach {DEFAULT_PARTITION}", "transaction", attach_default(snapshot))
+            )
     month = month_start(now)
+    moves, later = [], []
     for offset in range(MONTHS_AHEAD + 1):
         start = add_months(month, offset)
+        name = month_name(start)
         if covered(ranges, start):
             continue
         if overlapping := overlaps(ranges, start):
             drift.append(partly_covered_drift(start, overlapping))
-        elif month_name(start) in snapshot.relations:
+        elif not moving.name_free(snapshot, "move", name):
             bounds = f"FOR VALUES FROM ({literal(start)}) TO ({literal(add_months(start, 1))})"
-            drift.append(name_held_drift(snapshot, month_name(start), bounds))
+            drift.append(name_held_drift(snapshot, name, bounds))
+        elif default is not None and (
+            start <= now + CLOCK_SKEW
+            or name in moving.ours(snapshot, "move")
+            or default_holds(snapshot, default, start, add_months(start, 1))
+        ):
+            moves.append((name, start, add_months(start, 1)))
         else:
-            steps.append(
-                Step(
-                    f"attach {month_name(start)}", "transaction", attach_month(snapshot, start, now)
-                )
+            later.append(Step(f"attach {name}", "transaction", attach_month(snapshot, start)))
+    held = [
+        name
+        for name in (moving.REST, moving.MOVED_OUT)
+        if name in snapshot.relations
+        and not moving.name_free(snapshot, "move", name)
+        and not (name == moving.MOVED_OUT and moving.moved_out(snapshot))
+    ]
+    if moves and held:
+        drift.append(
+            Drift(
+                f"rows of {', '.join(f'{m[1]:%Y-%m}' for m in moves)} in the default partition"
+                f" {shown_name(default)} cannot get their partition: the name"
+                f" {shown_name(held[0])} a move needs is held by another relation; rename it",
+                [],
+                False,
+                "none",
+                ("move name held", PARENT, held[0]),
             )
+        )
+        moves = []
+    if moving.moved_out(snapshot) and not moves:
+        steps += moving.drop_moved_out(snapshot)
+    if moves:
+        steps += moving.work_steps(snapshot, Work("move", default, moves, None))
+    else:
+        steps += moving.cleanup_steps(snapshot, "move")
+    # After the move: an ATTACH beside a default partition reads all of it, under a lock that
+    # holds its inserts, and the move leaves it small. Empty months ahead are made only once
+    # this or next month lacks its partition, then all of them: a layout with next month ready
+    # is healthy, so that --check exits 0 in a month no deploy ran (a run would do nothing).
+    if not (covered(ranges, month) and covered(ranges, add_months(month, 1))):
+        steps += later
     transaction, online = list(plan.transaction), list(plan.online)
     if ID_INDEX._name not in snapshot.indexes:
         stage, statement = build_index_on_only(RequestLog, ID_INDEX)
@@ -345,12 +395,16 @@ def upkeep(plan, now):
                 steps.insert(0, Step("attach partition indexes", "transaction", [statement]))
             else:
                 online.append(statement)
-    if default is not None and default.parent == PARENT:
-        drift += dated_rows_in_default(snapshot)
+    if default is not None:
+        drift += dated_rows_in_default(snapshot, default, now)
     drift += partitions_elsewhere(snapshot)
     drift += partition_drift(snapshot, PARENT)
+    drift += interrupted_retention(snapshot)
     unknown = [
-        u for u in plan.unknown if (u.kind, u.table, u.name) != ("index", PARENT, ID_INDEX._name)
+        u
+        for u in plan.unknown
+        if (u.kind, u.table, u.name) != ("index", PARENT, ID_INDEX._name)
+        and not (u.kind == "table" and u.name in work_tables(snapshot))
     ]
     return plan._replace(
         transaction=transaction,
@@ -359,6 +413,49 @@ def upkeep(plan, now):
         drift=drift,
         unknown=unknown,
     )
+
+
+def work_tables(snapshot):
+    """The tables of moving.py's unfinished works, and those retention is dropping."""
+    return {
+        *moving.LOG.values(),
+        *moving.ours(snapshot, "move"),
+        *moving.ours(snapshot, "keep"),
+        *moving.retired(snapshot),
+        *([moving.MOVED_OUT] if moving.moved_out(snapshot) else []),
+    }
+
+
+def interrupted_retention(snapshot):
+    """A retention run stopped before it finished: what it left, and the run that finishes it."""
+    left = []
+    if moving.in_progress(snapshot, "keep") or moving.ours(snapshot, "keep"):
+        since = moving.kept_from(snapshot)
+        source = moving.logged_source(snapshot, "keep")
+        left.append(
+            f"the copy of the kept rows of {shown_name(source) if source else 'a partition'}"
+            " into month partitions"
+            + (f" (rows from {since:%Y-%m-%d %H:%M} UTC)" if since else "")
+            + (f", whose writes are logged by the trigger {moving.LOG['keep']}" if source else "")
+        )
+    for name, cutoff in sorted(moving.retired(snapshot).items()):
+        left.append(
+            f"the detached table {shown_name(name)}, whose rows "
+            + (f"before {cutoff:%Y-%m-%d %H:%M} UTC" if cutoff else "")
+            + " retention removes"
+        )
+    if not left:
+        return []
+    return [
+        Drift(
+            f"a --retain-request-logs run was stopped before it finished: {'; '.join(left)};"
+            " python migrate.py --retain-request-logs DAYS (the days it was given) finishes it",
+            [],
+            False,
+            "none",
+            ("retention interrupted", PARENT, PARENT),
+        )
+    ]
 
 
 def merge_attach_steps(steps):
@@ -405,24 +502,24 @@ def attach_default(snapshot):
 CLOCK_SKEW = timedelta(days=1)  # how far the application's clocks may run ahead of ours
 
 
-def default_holds(snapshot, month, end):
+def default_holds(snapshot, default, month, end):
     """Whether the default partition holds rows of [month, end) (its created_at index serves
     the read)."""
     column = render(Entity("created_at"))
     return guarded(
         snapshot.target,
-        f"SELECT EXISTS (SELECT 1 FROM ONLY {render(Entity(DEFAULT_PARTITION))}"
+        f"SELECT EXISTS (SELECT 1 FROM ONLY {render(Entity(default))}"
         f" WHERE {column} >= {literal(month)} AND {column} < {literal(end)})",
     ).fetchone()[0]
 
 
-def attach_month(snapshot, month, now=None):
-    """A month's partition made empty beside the table, given the default partition's rows of
-    that month, then attached: ATTACH takes SHARE UPDATE EXCLUSIVE on request_logs, where
-    CREATE TABLE ... PARTITION OF would take ACCESS EXCLUSIVE."""
+def attach_month(snapshot, month):
+    """A month's partition made empty beside the table, then attached: ATTACH takes SHARE
+    UPDATE EXCLUSIVE on request_logs, where CREATE TABLE ... PARTITION OF would take ACCESS
+    EXCLUSIVE. Only for a month no row of which can be arriving (upkeep's rule): with a
+    default partition, ATTACH reads it (ACCESS EXCLUSIVE on it) and finds no row to move."""
     name, end = month_name(month), add_months(month, 1)
-    within = f"{render(Entity('created_at'))} >= {literal(month)} AND {render(Entity('created_at'))} < {literal(end)}"
-    statements = [
+    return [
         Statement(
             # Its CHECKs too: ATTACH refuses a table missing one of the parent's.
             sql_text(
@@ -438,54 +535,6 @@ def attach_month(snapshot, month, now=None):
             ("table", name, name),
         ),
         *made_like_parent(snapshot, name),
-    ]
-    if DEFAULT_PARTITION in snapshot.tables and (
-        month <= (now or datetime.now(UTC)) + CLOCK_SKEW or default_holds(snapshot, month, end)
-    ):
-        # The month's rows are arriving (it has begun, by this clock or a skewed one, or the
-        # default partition holds some): an insert routed to the default partition before
-        # the ATTACH and run after it would fail on the default's new bound (SHARE UPDATE
-        # EXCLUSIVE lets it through). Inserts wait instead, the parent locked before the
-        # partition, in the order they lock them.
-        statements.append(
-            Statement(
-                f"LOCK TABLE {render(Entity(PARENT))} IN SHARE MODE",
-                "",
-                (PARENT,),
-                Hazard("ShareLock", "writes", "instant; held while the month's rows move"),
-                ("moved", name, "inserts held"),
-            )
-        )
-    if DEFAULT_PARTITION in snapshot.tables:
-        # The default partition locked first: inserts committed between a copy and a delete
-        # would otherwise be deleted without being copied. ATTACH takes that lock anyway.
-        default = render(Entity(DEFAULT_PARTITION))
-        statements += [
-            Statement(
-                f"LOCK TABLE ONLY {default} IN ACCESS EXCLUSIVE MODE",
-                "",
-                (DEFAULT_PARTITION,),
-                Hazard(
-                    "AccessExclusiveLock",
-                    "inserts with a NULL created_at or one no partition covers",
-                    "instant",
-                ),
-                ("moved", name, "lock"),
-            ),
-            Statement(
-                f"WITH moved AS (DELETE FROM ONLY {default} WHERE {within} RETURNING *)"
-                f" INSERT INTO {render(Entity(name))} SELECT * FROM moved",
-                f"moved the rows of {month:%Y-%m} out of {DEFAULT_PARTITION}",
-                (DEFAULT_PARTITION,),
-                Hazard(
-                    "AccessExclusiveLock",
-                    "inserts with a NULL created_at or one no partition covers",
-                    "reads the default partition's rows of the month (few, unless upkeep was missed)",
-                ),
-                ("moved", name, "rows"),
-            ),
-        ]
-    statements.append(
         Statement(
             sql_text("ALTER TABLE", Entity(PARENT), "ATTACH PARTITION", Entity(name))
             + f" FOR VALUES FROM ({literal(month)}) TO ({literal(end)})",
@@ -493,9 +542,36 @@ def attach_month(snapshot, month, now=None):
             (PARENT, "users", "api_keys"),
             ATTACH_MONTH,
             ("partition", PARENT, name),
-        )
-    )
-    return statements
+        ),
+    ]
+
+
+def move_by_hand(default, month):
+    """The SQL an operator can run to give a month of the default partition its partition
+    in one transaction: writers to request_logs wait while the month's rows move."""
+    name, end = month_name(month), add_months(month, 1)
+    column = render(Entity("created_at"))
+    within = f"{column} >= {literal(month)} AND {column} < {literal(end)}"
+    source = render(Entity(default))
+    return [
+        "BEGIN",
+        sql_text(
+            "CREATE TABLE",
+            Entity(name),
+            "(LIKE",
+            Entity(PARENT),
+            "INCLUDING DEFAULTS INCLUDING CONSTRAINTS)",
+        ),
+        f"LOCK TABLE {render(Entity(PARENT))} IN SHARE MODE",
+        f"LOCK TABLE ONLY {source} IN ACCESS EXCLUSIVE MODE",
+        (
+            f"WITH moved AS (DELETE FROM ONLY {source} WHERE {within} RETURNING *)"
+            f" INSERT INTO {render(Entity(name))} SELECT * FROM moved"
+        ),
+        sql_text("ALTER TABLE", Entity(PARENT), "ATTACH PARTITION", Entity(name))
+        + f" FOR VALUES FROM ({literal(month)}) TO ({literal(end)})",
+        "COMMIT",
+    ]
 
 
 ELSEWHERE_QUERY = """
@@ -533,21 +609,30 @@ SELECT CASE WHEN NOT isfinite(m) THEN m::text WHEN m < '0001-01-01' THEN to_char
   ELSE to_char(m, 'YYYY-MM') END,
   CASE WHEN m > '0001-01-01' AND m < '9999-01-01' THEN m AT TIME ZONE 'UTC' END
 FROM (SELECT date_trunc('month', created_at AT TIME ZONE 'UTC') AS m
-  FROM ONLY {default} WHERE created_at IS NOT NULL) AS dated
+  FROM ONLY {default} WHERE {outside}) AS dated
 GROUP BY m ORDER BY m LIMIT 13
 """
 
 
-def dated_rows_in_default(snapshot):
-    """Rows of the default partition with a date: each month of them can get its partition,
-    made as upkeep makes one (their rows moved under the default partition's lock)."""
-    default = render(Entity(DEFAULT_PARTITION))
+def dated_rows_in_default(snapshot, name, now):
+    """Rows of the default partition dated outside the months upkeep keeps (those upkeep
+    moves itself): each month of them can get its partition by hand."""
+    default = render(Entity(name))
+    column = render(Entity("created_at"))
+    first = month_start(now)
+    # Two ranges of the created_at index: no read of the rows upkeep moves itself.
+    outside = (
+        f"({column} < {literal(first)}"
+        f" OR {column} >= {literal(add_months(first, MONTHS_AHEAD + 1))})"
+    )
     count = guarded(
-        snapshot.target, f"SELECT count(*) FROM ONLY {default} WHERE created_at IS NOT NULL"
+        snapshot.target, f"SELECT count(*) FROM ONLY {default} WHERE {outside}"
     ).fetchone()[0]
     if not count:
         return []
-    months = guarded(snapshot.target, MONTHS_IN_DEFAULT.format(default=default)).fetchall()
+    months = guarded(
+        snapshot.target, MONTHS_IN_DEFAULT.format(default=default, outside=outside)
+    ).fetchall()
     ranges = partitions(snapshot)
     fix = []
     for _, month in months[:12]:
@@ -558,18 +643,20 @@ def dated_rows_in_default(snapshot):
             and month_name(month) not in snapshot.relations
             and not overlaps(ranges, month)
         ):
-            fix += ["BEGIN", *(s.sql for s in attach_month(snapshot, month)), "COMMIT"]
+            fix += move_by_hand(name, month)
     return [
         Drift(
-            f"{DEFAULT_PARTITION} holds {plural(count, 'row')} with a created_at that no partition"
+            f"{shown_name(name)} holds {plural(count, 'row')} with a created_at that no partition"
             f" covers (months {', '.join(text for text, _ in months[:12])}"
-            f"{', ...' if len(months) > 12 else ''}): runs make only this and next month's"
-            " partitions; the fix makes one for each month and moves its rows there",
+            f"{', ...' if len(months) > 12 else ''}): runs make only this month's partition and"
+            f" the {MONTHS_AHEAD} after; the fix makes one for each month and moves its rows there",
             fix,
             bool(fix),
-            "ACCESS EXCLUSIVE on request_logs_default while its rows of a month move;"
-            " SHARE UPDATE EXCLUSIVE on request_logs",
-            ("default rows", PARENT, DEFAULT_PARTITION),
+            f"per month, until its COMMIT: SHARE on request_logs (blocks every write to it) and"
+            f" ACCESS EXCLUSIVE on {shown_name(name)} (blocks its reads and writes) while the"
+            " month's rows move, which grows with them; SHARE UPDATE EXCLUSIVE on request_logs"
+            " and SHARE ROW EXCLUSIVE on users and api_keys (blocks their writes) for the ATTACH",
+            ("default rows", PARENT, name),
         )
     ]
 
@@ -980,34 +1067,48 @@ def leftover_conversion(plan, now):
 
 def retention_plan(plan, days, now=None):
     """What --retain-request-logs DAYS removes: partitions wholly older than the cutoff
-    detached (concurrently) and dropped; older rows of partitions that also hold newer ones
-    (the converted table, the default partition, a plain request_logs) deleted in batches.
-    A real DELETE, not a soft delete: the point is disk space."""
+    detached and dropped; a partition spanning many months (the converted table) replaced by
+    month partitions of its kept rows (moving.py) and dropped; older rows of a month's
+    partition, of the default partition or of a plain request_logs deleted in batches.
+    A real DELETE or DROP, not a soft delete: the point is disk space."""
     now = now or clock()
     cutoff = now.astimezone(UTC) - timedelta(days=days)
     snapshot = plan.snapshot
     table = snapshot.tables.get(PARENT)
-    steps = []
+    # A drop interrupted after its detach (kill -9 between them) is finished first.
+    steps = [
+        step
+        for name, when in sorted(moving.retired(snapshot).items())
+        for step in moving.drop_retired(snapshot, name, when)
+    ]
     if table is not None and table.kind == "p":
+        default = default_partition(snapshot)
+        keep = None
         for name, (lower, upper) in sorted(partitions(snapshot).items()):
             if upper is not None and upper <= cutoff:
-                steps.append(drop_partition(snapshot, name))
-            elif (lower is None or lower < cutoff) and has_rows_before(snapshot, name, cutoff):
-                steps.append(
-                    Step(
-                        f"delete from {shown_name(name)}",
-                        "batched",
-                        [batched_delete(snapshot, name, cutoff)],
+                steps += drop_partition(snapshot, name, default)
+            elif lower is None or lower < cutoff:
+                work = kept_months(snapshot, name, lower, upper, cutoff) if keep is None else None
+                if work is not None:
+                    keep = work
+                elif has_rows_before(snapshot, name, cutoff):
+                    steps.append(
+                        Step(
+                            f"delete from {shown_name(name)}",
+                            "batched",
+                            [batched_delete(snapshot, name, cutoff)],
+                        )
                     )
-                )
-        if DEFAULT_PARTITION in snapshot.tables and has_rows_before(
-            snapshot, DEFAULT_PARTITION, cutoff
-        ):
+        if keep is not None:
+            steps += moving.work_steps(snapshot, keep)
+        else:
+            steps += moving.cleanup_steps(snapshot, "keep")
+        if default is not None and has_rows_before(snapshot, default, cutoff):
             steps.append(
                 Step(
-                    f"delete from {DEFAULT_PARTITION}",
+                    f"delete from {shown_name(default)}",
                     "batched",
-                    [batched_delete(snapshot, DEFAULT_PARTITION, cutoff)],
+                    [batched_delete(snapshot, default, cutoff)],
                 )
             )
     elif table is not None and has_rows_before(snapshot, PARENT, cutoff):
@@ -1019,15 +1120,48 @@ def retention_plan(plan, days, now=None):
     )
 
 
-def drop_partition(snapshot, name):
-    """The step that detaches and drops a partition. DETACH ... CONCURRENTLY blocks nothing, but
-    PostgreSQL refuses it beside a DEFAULT partition (and before 14): then a plain DETACH and the
-    DROP go in one short transaction, whose ACCESS EXCLUSIVE on request_logs is tried in
-    LOCK_ATTEMPT attempts like every other instant statement."""
-    concurrently = (
-        database.server_version or 0
-    ) >= 140000 and DEFAULT_PARTITION not in snapshot.tables
+def kept_months(snapshot, name, lower, upper, cutoff):
+    """The work that keeps the rows of a many-month partition from the cutoff on, in month
+    partitions (an interrupted one keeps the cutoff it began with), or None where a batched
+    DELETE stays the way: one month's partition, no upper bound, a month's name held."""
+    one_month = lower is not None and lower == month_start(lower) and upper == add_months(lower, 1)
+    if one_month or upper is None:
+        return None
+    source = moving.logged_source(snapshot, "keep")
+    began = moving.kept_from(snapshot) if source == name else None
+    keep_from = began or cutoff
+    pieces, month = [], month_start(max(keep_from, lower) if lower else keep_from)
+    while month < upper:
+        end = min(add_months(month, 1), upper)
+        pieces.append((month_name(month), max(month, lower) if lower else month, end))
+        month = add_months(month, 1)
+    if not all(moving.name_free(snapshot, "keep", piece[0]) for piece in pieces):
+        return None
+    return Work("keep", name, pieces, keep_from)
+
+
+def drop_partition(snapshot, name, default):
+    """The steps that detach a partition, drop its foreign keys, then drop it. DETACH ...
+    CONCURRENTLY blocks nothing, but PostgreSQL refuses it beside a DEFAULT partition (and
+    before 14): then a plain DETACH runs in one short transaction, whose ACCESS EXCLUSIVE on
+    request_logs is tried in LOCK_ATTEMPT attempts like every other instant statement. The
+    partition is marked by a COMMENT before or with its detach, so that a run stopped before
+    the DROP leaves a table the next retention run recognises and drops. The DROP runs
+    alone, after its foreign keys are dropped: a DROP of a table with foreign keys holds
+    ACCESS EXCLUSIVE on users and api_keys while its files go."""
+    concurrently = (database.server_version or 0) >= 140000 and default is None
     pending = snapshot.tables[name].detach_pending
+    mark = []
+    if snapshot.tables[name].comment != moving.RETIRED_ALL:
+        mark.append(
+            Statement(
+                sql_text("COMMENT ON TABLE", Entity(name), "IS", Value(moving.RETIRED_ALL)),
+                f"marked partition {shown_name(name)} as retention's to drop",
+                (name,),
+                Hazard("ShareUpdateExclusiveLock", "nothing", "instant"),
+                ("retiring", PARENT, name),
+            )
+        )
     if pending or concurrently:
         word = "FINALIZE" if pending else "CONCURRENTLY"
         detach = Statement(
@@ -1041,24 +1175,16 @@ def drop_partition(snapshot, name):
         detach = Statement(
             sql_text("ALTER TABLE", Entity(PARENT), "DETACH PARTITION", Entity(name)),
             f"detached partition {shown_name(name)}",
-            (PARENT, name, DEFAULT_PARTITION),
+            (PARENT, name, *([default] if default else [])),
             DETACH,
             ("detached", PARENT, name),
         )
-    drop = Statement(
-        sql_text("DROP TABLE", Entity(name)),
-        f"dropped partition {shown_name(name)}",
-        (name,),
-        DROP_DETACHED,
-        ("dropped partition", PARENT, name),
-        (("detached", PARENT, name),),
-        ((name, None),),
-    )
-    return Step(
-        f"drop {shown_name(name)}",
+    first = Step(
+        f"detach {shown_name(name)}",
         "online" if pending or concurrently else "transaction",
-        [detach, drop],
+        [*mark, detach],
     )
+    return [first, *moving.drop_retired(snapshot, name, None, planned_from=name)]
 
 
 def rows_before(name, cutoff):
@@ -1108,6 +1234,20 @@ def batched_delete(snapshot, name, cutoff):
     )
 
 
+MOVING_STEPS = ("prepare the ", "copy rows into ", "catch up the ", "switch ", "clean up the ")
+# Steps whose effects are read back after COMMIT: read inside, the whole catalog would be read
+# while their ACCESS EXCLUSIVE on request_logs holds every writer (0.2-5 s at 120-1,200
+# partitions). The catalog still decides what is logged.
+CHECKED_AFTER_COMMIT = (
+    "swap ",
+    "drop ",
+    "switch ",
+    "prepare the ",
+    "clean up the ",
+    "attach ",
+    "detach ",
+    "unlink ",
+)
 CONVERSION_STEPS = ("bound request_logs", "check and index request_logs", "swap request_logs")
 
 
@@ -1118,7 +1258,12 @@ def resume_words(step_name):
             "request_logs keeps the layout it had before this step (each step is all or nothing);"
             " python migrate.py --partition-request-logs continues the conversion"
         )
-    if step_name.startswith(("drop ", "delete from ")):
+    if step_name.startswith(MOVING_STEPS):
+        return (
+            "the tables being filled, the change log and its trigger stay (the switch is all or"
+            " nothing); the next run with the same flags carries on"
+        )
+    if step_name.startswith(("drop ", "delete from ", "detach ", "unlink ")):
         return (
             "what was dropped or deleted before stays so; the next run with"
             " --retain-request-logs does the rest"

@@ -1302,6 +1302,7 @@ STEP_KINDS = {
     "transaction": "in one short transaction",
     "online": "one statement at a time",
     "batched": "repeated until it changes no row, each batch its own transaction",
+    "catch-up": "repeated until a batch replays fewer than 50 changes, each its own transaction",
 }
 
 

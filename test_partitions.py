@@ -96,13 +96,13 @@ def test_a_fresh_layout_has_utc_month_partitions_whatever_the_session_zone(empty
 
     assert result.returncode == 0, result.stderr
     now = datetime.now(UTC)
-    this, following = month(now), month(now, 1)
     assert layout(empty_db) == {
         "request_logs_default": "DEFAULT",
-        partition.month_name(this): f"FOR VALUES FROM ('{this:%Y-%m-%d} 00:00:00+00')"
-        f" TO ('{following:%Y-%m-%d} 00:00:00+00')",
-        partition.month_name(following): f"FOR VALUES FROM ('{following:%Y-%m-%d} 00:00:00+00')"
-        f" TO ('{month(now, 2):%Y-%m-%d} 00:00:00+00')",
+        **{
+            partition.month_name(month(now, n)): f"FOR VALUES FROM ('{month(now, n):%Y-%m-%d}"
+            f" 00:00:00+00') TO ('{month(now, n + 1):%Y-%m-%d} 00:00:00+00')"
+            for n in range(partition.MONTHS_AHEAD + 1)
+        },
     }
     assert log_indexes(empty_db) == sorted([*CONTRACT_LOG_INDEXES, "idx_request_logs_id"])
 
@@ -342,13 +342,14 @@ def test_each_plain_run_makes_the_next_months_partition_and_moves_its_rows_from_
     assert run_migrate(empty_db.url, "--partition-request-logs").returncode == 0
     empty_db.rows("INSERT INTO users (username, email, password_hash) VALUES ('u', 'e', 'h')")
     empty_db.rows("INSERT INTO api_keys (user_id, key, name) SELECT id, 'k', 'n' FROM users")
-    in_two_months = month(now, 2) + timedelta(days=3)
-    empty_db.rows(INSERT_LOG.format(created_at=f"'{in_two_months.isoformat()}'"))
+    ahead = partition.MONTHS_AHEAD + 1
+    in_months = month(now, ahead) + timedelta(days=3)
+    empty_db.rows(INSERT_LOG.format(created_at=f"'{in_months.isoformat()}'"))
     assert empty_db.value("SELECT count(*) FROM ONLY request_logs_default") == 1
 
     plan, done = migrate_here(empty_db.params, now=now + timedelta(days=32))
 
-    name = partition.month_name(month(now, 2))
+    name = partition.month_name(month(now, ahead))
     assert f"attached partition {name}" in [s.description for s in done]
     assert empty_db.value(f"SELECT count(*) FROM ONLY {name}") == 1
     assert empty_db.value("SELECT count(*) FROM ONLY request_logs_default") == 0
@@ -559,7 +560,7 @@ def partition_ranges(db):
     return ranges
 
 
-def test_retention_after_conversion_deletes_from_the_converted_table_in_batches(migrated_db):
+def test_retention_after_conversion_keeps_the_converted_tables_newer_rows_and_drops_it(migrated_db):
     add_users_and_logs(migrated_db, logs=0)
     logs_by_age(migrated_db, [1, 40, 400])
     assert run_migrate(migrated_db.url, "--partition-request-logs").returncode == 0
@@ -567,7 +568,8 @@ def test_retention_after_conversion_deletes_from_the_converted_table_in_batches(
     result = run_migrate(migrated_db.url, "--retain-request-logs", "30")
 
     assert result.returncode == 0, result.stderr
-    assert "rows of request_logs_legacy older than" in result.stderr
+    assert "dropped request_logs_legacy, removing its rows before" in result.stderr
+    assert migrated_db.value("SELECT to_regclass('request_logs_legacy')") is None
     assert migrated_db.value("SELECT count(*) FROM request_logs") == 1
 
 
@@ -717,7 +719,7 @@ def test_upkeep_keeps_a_row_committed_while_it_waits_for_the_default_partition(
             empty_db,
             "upkeep to wait for the writer's insert (its month has begun)",
             run=run,
-            table="request_logs",
+            table="request_logs_default",
         )
         writer.commit()
     finally:
