@@ -233,7 +233,8 @@ def parse_args(argv):
         metavar="DAYS",
         help="delete request logs whose created_at is older than DAYS: drop the partitions"
         " wholly older, delete the rest in small batches (a real DELETE, not a soft delete);"
-        " alone or with --dry-run",
+        " also does a plain run's work (upkeep included); alone, with --post-deploy, --archive"
+        " or --dry-run",
     )
     parser.add_argument(
         "--format",

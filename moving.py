@@ -439,7 +439,13 @@ def drop_log(kind):
     key = ("dropped log", PARENT, LOG[kind])
     return [
         Statement(sql_text("DROP TABLE", Entity(LOG[kind])), "", (LOG[kind],), SWITCH_CATALOG, key),
-        Statement(sql_text("DROP FUNCTION", Entity(LOG[kind])) + "()", "", (), SWITCH_CATALOG, key),
+        Statement(
+            sql_text("DROP FUNCTION", Entity(LOG[kind])) + "()",
+            "",
+            (),
+            Hazard(None, "nothing", "instant: the trigger that called it is gone"),
+            key,
+        ),
     ]
 
 

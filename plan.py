@@ -1281,7 +1281,10 @@ def hazard_comment(statement, tables, until_commit=False):
     names = ", ".join(shown_name(table) for table in statement.tables)
     sizes = ", ".join(size_words(table, tables) for table in statement.tables)
     held = " until COMMIT" if until_commit and hazard.blocks != "nothing" else ""
-    return f"-- locks {names} {lock_name(hazard.lock)} (blocks {hazard.blocks}{held}); {hazard.work}; {sizes}"
+    line = (
+        f"-- locks {names} {lock_name(hazard.lock)} (blocks {hazard.blocks}{held}); {hazard.work}"
+    )
+    return f"{line}; {sizes}" if sizes else line.replace("-- locks  ", "-- locks ", 1)
 
 
 def size_words(table, tables):
