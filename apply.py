@@ -83,7 +83,7 @@ from connection import (
     watch,
 )
 from models import MODELS, database
-from partition import not_ready_to_swap, resume_words, retention_plan, with_partitions
+from partition import BATCH_ROWS, not_ready_to_swap, resume_words, retention_plan, with_partitions
 from plan import (
     STEP_KINDS,
     lock_name,
@@ -118,6 +118,17 @@ log = logging.getLogger("migrate")
 
 # What the run has done so far, for the line an interruption prints.
 progress = {"stage": "read", "committed": False, "left": None}
+# --archive DIR (an archive.Archive) for this run; None: rows are removed without a copy.
+archiving = {"archive": None}
+
+
+def archive_first(statement, target):
+    """Before a statement that removes rows for good (Statement.removes), with --archive:
+    those rows written to DIR and verified, or an error before the statement runs."""
+    if archiving["archive"] is not None:
+        for relation, cutoff in statement.removes:
+            archiving["archive"].save(target, relation, cutoff)
+
 
 # --- The budget for waiting --------------------------------------------------------
 
@@ -412,10 +423,20 @@ class Planner:
         return self(read_catalog(target, self.models))
 
 
-def migrate(target, atomic=False, lock_timeout=5.0, statement_timeout=0.0, models=MODELS, **layout):
+def migrate(
+    target,
+    atomic=False,
+    lock_timeout=5.0,
+    statement_timeout=0.0,
+    models=MODELS,
+    archive=None,
+    **layout,
+):
     """Read, plan and apply; returns the last plan and the statements executed (none when up
-    to date). `layout`: partition=True (--partition-request-logs), retain_days=N, now=."""
+    to date). `layout`: partition=True (--partition-request-logs), retain_days=N, now=;
+    `archive`: an archive.Archive that rows are written to before they are removed."""
     progress.update(stage="read", committed=False, left=None)
+    archiving["archive"] = archive
     budget = Budget(lock_timeout)
     planner = Planner(atomic, models, **layout)
 
@@ -539,6 +560,7 @@ def run_transaction(target, planner, statement_timeout, budget, step=None):
                 raise MigrationError(f"{step}: not now, {reason}; {state_words()}")
             statements = pick(plan)
             for statement in statements:
+                archive_first(statement, target)
                 execute_statement(statement)
             if statements and not swapping:
                 check_effects(statements, planner.read(target))
@@ -606,9 +628,18 @@ def run_batches(step, plan, target, planner, lock_timeout, statement_timeout, bu
         started = last = time.monotonic()
         total = 0
         log.info("%s: started (%s)", ongoing(statement), statement.hazard.work)
+        # With --archive, only the rows archived, as they were archived (archive.deletions).
+        archived = (
+            archiving["archive"].deletions(target, *statement.removes[0], BATCH_ROWS)
+            if archiving["archive"] is not None and statement.removes
+            else None
+        )
         while True:
+            sql, params = (statement.sql, None) if archived is None else next(archived, (None, 0))
+            if sql is None:
+                break
             with watching(statement):
-                rows = database.execute_sql(statement.sql).rowcount
+                rows = database.execute_sql(sql, params).rowcount
             check_same_backend(backend)
             total += rows
             now = time.monotonic()
@@ -617,7 +648,7 @@ def run_batches(step, plan, target, planner, lock_timeout, statement_timeout, bu
                 log.info(
                     "%s: %s rows so far, %.0f s", ongoing(statement), f"{total:,}", now - started
                 )
-            if rows == 0:
+            if rows == 0 and archived is None:
                 break
         reset_online_session()
         check_effects([statement], plan_with_retries(target, planner, budget))
@@ -713,6 +744,7 @@ def run_online(
         )
         for statement in statements:
             log.info("%s: started (%s)", ongoing(statement), statement.hazard.work)
+            archive_first(statement, target)
             with watching(statement, plan.snapshot.tables):
                 database.execute_sql(statement.sql)
             check_same_backend(backend)

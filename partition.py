@@ -65,6 +65,10 @@ LEGACY_ID_INDEX = f"{LEGACY}_id"
 CHECK_PREFIX = f"{PARENT}_before_"  # + YYYY_MM: the boundary the CHECK proves
 MONTHS_AHEAD = 1  # partitions for this month and the next
 BATCH_ROWS = 5_000  # rows a retention DELETE removes per transaction
+DETACHED_MARK = (
+    "partition of request_logs detached by migrate.py --retain-request-logs;"
+    " its next run archives (with --archive) and drops it"
+)
 
 ADD_CHECK_NOT_VALID = Hazard("AccessExclusiveLock", "reads and writes", "instant, no scan")
 VALIDATE_CHECK = Hazard("ShareUpdateExclusiveLock", "nothing", "scans the table")
@@ -959,7 +963,7 @@ def retention_plan(plan, days, now=None):
     if table is not None and table.kind == "p":
         for name, (lower, upper) in sorted(partitions(snapshot).items()):
             if upper is not None and upper <= cutoff:
-                steps.append(drop_partition(snapshot, name))
+                steps += drop_partition(snapshot, name)
             elif (lower is None or lower < cutoff) and has_rows_before(snapshot, name, cutoff):
                 steps.append(
                     Step(
@@ -978,6 +982,10 @@ def retention_plan(plan, days, now=None):
                     [batched_delete(snapshot, DEFAULT_PARTITION, cutoff)],
                 )
             )
+        steps += [
+            Step(f"drop {shown_name(name)}", "online", [drop_detached(name)])
+            for name in marked_detached(snapshot)
+        ]
     elif table is not None and has_rows_before(snapshot, PARENT, cutoff):
         steps.append(
             Step(f"delete from {PARENT}", "batched", [batched_delete(snapshot, PARENT, cutoff)])
@@ -1013,7 +1021,26 @@ def drop_partition(snapshot, name):
             DETACH,
             ("detached", PARENT, name),
         )
-    drop = Statement(
+    if pending or concurrently:
+        return [Step(f"drop {shown_name(name)}", "online", [detach, drop_detached(name)])]
+    # The DETACH commits first, marked, so that the rows can be archived (--archive) from a
+    # table no insert reaches, with no lock held meanwhile; a run stopped between the two
+    # steps leaves the marked table, which the next retention run drops (retention_plan).
+    mark = Statement(
+        sql_text("COMMENT ON TABLE", Entity(name), "IS", Value(DETACHED_MARK)),
+        "",
+        (name,),
+        DROP_DETACHED,
+        ("marked detached", PARENT, name),
+    )
+    return [
+        Step(f"detach {shown_name(name)}", "transaction", [detach, mark]),
+        Step(f"drop {shown_name(name)}", "online", [drop_detached(name)]),
+    ]
+
+
+def drop_detached(name):
+    return Statement(
         sql_text("DROP TABLE", Entity(name)),
         f"dropped partition {shown_name(name)}",
         (name,),
@@ -1022,10 +1049,14 @@ def drop_partition(snapshot, name):
         (("detached", PARENT, name),),
         ((name, None),),
     )
-    return Step(
-        f"drop {shown_name(name)}",
-        "online" if pending or concurrently else "transaction",
-        [detach, drop],
+
+
+def marked_detached(snapshot):
+    """Tables a retention run detached and has not dropped yet (it was stopped in between)."""
+    return sorted(
+        name
+        for name, table in snapshot.tables.items()
+        if table.comment == DETACHED_MARK and table.parent is None and table.kind == "r"
     )
 
 
@@ -1069,7 +1100,7 @@ def resume_words(step_name):
             "request_logs keeps the layout it had before this step (each step is all or nothing);"
             " python migrate.py --partition-request-logs continues the conversion"
         )
-    if step_name.startswith(("drop ", "delete from ")):
+    if step_name.startswith(("detach ", "drop ", "delete from ")):
         return (
             "what was dropped or deleted before stays so; the next run with"
             " --retain-request-logs does the rest"

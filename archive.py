@@ -1,0 +1,492 @@
+"""
+Request-log rows written to Parquet files before retention removes them, verified, restorable.
+
+Usage::
+
+    from archive import Archive, require_pyarrow, restore
+
+    require_pyarrow()                              # one line, before connecting, if missing
+    archive = Archive("/srv/log-archive", run=now) # --archive DIR: made if missing, probed
+    archive.save(target, "request_logs_2025_01", None)         # every row of a relation
+    for sql, params in archive.deletions(target, "request_logs_default", cutoff, 5_000):
+        database.execute_sql(sql, params)          # only the rows archived, as archived
+    restore(target, "/srv/log-archive/request_logs.2025-01.run-20250301T000000Z.parquet")
+
+Each call of save writes one file per month of created_at (UTC) for this run,
+``request_logs.YYYY-MM.run-<run>.parquet`` (zstd, columns typed as the table's, timestamps as
+UTC instants, NULLs kept), and beside it ``<same>.manifest.json``: month, rows, min and max
+created_at, the rows' checksum, the file's sha256 and size, the columns with their types.
+
+Order of a month, so that a crash at any point leaves each row in the table or in a verified
+file: the rows and PostgreSQL's own count and checksum of them are read in one snapshot; the
+file goes to a hidden temporary name, is fsynced, read back from disk and its count and
+checksum compared with the database's; then renamed (directory fsynced), then the manifest
+(temporary name, fsync, rename, fsync). Only then does the caller remove the rows. A file
+without its manifest is never trusted; a month whose rows a verified file already holds (a
+run that was killed before its DROP) is not written again.
+
+The row checksum: the sum over rows of the first 64 bits of md5 of a canonical text of the
+row (each value as its length, ':' and its text, NULL as 'N', joined by '|'), signed, as a
+decimal. Order-independent, so PostgreSQL computes it in one aggregate and pyarrow from the
+file, each on its own.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from datetime import UTC
+
+import psycopg2.extensions
+from peewee import Entity, Value
+
+from catalog import guarded, one_snapshot, shown, shown_name
+from connection import MigrationError, signal_pending, wait
+from models import RequestLog, database
+from plan import render
+
+PARENT = RequestLog._meta.table_name
+FORMAT = "request_logs archive"
+VERSION = 1
+SUFFIX, MANIFEST = ".parquet", ".manifest.json"
+ZSTD_LEVEL = 3  # BENCHMARKS.md, section 12: level 3 already beats gzip -6 several times over
+CHECKSUM_WORDS = (
+    "sum over rows of md5(row text)'s first 64 bits as a signed bigint; row text: each value"
+    " as length(text) ':' text, NULL as 'N', joined by '|'; timestamps as"
+    " YYYY-MM-DD HH24:MI:SS.US in UTC, booleans true/false"
+)
+
+# Column types stored as themselves; every other type as its PostgreSQL text form.
+TIMESTAMPS = ("timestamp with time zone", "timestamp without time zone")
+INTEGERS = {"bigint": "int64", "integer": "int32", "smallint": "int16"}
+
+
+def require_pyarrow():
+    """pyarrow, or the one line that says how to get it (before anything changes)."""
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise MigrationError(
+            "--archive needs pyarrow, which is not installed: pip install -r requirements.txt;"
+            " nothing was changed"
+        ) from None
+
+
+def arrow_type(pg_type):
+    import pyarrow as pa
+
+    if pg_type in INTEGERS:
+        return getattr(pa, INTEGERS[pg_type])()
+    if pg_type == "boolean":
+        return pa.bool_()
+    if pg_type == TIMESTAMPS[0]:
+        return pa.timestamp("us", tz="UTC")
+    if pg_type == TIMESTAMPS[1]:
+        return pa.timestamp("us")
+    return pa.string()
+
+
+# --- The row checksum, twice ------------------------------------------------------------
+
+
+def canonical_sql(name, pg_type):
+    column = render(Entity(name))
+    if pg_type in TIMESTAMPS:
+        zone = " AT TIME ZONE 'UTC'" if pg_type == TIMESTAMPS[0] else ""
+        text = f"to_char({column}{zone}, 'YYYY-MM-DD HH24:MI:SS.US')"
+    else:
+        text = f"{column}::text"
+    return f"coalesce(length({text})::text || ':' || {text}, 'N')"
+
+
+def row_hash_sql(columns):
+    row = " || '|' || ".join(canonical_sql(name, pg_type) for name, pg_type in columns)
+    return f"('x' || left(md5({row}), 16))::bit(64)::bigint::numeric"
+
+
+def canonical_arrow(array, pg_type):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pg_type in TIMESTAMPS:
+        text = pc.strftime(array, format="%Y-%m-%d %H:%M:%S")  # %S carries the microseconds
+    else:
+        text = pc.cast(array, pa.string())
+    lengths = pc.cast(pc.utf8_length(text), pa.string())
+    return pc.fill_null(pc.binary_join_element_wise(lengths, text, ":"), "N")
+
+
+def file_checksum(table, columns):
+    """(rows, checksum) of an Arrow table, computed as row_hash_sql computes them."""
+    import pyarrow.compute as pc
+
+    parts = [canonical_arrow(table.column(name), pg_type) for name, pg_type in columns]
+    rows = pc.binary_join_element_wise(*parts, "|") if parts else []
+    total = 0
+    for text in rows.to_pylist() if len(table) else []:
+        digest = hashlib.md5(text.encode(), usedforsecurity=False).digest()
+        total += int.from_bytes(digest[:8], "big", signed=True)
+    return len(table), str(total)
+
+
+# --- The directory ----------------------------------------------------------------------
+
+
+class Archive:
+    """--archive DIR for one run: `run` (the run's fixed now) names its files."""
+
+    def __init__(self, directory, run):
+        self.directory = os.path.abspath(directory)
+        self.run = run.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+        self.check_writable()
+
+    def check_writable(self):
+        """Make DIR if missing and write, fsync and remove a probe in it, or one line."""
+        probe = os.path.join(self.directory, f".probe-{os.getpid()}")
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            with open(probe, "wb") as file:
+                file.write(b"probe")
+                os.fsync(file.fileno())
+            os.remove(probe)
+        except OSError as exc:
+            raise MigrationError(
+                f"--archive {shown(self.directory)} cannot be written ({exc.strerror or exc}):"
+                " nothing was changed"
+            ) from None
+
+    def free_path(self, month):
+        """DIR/request_logs.YYYY-MM.run-RUN.parquet, or .run-RUN-2... when this run has
+        written that month already (a second pass, or a second relation)."""
+        for attempt in range(1, 10_000):
+            run = self.run if attempt == 1 else f"{self.run}-{attempt}"
+            path = os.path.join(self.directory, f"{PARENT}.{month}.run-{run}{SUFFIX}")
+            if not os.path.exists(path):
+                return path
+        raise MigrationError(f"{shown(self.directory)} holds 10,000 files of {month} for one run")
+
+    def save(self, target, relation, cutoff):
+        """Archive the rows of `relation` before `cutoff` (None: all), a verified file per
+        month; returns (ctid, xmin) of each archived row as the snapshot saw it."""
+        table, columns, sums = read_rows(target, relation, cutoff)
+        keys = list(zip(table.column("_ctid").to_pylist(), table.column("_xmin").to_pylist()))
+        table = table.drop_columns(["_ctid", "_xmin", "_month"])
+        import pyarrow.compute as pc
+
+        months = table_months(table)
+        for month, (rows, checksum, first, last) in sorted(sums.items()):
+            part = table.filter(pc.equal(months, month))
+            self.save_month(relation, month, part, columns, rows, checksum, first, last)
+        return keys
+
+    def save_month(self, relation, month, part, columns, rows, checksum, first, last):
+        if self.verified_copy(month, rows, checksum):
+            return
+        path = self.free_path(month)
+        temporary = os.path.join(self.directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        try:
+            write_parquet(part, temporary)
+            read_back = read_parquet(temporary)
+            found = file_checksum(read_back, columns)
+            if found != (rows, checksum):
+                raise MigrationError(
+                    f"the archive of {shown_name(relation)} {month} read back {found[0]:,} rows,"
+                    f" checksum {found[1]}, where the database has {rows:,}, {checksum}: nothing"
+                    f" of {month} was removed"
+                )
+            digest, size = sha256_of(temporary)
+            os.replace(temporary, path)
+            fsync_directory(self.directory)
+            manifest = {
+                "format": FORMAT,
+                "version": VERSION,
+                "relation": relation,
+                "month": month,
+                "run": self.run,
+                "rows": rows,
+                "min_created_at": first,
+                "max_created_at": last,
+                "checksum": {"rows": checksum, "of": CHECKSUM_WORDS},
+                "file": {"name": os.path.basename(path), "sha256": digest, "bytes": size},
+                "columns": [
+                    {"name": name, "type": pg_type, "arrow": str(arrow_type(pg_type))}
+                    for name, pg_type in columns
+                ],
+            }
+            write_atomically(
+                path.removesuffix(SUFFIX) + MANIFEST, json.dumps(manifest, indent=2) + "\n"
+            )
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.remove(temporary)
+            raise MigrationError(
+                f"writing the archive of {shown_name(relation)} {month} to"
+                f" {shown(self.directory)} failed ({exc.strerror or exc}); nothing of it was"
+                " removed, what was archived and removed before stays so: free space and rerun"
+            ) from None
+
+    def verified_copy(self, month, rows, checksum):
+        """Whether a file of an earlier run holds these very rows: its manifest says so and
+        the file is the one the manifest describes."""
+        for name in sorted(os.listdir(self.directory)):
+            if not name.endswith(MANIFEST) or f".{month}.run-" not in name:
+                continue
+            try:
+                with open(os.path.join(self.directory, name)) as file:
+                    manifest = json.load(file)
+                data = os.path.join(self.directory, manifest["file"]["name"])
+                same = (manifest["rows"], manifest["checksum"]["rows"]) == (rows, checksum)
+                if same and sha256_of(data)[0] == manifest["file"]["sha256"]:
+                    return True
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not one of ours, or torn: never trusted
+        return False
+
+    def deletions(self, target, relation, cutoff, batch):
+        """(sql, params) of DELETEs that remove only rows archived as they were archived: a row
+        updated after its archive (a soft delete) has another (ctid, xmin), stays, and is
+        archived again on the next pass; passes repeat until no row before cutoff is left."""
+        delete = f"DELETE FROM ONLY {render(Entity(relation))}"
+        while True:
+            keys = self.save(target, relation, cutoff)
+            if not keys:
+                return
+            for start in range(0, len(keys), batch):
+                chunk = keys[start : start + batch]
+                yield (
+                    (
+                        f"{delete} WHERE ctid = ANY (%s::tid[])"
+                        " AND (ctid::text || ' ' || xmin::text) = ANY (%s::text[])"
+                    ),
+                    ([c for c, _ in chunk], [f"{c} {x}" for c, x in chunk]),
+                )
+
+
+# --- Reading rows ----------------------------------------------------------------------
+
+
+def relation_columns(target, relation):
+    return guarded(
+        target,
+        "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+        " WHERE attrelid = %(relation)s::regclass AND attnum > 0 AND NOT attisdropped"
+        " ORDER BY attnum",
+        {"relation": render(Entity(relation))},
+    ).fetchall()
+
+
+def rows_where(relation, cutoff):
+    where = f" WHERE created_at < {render(Value(cutoff))}::timestamptz" if cutoff else ""
+    return f"FROM ONLY {render(Entity(relation))}{where}"
+
+
+def read_rows(target, relation, cutoff):
+    """The rows (with _ctid, _xmin), the columns, and PostgreSQL's {month: (rows, checksum,
+    min, max)} of them, all from one snapshot."""
+    columns = relation_columns(target, relation)
+    select = ", ".join(render(Entity(name)) for name, _ in columns)
+    month = "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM')"
+    with one_snapshot(target):
+        database.execute_sql(
+            "SELECT set_config('statement_timeout', '0', true), set_config('TimeZone', 'UTC', true)"
+        )
+        sums = {
+            m: (rows, checksum, first.isoformat(), last.isoformat())
+            for m, rows, checksum, first, last in database.execute_sql(
+                f"SELECT {month}, count(*), sum({row_hash_sql(columns)})::text,"
+                f" min(created_at), max(created_at) {rows_where(relation, cutoff)} GROUP BY 1"
+            )
+        }
+        if None in sums:
+            raise MigrationError(
+                f"{shown_name(relation)} has rows with a NULL created_at among those to remove"
+            )
+        table = copy_out(
+            f"COPY (SELECT ctid, xmin, {month} AS _month, {select} {rows_where(relation, cutoff)})"
+            " TO STDOUT WITH (FORMAT csv)",
+            ["_ctid", "_xmin", "_month", *(name for name, _ in columns)],
+            [None, None, None, *(pg_type for _, pg_type in columns)],
+            relation,
+        )
+    return table, columns, sums
+
+
+def copy_out(sql, names, pg_types, relation):
+    """COPY ... TO STDOUT into a temporary file, parsed by pyarrow. psycopg2 refuses COPY with
+    a wait callback, so it is off for the COPY; a signal meanwhile is acted on after it."""
+    import pyarrow as pa
+    from pyarrow import csv
+
+    with tempfile.TemporaryFile() as buffer:
+        psycopg2.extensions.set_wait_callback(None)
+        try:
+            database.cursor().copy_expert(sql, buffer, size=1 << 20)
+        finally:
+            psycopg2.extensions.set_wait_callback(wait)
+        if signal_pending():
+            raise KeyboardInterrupt
+        buffer.seek(0)
+        types = {n: arrow_type(t) if t else pa.string() for n, t in zip(names, pg_types)}
+        try:
+            return csv.read_csv(
+                buffer,
+                read_options=csv.ReadOptions(column_names=names, block_size=1 << 24),
+                parse_options=csv.ParseOptions(newlines_in_values=True),
+                convert_options=csv.ConvertOptions(
+                    column_types=types,
+                    null_values=[""],
+                    strings_can_be_null=True,
+                    quoted_strings_can_be_null=False,
+                    true_values=["t"],
+                    false_values=["f"],
+                ),
+            )
+        except pa.ArrowInvalid as exc:  # a timestamp Arrow cannot hold: infinity, year 10000
+            raise MigrationError(
+                f"a row of {shown_name(relation)} cannot be archived"
+                f" ({shown(str(exc).splitlines()[0])}): nothing of it was removed"
+            ) from None
+
+
+def table_months(table):
+    import pyarrow.compute as pc
+
+    return pc.strftime(table.column("created_at"), format="%Y-%m")
+
+
+# --- Files ------------------------------------------------------------------------------
+
+
+def write_parquet(table, path):
+    import pyarrow.parquet as pq
+
+    with open(path, "wb") as file:
+        pq.write_table(table, file, compression="zstd", compression_level=ZSTD_LEVEL)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def read_parquet(path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, memory_map=False)
+
+
+def sha256_of(path):
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def write_atomically(path, text):
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    fsync_directory(os.path.dirname(path))
+
+
+def fsync_directory(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# --- Restore ----------------------------------------------------------------------------
+
+
+def restore(target, path):
+    """The rows of an archive file back into request_logs, ids kept, in one transaction that
+    holds no lock an insert waits for (ROW EXCLUSIVE); checked against the manifest before
+    COMMIT; refused if any id is present. Returns the number of rows."""
+    from pyarrow import csv
+
+    manifest = read_manifest(path)
+    table = read_parquet(path)
+    columns = [(c["name"], c["type"]) for c in manifest["columns"]]
+    if file_checksum(table, columns) != (manifest["rows"], manifest["checksum"]["rows"]):
+        raise MigrationError(f"{shown(path)} does not match its manifest: nothing was restored")
+    ids = table.column("id").to_pylist()
+    names = ", ".join(render(Entity(name)) for name, _ in columns)
+    parent = render(Entity(PARENT))
+    with one_snapshot_writable(target):
+        present = database.execute_sql(
+            f"SELECT count(*) FROM {parent} WHERE id = ANY (%s)", (ids,)
+        ).fetchone()[0]
+        if present:
+            raise MigrationError(
+                f"{present:,} of the {len(ids):,} rows of {shown(path)} are already in"
+                f" {PARENT} (same id): nothing was restored"
+            )
+        with tempfile.TemporaryFile() as buffer:
+            csv.write_csv(table, buffer, csv.WriteOptions(include_header=False))
+            buffer.seek(0)
+            psycopg2.extensions.set_wait_callback(None)
+            try:
+                database.cursor().copy_expert(
+                    f"COPY {parent} ({names}) FROM STDIN WITH (FORMAT csv)", buffer, size=1 << 20
+                )
+            finally:
+                psycopg2.extensions.set_wait_callback(wait)
+        if signal_pending():
+            raise KeyboardInterrupt
+        rows, checksum = database.execute_sql(
+            f"SELECT count(*), coalesce(sum({row_hash_sql(columns)}), 0)::text FROM {parent}"
+            " WHERE id = ANY (%s)",
+            (ids,),
+        ).fetchone()
+        if (rows, checksum) != (manifest["rows"], manifest["checksum"]["rows"]):
+            raise MigrationError(
+                f"the restored rows of {shown(path)} do not match its manifest ({rows:,} rows,"
+                f" checksum {checksum}): rolled back, nothing was restored"
+            )
+        # The sequence only ever moves forward, past the restored ids.
+        database.execute_sql(
+            "SELECT setval(s, %(top)s) FROM pg_get_serial_sequence(%(table)s, 'id') AS s"
+            " WHERE %(top)s > coalesce(pg_sequence_last_value(s), 0)",
+            {"top": max(ids, default=0), "table": parent},
+        )
+    return rows
+
+
+def read_manifest(path):
+    name = os.path.basename(path)
+    if not name.endswith(SUFFIX):
+        raise MigrationError(f"{shown(path)} is not an archive data file (*{SUFFIX})")
+    try:
+        with open(path.removesuffix(SUFFIX) + MANIFEST) as file:
+            manifest = json.load(file)
+        if manifest.get("format") != FORMAT:
+            raise ValueError("another format")
+        return manifest
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise MigrationError(
+            f"{shown(path)} has no readable manifest beside it ({shown(str(reason))}): an"
+            " unverified file is never restored"
+        ) from None
+
+
+@contextlib.contextmanager
+def one_snapshot_writable(target):
+    """A read-write transaction with the guard and no statement timeout: all or nothing."""
+    from catalog import guard_params, guard_sql
+
+    database.execute_sql(f"BEGIN; {guard_sql()}", guard_params(target))
+    try:
+        database.execute_sql("SELECT set_config('statement_timeout', '0', true)")
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            database.execute_sql("ROLLBACK")
+        raise
+    database.execute_sql("COMMIT")
