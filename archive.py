@@ -171,6 +171,8 @@ class Archive:
         """Archive the rows of `relation` before `cutoff` (None: all), a verified file per
         month; returns (ctid, xmin) of each archived row as the snapshot saw it."""
         table, columns, sums = read_rows(target, relation, cutoff)
+        if not sums:  # an empty relation: no file, nothing to verify
+            return []
         keys = list(zip(table.column("_ctid").to_pylist(), table.column("_xmin").to_pylist()))
         table = table.drop_columns(["_ctid", "_xmin", "_month"])
         import pyarrow.compute as pc
@@ -303,6 +305,8 @@ def read_rows(target, relation, cutoff):
             raise MigrationError(
                 f"{shown_name(relation)} has rows with a NULL created_at among those to remove"
             )
+        if not sums:
+            return None, columns, sums
         table = copy_out(
             f"COPY (SELECT ctid, xmin, {month} AS _month, {select} {rows_where(relation, cutoff)})"
             " TO STDOUT WITH (FORMAT csv)",
