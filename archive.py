@@ -57,6 +57,10 @@ CHECKSUM_WORDS = (
     " YYYY-MM-DD HH24:MI:SS.US in UTC, booleans true/false"
 )
 
+RESUME = (
+    "what was archived and removed before stays so; free space and rerun with"
+    " --retain-request-logs and --archive: it does the rest"
+)
 # Column types stored as themselves; every other type as its PostgreSQL text form.
 TIMESTAMPS = ("timestamp with time zone", "timestamp without time zone")
 INTEGERS = {"bigint": "int64", "integer": "int32", "smallint": "int16"}
@@ -151,6 +155,9 @@ class Archive:
                 file.write(b"probe")
                 os.fsync(file.fileno())
             os.remove(probe)
+            for name in os.listdir(self.directory):  # a run killed while writing left these
+                if name.startswith(f".{PARENT}.") and name.endswith(".tmp"):
+                    os.remove(os.path.join(self.directory, name))
         except OSError as exc:
             raise MigrationError(
                 f"--archive {shown(self.directory)} cannot be written ({exc.strerror or exc}):"
@@ -225,8 +232,8 @@ class Archive:
                 os.remove(temporary)
             raise MigrationError(
                 f"writing the archive of {shown_name(relation)} {month} to"
-                f" {shown(self.directory)} failed ({exc.strerror or exc}); nothing of it was"
-                " removed, what was archived and removed before stays so: free space and rerun"
+                f" {shown(self.directory)} failed ({exc.strerror or exc}): nothing of it was"
+                f" removed, {RESUME}"
             ) from None
 
     def verified_copy(self, month, rows, checksum):
@@ -320,38 +327,49 @@ def read_rows(target, relation, cutoff):
 def copy_out(sql, names, pg_types, relation):
     """COPY ... TO STDOUT into a temporary file, parsed by pyarrow. psycopg2 refuses COPY with
     a wait callback, so it is off for the COPY; a signal meanwhile is acted on after it."""
+    try:
+        with tempfile.TemporaryFile(buffering=0) as buffer:
+            psycopg2.extensions.set_wait_callback(None)
+            try:
+                database.cursor().copy_expert(sql, buffer, size=1 << 20)
+            finally:
+                psycopg2.extensions.set_wait_callback(wait)
+            if signal_pending():
+                raise KeyboardInterrupt
+            buffer.seek(0)
+            return parse_csv(buffer, names, pg_types, relation)
+    except OSError as exc:
+        raise MigrationError(
+            f"reading the rows of {shown_name(relation)} into a temporary file of"
+            f" {shown(tempfile.gettempdir())} failed ({exc.strerror or exc}): nothing of it"
+            f" was removed, {RESUME}"
+        ) from None
+
+
+def parse_csv(buffer, names, pg_types, relation):
     import pyarrow as pa
     from pyarrow import csv
 
-    with tempfile.TemporaryFile() as buffer:
-        psycopg2.extensions.set_wait_callback(None)
-        try:
-            database.cursor().copy_expert(sql, buffer, size=1 << 20)
-        finally:
-            psycopg2.extensions.set_wait_callback(wait)
-        if signal_pending():
-            raise KeyboardInterrupt
-        buffer.seek(0)
-        types = {n: arrow_type(t) if t else pa.string() for n, t in zip(names, pg_types)}
-        try:
-            return csv.read_csv(
-                buffer,
-                read_options=csv.ReadOptions(column_names=names, block_size=1 << 24),
-                parse_options=csv.ParseOptions(newlines_in_values=True),
-                convert_options=csv.ConvertOptions(
-                    column_types=types,
-                    null_values=[""],
-                    strings_can_be_null=True,
-                    quoted_strings_can_be_null=False,
-                    true_values=["t"],
-                    false_values=["f"],
-                ),
-            )
-        except pa.ArrowInvalid as exc:  # a timestamp Arrow cannot hold: infinity, year 10000
-            raise MigrationError(
-                f"a row of {shown_name(relation)} cannot be archived"
-                f" ({shown(str(exc).splitlines()[0])}): nothing of it was removed"
-            ) from None
+    types = {n: arrow_type(t) if t else pa.string() for n, t in zip(names, pg_types)}
+    try:
+        return csv.read_csv(
+            buffer,
+            read_options=csv.ReadOptions(column_names=names, block_size=1 << 24),
+            parse_options=csv.ParseOptions(newlines_in_values=True),
+            convert_options=csv.ConvertOptions(
+                column_types=types,
+                null_values=[""],
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=False,
+                true_values=["t"],
+                false_values=["f"],
+            ),
+        )
+    except pa.ArrowInvalid as exc:  # a timestamp Arrow cannot hold: infinity, year 10000
+        raise MigrationError(
+            f"a row of {shown_name(relation)} cannot be archived"
+            f" ({shown(str(exc).splitlines()[0])}): nothing of it was removed"
+        ) from None
 
 
 def table_months(table):
@@ -388,7 +406,8 @@ def sha256_of(path):
 
 
 def write_atomically(path, text):
-    temporary = f"{path}.{os.getpid()}.tmp"
+    directory, name = os.path.split(path)
+    temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
     with open(temporary, "w") as file:
         file.write(text)
         file.flush()

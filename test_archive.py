@@ -340,7 +340,7 @@ def test_a_full_file_system_mid_way_removes_only_what_was_verified(empty_db, tmp
     )
 
     assert full.returncode == 2, full.stderr
-    assert "File too large" in error_line(full)
+    assert "File too large" in error_line(full) and "nothing of it was removed" in full.stderr
     assert first_left == 0 and {row["model"] for row in verified} == {
         "c4ca4238a0b923820dcc509a6f75849b"
     }
