@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from datetime import UTC
 
@@ -50,13 +51,13 @@ PARENT = RequestLog._meta.table_name
 FORMAT = "request_logs archive"
 VERSION = 1
 SUFFIX, MANIFEST = ".parquet", ".manifest.json"
+NULL_TEXT = "\\N"  # NULL in a row's text, as COPY writes it
 ZSTD_LEVEL = 3  # BENCHMARKS.md, section 12: level 3 already beats gzip -6 several times over
 CHECKSUM_WORDS = (
-    "sum over rows of md5(row text)'s first 64 bits as a signed bigint; row text: each value"
-    " as length(text) ':' text, NULL as 'N', joined by '|'; timestamps as"
-    " YYYY-MM-DD HH24:MI:SS.US in UTC, booleans true/false"
+    "the sum over rows of the first 64 bits of md5(row text), each as a signed bigint. Row"
+    " text: the columns' PostgreSQL text output (DateStyle ISO, TimeZone UTC; NULL as \\N)"
+    " joined by '|'"
 )
-
 RESUME = (
     "what was archived and removed before stays so; free space and rerun with"
     " --retain-request-logs and --archive: it does the rest"
@@ -96,42 +97,60 @@ def arrow_type(pg_type):
 
 
 def canonical_sql(name, pg_type):
-    column = render(Entity(name))
-    if pg_type in TIMESTAMPS:
-        zone = " AT TIME ZONE 'UTC'" if pg_type == TIMESTAMPS[0] else ""
-        text = f"to_char({column}{zone}, 'YYYY-MM-DD HH24:MI:SS.US')"
-    else:
-        text = f"{column}::text"
-    return f"coalesce(length({text})::text || ':' || {text}, 'N')"
+    return f"coalesce({render(Entity(name))}::text, {render(Value(NULL_TEXT))})"
 
 
 def row_hash_sql(columns):
     row = " || '|' || ".join(canonical_sql(name, pg_type) for name, pg_type in columns)
-    return f"('x' || left(md5({row}), 16))::bit(64)::bigint::numeric"
+    return f"('x' || left(md5({row}), 16))::bit(64)::bigint"
+
+
+def checksum_sql(columns, rows):
+    """(month, rows, checksum, min and max created_at) of the rows `rows` ("FROM ... WHERE")
+    selects, a line per month of created_at in UTC."""
+    return (
+        "SELECT to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM'), count(*),"
+        f" sum({row_hash_sql(columns)})::text, min(created_at), max(created_at) {rows} GROUP BY 1"
+    )
 
 
 def canonical_arrow(array, pg_type):
+    """A column as PostgreSQL's text output (DateStyle ISO, TimeZone UTC) prints it."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if pg_type in TIMESTAMPS:
-        text = pc.strftime(array, format="%Y-%m-%d %H:%M:%S")  # %S carries the microseconds
+        # '2026-01-05 10:00:00.120000' -> '2026-01-05 10:00:00.12+00', as timestamptz_out;
+        # cast to text from the UTC wall clock (no zone), many times faster than strftime
+        wall = pc.cast(array, pa.timestamp("us"))
+        text = pc.replace_substring_regex(
+            pc.cast(wall, pa.string()), pattern=r"\.?0+$", replacement=""
+        )
+        if pg_type == TIMESTAMPS[0]:
+            text = pc.binary_join_element_wise(text, "+00", "")
     else:
         text = pc.cast(array, pa.string())
-    lengths = pc.cast(pc.utf8_length(text), pa.string())
-    return pc.fill_null(pc.binary_join_element_wise(lengths, text, ":"), "N")
+    return pc.fill_null(text, NULL_TEXT)
 
 
 def file_checksum(table, columns):
     """(rows, checksum) of an Arrow table, computed as row_hash_sql computes them."""
     import pyarrow.compute as pc
 
+    if not len(table):
+        return 0, "0"
     parts = [canonical_arrow(table.column(name), pg_type) for name, pg_type in columns]
-    rows = pc.binary_join_element_wise(*parts, "|") if parts else []
-    total = 0
-    for text in rows.to_pylist() if len(table) else []:
-        digest = hashlib.md5(text.encode(), usedforsecurity=False).digest()
-        total += int.from_bytes(digest[:8], "big", signed=True)
+    md5, total = hashlib.md5, 0
+    for chunk in pc.binary_join_element_wise(*parts, "|").chunks:
+        ends = memoryview(chunk.buffers()[1]).cast("i")[
+            chunk.offset : chunk.offset + len(chunk) + 1
+        ]
+        data = memoryview(chunk.buffers()[2] or b"")
+        digests = b"".join(
+            md5(data[ends[i] : ends[i + 1]], usedforsecurity=False).digest()[:8]
+            for i in range(len(chunk))
+        )
+        total += sum(value for (value,) in struct.iter_unpack(">q", digests))
     return len(table), str(total)
 
 
@@ -180,11 +199,11 @@ class Archive:
         table, columns, sums = read_rows(target, relation, cutoff)
         if not sums:  # an empty relation: no file, nothing to verify
             return []
-        keys = list(zip(table.column("_ctid").to_pylist(), table.column("_xmin").to_pylist()))
-        table = table.drop_columns(["_ctid", "_xmin", "_month"])
         import pyarrow.compute as pc
 
-        months = table_months(table)
+        keys = list(zip(table.column("_ctid").to_pylist(), table.column("_xmin").to_pylist()))
+        months = table.column("_month")
+        table = table.drop_columns(["_ctid", "_xmin", "_month"])
         for month, (rows, checksum, first, last) in sorted(sums.items()):
             part = table.filter(pc.equal(months, month))
             self.save_month(relation, month, part, columns, rows, checksum, first, last)
@@ -299,13 +318,13 @@ def read_rows(target, relation, cutoff):
     month = "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM')"
     with one_snapshot(target):
         database.execute_sql(
-            "SELECT set_config('statement_timeout', '0', true), set_config('TimeZone', 'UTC', true)"
+            "SELECT set_config('statement_timeout', '0', true), set_config('TimeZone', 'UTC', true),"
+            " set_config('DateStyle', 'ISO', true)"
         )
         sums = {
             m: (rows, checksum, first.isoformat(), last.isoformat())
             for m, rows, checksum, first, last in database.execute_sql(
-                f"SELECT {month}, count(*), sum({row_hash_sql(columns)})::text,"
-                f" min(created_at), max(created_at) {rows_where(relation, cutoff)} GROUP BY 1"
+                checksum_sql(columns, rows_where(relation, cutoff))
             )
         }
         if None in sums:
@@ -372,12 +391,6 @@ def parse_csv(buffer, names, pg_types, relation):
         ) from None
 
 
-def table_months(table):
-    import pyarrow.compute as pc
-
-    return pc.strftime(table.column("created_at"), format="%Y-%m")
-
-
 # --- Files ------------------------------------------------------------------------------
 
 
@@ -439,12 +452,17 @@ def restore(target, path):
     if file_checksum(table, columns) != (manifest["rows"], manifest["checksum"]["rows"]):
         raise MigrationError(f"{shown(path)} does not match its manifest: nothing was restored")
     ids = table.column("id").to_pylist()
+    lowest, highest = min(ids, default=0), max(ids, default=0)
     names = ", ".join(render(Entity(name)) for name, _ in columns)
     parent = render(Entity(PARENT))
+    # A join on the ids within their range: index range scans, then a hash join.
+    restored = (
+        f"FROM {parent} JOIN unnest(%(ids)s::bigint[]) AS restored(restored_id)"
+        " ON id = restored_id WHERE id BETWEEN %(lowest)s AND %(highest)s"
+    )
+    params = {"ids": ids, "lowest": lowest, "highest": highest}
     with one_snapshot_writable(target):
-        present = database.execute_sql(
-            f"SELECT count(*) FROM {parent} WHERE id = ANY (%s)", (ids,)
-        ).fetchone()[0]
+        present = database.execute_sql(f"SELECT count(*) {restored}", params).fetchone()[0]
         if present:
             raise MigrationError(
                 f"{present:,} of the {len(ids):,} rows of {shown(path)} are already in"
@@ -462,11 +480,9 @@ def restore(target, path):
                 psycopg2.extensions.set_wait_callback(wait)
         if signal_pending():
             raise KeyboardInterrupt
-        rows, checksum = database.execute_sql(
-            f"SELECT count(*), coalesce(sum({row_hash_sql(columns)}), 0)::text FROM {parent}"
-            " WHERE id = ANY (%s)",
-            (ids,),
-        ).fetchone()
+        found = database.execute_sql(checksum_sql(columns, restored), params).fetchall()
+        rows = sum(row[1] for row in found)
+        checksum = str(sum(int(row[2]) for row in found))
         if (rows, checksum) != (manifest["rows"], manifest["checksum"]["rows"]):
             raise MigrationError(
                 f"the restored rows of {shown(path)} do not match its manifest ({rows:,} rows,"
@@ -476,7 +492,7 @@ def restore(target, path):
         database.execute_sql(
             "SELECT setval(s, %(top)s) FROM pg_get_serial_sequence(%(table)s, 'id') AS s"
             " WHERE %(top)s > coalesce(pg_sequence_last_value(s), 0)",
-            {"top": max(ids, default=0), "table": parent},
+            {"top": highest, "table": parent},
         )
     return rows
 
@@ -506,7 +522,9 @@ def one_snapshot_writable(target):
 
     database.execute_sql(f"BEGIN; {guard_sql()}", guard_params(target))
     try:
-        database.execute_sql("SELECT set_config('statement_timeout', '0', true)")
+        database.execute_sql(
+            "SELECT set_config('statement_timeout', '0', true), set_config('DateStyle', 'ISO', true)"
+        )
         yield
     except BaseException:
         with contextlib.suppress(Exception):

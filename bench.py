@@ -734,7 +734,7 @@ ARCHIVE_FILL = """
 INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model, method, path,
     status_code, response_time, tokens_used, error_msg)
 SELECT %(start)s::timestamptz + (g %% 2419200) * interval '1 second' + random() * interval '1 second',
-    1 + g %% 200, 1 + g %% 200, 1 + g %% 7, 'model-' || (g * 7919 %% 40), 'POST',
+    1 + g %% 200, 1 + g %% 200, 1 + g %% 7, 'model-' || (g::bigint * 7919 %% 40), 'POST',
     '/v1/chat/completions', CASE WHEN g %% 20 = 0 THEN 500 ELSE 200 END,
     (random() * 3000)::int, (random() * 4000)::int,
     CASE WHEN g %% 20 = 0 THEN 'upstream error: timeout after ' || (random() * 30)::int || ' s'
