@@ -37,13 +37,14 @@ import json
 import os
 import struct
 import tempfile
+import threading
 from datetime import UTC
 
 import psycopg2.extensions
 from peewee import Entity, Value
 
-from catalog import guarded, one_snapshot, shown, shown_name
-from connection import MigrationError, signal_pending, wait
+from catalog import guard_params, guard_sql, guarded, one_snapshot, shown, shown_name
+from connection import MigrationError, open_side_connection, signal_pending, wait
 from models import RequestLog, database
 from plan import render
 
@@ -193,67 +194,89 @@ class Archive:
                 return path
         raise MigrationError(f"{shown(self.directory)} holds 10,000 files of {month} for one run")
 
-    def save(self, target, relation, cutoff):
+    def save(self, target, relation, cutoff, keys=False):
         """Archive the rows of `relation` before `cutoff` (None: all), a verified file per
-        month; returns (ctid, xmin) of each archived row as the snapshot saw it."""
-        table, columns, sums = read_rows(target, relation, cutoff)
-        if not sums:  # an empty relation: no file, nothing to verify
-            return []
-        import pyarrow.compute as pc
+        month; returns (ctid, xmin) of each archived row as the snapshot saw it, if `keys`.
 
-        keys = list(zip(table.column("_ctid").to_pylist(), table.column("_xmin").to_pylist()))
-        months = table.column("_month")
-        table = table.drop_columns(["_ctid", "_xmin", "_month"])
-        for month, (rows, checksum, first, last) in sorted(sums.items()):
-            part = table.filter(pc.equal(months, month))
-            self.save_month(relation, month, part, columns, rows, checksum, first, last)
-        return keys
-
-    def save_month(self, relation, month, part, columns, rows, checksum, first, last):
-        if self.verified_copy(month, rows, checksum):
-            return
-        path = self.free_path(month)
-        temporary = os.path.join(self.directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        PostgreSQL's count and checksum run on a second connection in the snapshot of the
+        COPY, while this process writes and reads back the files (BENCHMARKS.md, 12)."""
+        columns = relation_columns(target, relation)
+        written = {}
         try:
-            write_parquet(part, temporary)
-            read_back = read_parquet(temporary)
-            found = file_checksum(read_back, columns)
-            if found != (rows, checksum):
-                raise MigrationError(
-                    f"the archive of {shown_name(relation)} {month} read back {found[0]:,} rows,"
-                    f" checksum {found[1]}, where the database has {rows:,}, {checksum}: nothing"
-                    f" of {month} was removed"
+            with one_snapshot(target):
+                database.execute_sql(SESSION_SETTINGS)
+                snapshot = database.execute_sql("SELECT pg_export_snapshot()").fetchone()[0]
+                table = read_rows(relation, cutoff, columns, keys)
+                if table is None:
+                    return []
+                side = SideChecksum(
+                    target, snapshot, checksum_sql(columns, rows_where(relation, cutoff))
                 )
-            digest, size = sha256_of(temporary)
-            os.replace(temporary, path)
-            fsync_directory(self.directory)
-            manifest = {
-                "format": FORMAT,
-                "version": VERSION,
-                "relation": relation,
-                "month": month,
-                "run": self.run,
-                "rows": rows,
-                "min_created_at": first,
-                "max_created_at": last,
-                "checksum": {"rows": checksum, "of": CHECKSUM_WORDS},
-                "file": {"name": os.path.basename(path), "sha256": digest, "bytes": size},
-                "columns": [
-                    {"name": name, "type": pg_type, "arrow": str(arrow_type(pg_type))}
-                    for name, pg_type in columns
-                ],
-            }
-            write_atomically(
-                path.removesuffix(SUFFIX) + MANIFEST, json.dumps(manifest, indent=2) + "\n"
-            )
+                try:
+                    for month, part in by_month(table, relation, keys):
+                        written[month] = self.write_month(relation, month, part, columns)
+                    sums = side.result()
+                finally:
+                    side.close()
+            for month, (temporary, found) in sorted(written.items()):
+                rows, checksum, first, last = sums.get(month, (0, "0", None, None))
+                if found != (rows, checksum):
+                    raise MigrationError(
+                        f"the archive of {shown_name(relation)} {month} read back {found[0]:,}"
+                        f" rows, checksum {found[1]}, where the database has {rows:,},"
+                        f" {checksum}: nothing of it was removed"
+                    )
+                if self.verified_copy(month, rows, checksum):
+                    os.remove(temporary)  # an earlier run's file holds these very rows
+                else:
+                    self.keep(relation, month, temporary, columns, rows, checksum, first, last)
+                del written[month]
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.remove(temporary)
             raise MigrationError(
-                f"writing the archive of {shown_name(relation)} {month} to"
-                f" {shown(self.directory)} failed ({exc.strerror or exc}): nothing of it was"
-                f" removed, {RESUME}"
+                f"writing the archive of {shown_name(relation)} to {shown(self.directory)}"
+                f" failed ({exc.strerror or exc}): nothing of it was removed, {RESUME}"
             ) from None
+        finally:
+            for temporary, _ in written.values():
+                with contextlib.suppress(OSError):
+                    os.remove(temporary)
+        if not keys:
+            return []
+        return list(zip(table.column("_ctid").to_pylist(), table.column("_xmin").to_pylist()))
+
+    def write_month(self, relation, month, part, columns):
+        """The month's rows in a temporary file of DIR, fsynced, read back from disk:
+        (its path, (rows, checksum) of what was read)."""
+        name = f".{PARENT}.{month}.{os.getpid()}.{len(os.listdir(self.directory))}.tmp"
+        temporary = os.path.join(self.directory, name)
+        write_parquet(part, temporary)
+        return temporary, file_checksum(read_parquet(temporary), columns)
+
+    def keep(self, relation, month, temporary, columns, rows, checksum, first, last):
+        """The verified file under its name, then its manifest, each made durable."""
+        path = self.free_path(month)
+        digest, size = sha256_of(temporary)
+        os.replace(temporary, path)
+        fsync_directory(self.directory)
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "relation": relation,
+            "month": month,
+            "run": self.run,
+            "rows": rows,
+            "min_created_at": first,
+            "max_created_at": last,
+            "checksum": {"rows": checksum, "of": CHECKSUM_WORDS},
+            "file": {"name": os.path.basename(path), "sha256": digest, "bytes": size},
+            "columns": [
+                {"name": name, "type": pg_type, "arrow": str(arrow_type(pg_type))}
+                for name, pg_type in columns
+            ],
+        }
+        write_atomically(
+            path.removesuffix(SUFFIX) + MANIFEST, json.dumps(manifest, indent=2) + "\n"
+        )
 
     def verified_copy(self, month, rows, checksum):
         """Whether a file of an earlier run holds these very rows: its manifest says so and
@@ -278,7 +301,7 @@ class Archive:
         archived again on the next pass; passes repeat until no row before cutoff is left."""
         delete = f"DELETE FROM ONLY {render(Entity(relation))}"
         while True:
-            keys = self.save(target, relation, cutoff)
+            keys = self.save(target, relation, cutoff, keys=True)
             if not keys:
                 return
             for start in range(0, len(keys), batch):
@@ -310,37 +333,83 @@ def rows_where(relation, cutoff):
     return f"FROM ONLY {render(Entity(relation))}{where}"
 
 
-def read_rows(target, relation, cutoff):
-    """The rows (with _ctid, _xmin), the columns, and PostgreSQL's {month: (rows, checksum,
-    min, max)} of them, all from one snapshot."""
-    columns = relation_columns(target, relation)
+SESSION_SETTINGS = (
+    "SELECT set_config('statement_timeout', '0', true), set_config('DateStyle', 'ISO', true),"
+    " set_config('idle_in_transaction_session_timeout', '0', true)"
+)
+
+
+def read_rows(relation, cutoff, columns, keys):
+    """The rows as an Arrow table, with _month (of created_at in UTC) and, if keys, _ctid
+    and _xmin."""
     select = ", ".join(render(Entity(name)) for name, _ in columns)
-    month = "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM')"
-    with one_snapshot(target):
-        database.execute_sql(
-            "SELECT set_config('statement_timeout', '0', true), set_config('TimeZone', 'UTC', true),"
-            " set_config('DateStyle', 'ISO', true)"
+    extra = ["_ctid", "_xmin"] if keys else []
+    return copy_out(
+        f"COPY (SELECT {'ctid, xmin, ' if keys else ''}"
+        f"to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM') AS _month, {select}"
+        f" {rows_where(relation, cutoff)}) TO STDOUT WITH (FORMAT csv)",
+        [*extra, "_month", *(name for name, _ in columns)],
+        [*(None for _ in extra), None, *(pg_type for _, pg_type in columns)],
+        relation,
+    )
+
+
+def by_month(table, relation, keys):
+    """(month, its rows without the helper columns), for each month of the table."""
+    import pyarrow.compute as pc
+
+    months = table.column("_month")
+    if months.null_count:
+        raise MigrationError(
+            f"{shown_name(relation)} has rows with a NULL created_at among those to remove"
         )
-        sums = {
-            m: (rows, checksum, first.isoformat(), last.isoformat())
-            for m, rows, checksum, first, last in database.execute_sql(
-                checksum_sql(columns, rows_where(relation, cutoff))
-            )
+    rows = table.drop_columns(["_ctid", "_xmin", "_month"] if keys else ["_month"])
+    for month in sorted(pc.unique(months).to_pylist()):
+        yield month, rows.filter(pc.equal(months, month))
+
+
+class SideChecksum(threading.Thread):
+    """PostgreSQL's {month: (rows, checksum, min, max)} of the rows, computed on a
+    connection of its own in the exported snapshot `snapshot`, in the background."""
+
+    def __init__(self, target, snapshot, sql):
+        super().__init__(daemon=True)
+        self.connection = open_side_connection()
+        self.target, self.snapshot, self.sql = target, snapshot, sql
+        self.rows, self.error = None, None
+        self.start()
+
+    def run(self):
+        try:
+            with self.connection.cursor() as cursor:
+                cursor.execute(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;"
+                    f" SET TRANSACTION SNAPSHOT %(snapshot)s; {guard_sql()};"
+                    f" {SESSION_SETTINGS}",
+                    {**guard_params(self.target), "snapshot": self.snapshot},
+                )
+                cursor.execute(self.sql)
+                self.rows = cursor.fetchall()
+                cursor.execute("COMMIT")
+        except BaseException as exc:  # noqa: BLE001 -- raised again by result(), in the main thread
+            self.error = exc
+
+    def result(self):
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return {
+            month: (rows, checksum, first.isoformat(), last.isoformat())
+            for month, rows, checksum, first, last in self.rows
         }
-        if None in sums:
-            raise MigrationError(
-                f"{shown_name(relation)} has rows with a NULL created_at among those to remove"
-            )
-        if not sums:
-            return None, columns, sums
-        table = copy_out(
-            f"COPY (SELECT ctid, xmin, {month} AS _month, {select} {rows_where(relation, cutoff)})"
-            " TO STDOUT WITH (FORMAT csv)",
-            ["_ctid", "_xmin", "_month", *(name for name, _ in columns)],
-            [None, None, None, *(pg_type for _, pg_type in columns)],
-            relation,
-        )
-    return table, columns, sums
+
+    def close(self):
+        if self.is_alive():  # the main thread failed: the checksum is not wanted any more
+            with contextlib.suppress(psycopg2.Error):
+                self.connection.cancel()
+        self.join()
+        if not self.connection.closed:
+            self.connection.close()
 
 
 def copy_out(sql, names, pg_types, relation):
@@ -355,6 +424,8 @@ def copy_out(sql, names, pg_types, relation):
                 psycopg2.extensions.set_wait_callback(wait)
             if signal_pending():
                 raise KeyboardInterrupt
+            if not buffer.tell():  # no row: Arrow refuses an empty CSV
+                return None
             buffer.seek(0)
             return parse_csv(buffer, names, pg_types, relation)
     except OSError as exc:
@@ -518,8 +589,6 @@ def read_manifest(path):
 @contextlib.contextmanager
 def one_snapshot_writable(target):
     """A read-write transaction with the guard and no statement timeout: all or nothing."""
-    from catalog import guard_params, guard_sql
-
     database.execute_sql(f"BEGIN; {guard_sql()}", guard_params(target))
     try:
         database.execute_sql(
