@@ -34,6 +34,7 @@ file, each on its own.
 import contextlib
 import hashlib
 import json
+import operator
 import os
 import struct
 import tempfile
@@ -56,8 +57,8 @@ NULL_TEXT = "\\N"  # NULL in a row's text, as COPY writes it
 ZSTD_LEVEL = 3  # BENCHMARKS.md, section 12: level 3 already beats gzip -6 several times over
 CHECKSUM_WORDS = (
     "the sum over rows of the first 64 bits of md5(row text), each as a signed bigint. Row"
-    " text: the columns' PostgreSQL text output (DateStyle ISO, TimeZone UTC; NULL as \\N)"
-    " joined by '|'"
+    " text: the columns' PostgreSQL text output (timestamps as YYYY-MM-DD HH24:MI:SS.US, UTC;"
+    " NULL as \\N) joined by '|'"
 )
 RESUME = (
     "what was archived and removed before stays so; free space and rerun with"
@@ -98,7 +99,13 @@ def arrow_type(pg_type):
 
 
 def canonical_sql(name, pg_type):
-    return f"coalesce({render(Entity(name))}::text, {render(Value(NULL_TEXT))})"
+    column = render(Entity(name))
+    if pg_type in TIMESTAMPS:  # six digits always: what Arrow's cast to text prints
+        zone = " AT TIME ZONE 'UTC'" if pg_type == TIMESTAMPS[0] else ""
+        text = f"to_char({column}{zone}, 'YYYY-MM-DD HH24:MI:SS.US')"
+    else:
+        text = f"{column}::text"
+    return f"coalesce({text}, {render(Value(NULL_TEXT))})"
 
 
 def row_hash_sql(columns):
@@ -120,15 +127,8 @@ def canonical_arrow(array, pg_type):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if pg_type in TIMESTAMPS:
-        # '2026-01-05 10:00:00.120000' -> '2026-01-05 10:00:00.12+00', as timestamptz_out;
-        # cast to text from the UTC wall clock (no zone), many times faster than strftime
-        wall = pc.cast(array, pa.timestamp("us"))
-        text = pc.replace_substring_regex(
-            pc.cast(wall, pa.string()), pattern=r"\.?0+$", replacement=""
-        )
-        if pg_type == TIMESTAMPS[0]:
-            text = pc.binary_join_element_wise(text, "+00", "")
+    if pg_type in TIMESTAMPS:  # the UTC wall clock: many times faster than strftime
+        text = pc.cast(pc.cast(array, pa.timestamp("us")), pa.string())
     else:
         text = pc.cast(array, pa.string())
     return pc.fill_null(text, NULL_TEXT)
@@ -141,17 +141,16 @@ def file_checksum(table, columns):
     if not len(table):
         return 0, "0"
     parts = [canonical_arrow(table.column(name), pg_type) for name, pg_type in columns]
-    md5, total = hashlib.md5, 0
+    digest, total = operator.methodcaller("digest"), 0
     for chunk in pc.binary_join_element_wise(*parts, "|").chunks:
+        # Iterators of C functions, no Python call per row: 3 times faster than a loop.
         ends = memoryview(chunk.buffers()[1]).cast("i")[
             chunk.offset : chunk.offset + len(chunk) + 1
         ]
         data = memoryview(chunk.buffers()[2] or b"")
-        digests = b"".join(
-            md5(data[ends[i] : ends[i + 1]], usedforsecurity=False).digest()[:8]
-            for i in range(len(chunk))
-        )
-        total += sum(value for (value,) in struct.iter_unpack(">q", digests))
+        texts = map(data.__getitem__, map(slice, ends[:-1], ends[1:]))
+        digests = b"".join(map(digest, map(hashlib.md5, texts)))
+        total += sum(value for (value,) in struct.iter_unpack(">q8x", digests))
     return len(table), str(total)
 
 
@@ -364,8 +363,9 @@ def by_month(table, relation, keys):
             f"{shown_name(relation)} has rows with a NULL created_at among those to remove"
         )
     rows = table.drop_columns(["_ctid", "_xmin", "_month"] if keys else ["_month"])
-    for month in sorted(pc.unique(months).to_pylist()):
-        yield month, rows.filter(pc.equal(months, month))
+    found = sorted(pc.unique(months).to_pylist())
+    for month in found:  # a month partition holds one month: no copy of it
+        yield month, rows if len(found) == 1 else rows.filter(pc.equal(months, month))
 
 
 class SideChecksum(threading.Thread):
