@@ -43,6 +43,7 @@ from datetime import UTC
 
 import psycopg2.extensions
 from peewee import Entity, Value
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
 from catalog import guard_params, guard_sql, guarded, one_snapshot, shown, shown_name
 from connection import MigrationError, open_side_connection, signal_pending, wait
@@ -200,6 +201,9 @@ class Archive:
         PostgreSQL's count and checksum run on a second connection in the snapshot of the
         COPY, while this process writes and reads back the files (BENCHMARKS.md, 12)."""
         columns = relation_columns(target, relation)
+        # Inside a caller's transaction, which may hold locks a second connection would wait
+        # for, PostgreSQL's checksum runs on this connection, after the COPY.
+        alongside = database.connection().get_transaction_status() == TRANSACTION_STATUS_IDLE
         written = {}
         try:
             with one_snapshot(target):
@@ -208,13 +212,12 @@ class Archive:
                 table = read_rows(relation, cutoff, columns, keys)
                 if table is None:
                     return []
-                side = SideChecksum(
-                    target, snapshot, checksum_sql(columns, rows_where(relation, cutoff))
-                )
+                checksum = checksum_sql(columns, rows_where(relation, cutoff))
+                side = SideChecksum(target, snapshot, checksum if alongside else None)
                 try:
                     for month, part in by_month(table, relation, keys):
                         written[month] = self.write_month(relation, month, part, columns)
-                    sums = side.result()
+                    sums = side.result() if alongside else sums_of(database.execute_sql(checksum))
                 finally:
                     side.close()
             for month, (temporary, found) in sorted(written.items()):
@@ -374,10 +377,11 @@ class SideChecksum(threading.Thread):
 
     def __init__(self, target, snapshot, sql):
         super().__init__(daemon=True)
-        self.connection = open_side_connection()
         self.target, self.snapshot, self.sql = target, snapshot, sql
-        self.rows, self.error = None, None
-        self.start()
+        self.rows, self.error, self.connection = None, None, None
+        if sql is not None:  # None: nothing to do, the caller computes it itself
+            self.connection = open_side_connection()
+            self.start()
 
     def run(self):
         try:
@@ -398,18 +402,24 @@ class SideChecksum(threading.Thread):
         self.join()
         if self.error is not None:
             raise self.error
-        return {
-            month: (rows, checksum, first.isoformat(), last.isoformat())
-            for month, rows, checksum, first, last in self.rows
-        }
+        return sums_of(self.rows)
 
     def close(self):
+        if self.connection is None:
+            return
         if self.is_alive():  # the main thread failed: the checksum is not wanted any more
             with contextlib.suppress(psycopg2.Error):
                 self.connection.cancel()
         self.join()
         if not self.connection.closed:
             self.connection.close()
+
+
+def sums_of(rows):
+    return {
+        month: (count, checksum, first.isoformat(), last.isoformat())
+        for month, count, checksum, first, last in rows
+    }
 
 
 def copy_out(sql, names, pg_types, relation):

@@ -18,6 +18,8 @@ import psycopg2
 import pytest
 
 import archive
+import catalog
+import models
 import partition
 from conftest import HERE, error_line, migrate_here, run_migrate, wait_for_lock_wait
 
@@ -349,3 +351,25 @@ def test_a_full_file_system_mid_way_removes_only_what_was_verified(empty_db, tmp
     assert again.returncode == 0, again.stderr
     assert f"dropped partition {second}" in again.stderr  # the detached, marked table
     assert as_tuples(archived(tmp_path), empty_db) == removed
+
+
+def test_rows_archived_inside_a_transaction_holding_their_table_are_verified_there(
+    migrated_db, tmp_path
+):
+    # A step that removes rows inside its own transaction (the legacy partition's, say)
+    # holds ACCESS EXCLUSIVE: the checksum must not wait for it on a second connection.
+    plain_with_logs(migrated_db)
+    cutoff = datetime.now(UTC) - timedelta(days=30)
+    removed = all_rows(migrated_db, f"created_at < '{cutoff.isoformat()}'")
+    migrate_here(migrated_db.params)  # binds models.database to the test database
+    target = catalog.target_schema()
+    models.database.execute_sql("BEGIN; LOCK TABLE request_logs IN ACCESS EXCLUSIVE MODE")
+    try:
+        keys = archive.Archive(tmp_path, datetime.now(UTC)).save(
+            target, "request_logs", cutoff, keys=True
+        )
+    finally:
+        models.database.execute_sql("ROLLBACK")
+
+    assert len(keys) == len(removed)
+    assert as_tuples(archived(tmp_path), migrated_db) == removed
