@@ -783,11 +783,18 @@ def while_inserting(scratch, *args):
     inserter.start()
     time.sleep(0.3)
     started = time.perf_counter()
-    seconds, status = run_tool("migrate.py", scratch.url, *args)
+    run = subprocess.run(
+        tool_command("migrate.py") + list(args),
+        env={**os.environ, "DATABASE_URL": scratch.url},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     finished = time.perf_counter()
+    seconds = finished - started
     inserter.stop.set()
     inserter.join()
-    assert status == 0, f"migrate.py {' '.join(args)} failed"
+    assert run.returncode == 0, run.stderr
     waits = [w for at, w in inserter.latencies if at >= started and at - w <= finished]
     return seconds, max(waits)
 
