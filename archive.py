@@ -228,7 +228,9 @@ class Archive:
         PostgreSQL's count and checksum run on a second connection in the snapshot of the
         COPY, while this process writes and reads back the files (BENCHMARKS.md, 12)."""
         columns = relation_columns(target, relation)
-        alongside = checksum_alongside(relation)
+        # Inside a caller's transaction, which may hold locks a second connection would wait
+        # for, PostgreSQL's checksum runs on this connection, after the COPY.
+        alongside = database.connection().get_transaction_status() == TRANSACTION_STATUS_IDLE
         written = {}
         try:
             with one_snapshot(target):
@@ -340,24 +342,6 @@ class Archive:
                     ),
                     ([c for c, _ in chunk], [f"{c} {x}" for c, x in chunk]),
                 )
-
-
-def checksum_alongside(relation):
-    """Whether PostgreSQL's checksum may run on a second connection while this one copies.
-    Inside a caller's transaction (the DROP of a detached partition runs in one) only if it has
-    written nothing, which the second connection would not see, and holds no lock on the
-    relation beyond ACCESS SHARE, which the second connection would wait for; otherwise it
-    runs on this connection after the COPY, 3 s more for a 1M-row month (BENCHMARKS.md, 12).
-    Its snapshot is then taken just before the COPY's: a row changed in between (in a
-    detached partition, by a session writing to it by name) is a mismatch, nothing removed."""
-    if database.connection().get_transaction_status() == TRANSACTION_STATUS_IDLE:
-        return True
-    return database.execute_sql(
-        "SELECT txid_current_if_assigned() IS NULL AND NOT EXISTS (SELECT FROM pg_locks"
-        " WHERE pid = pg_backend_pid() AND locktype = 'relation'"
-        " AND relation = %s::regclass AND mode <> 'AccessShareLock')",
-        (render(Entity(relation)),),
-    ).fetchone()[0]
 
 
 # --- Reading rows ----------------------------------------------------------------------
