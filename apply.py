@@ -122,12 +122,17 @@ progress = {"stage": "read", "committed": False, "left": None}
 archiving = {"archive": None}
 
 
-def archive_first(statement, target):
+def archive_first(statement, target, budget=None):
     """Before a statement that removes rows for good (Statement.removes), with --archive:
-    those rows written to DIR and verified, or an error before the statement runs."""
-    if archiving["archive"] is not None:
+    those rows written to DIR and verified, or an error before the statement runs. The
+    archive's seconds are work, not waiting: they are given back to `budget`, else a month
+    that takes longer than --lock-timeout to archive would leave its DROP one lock attempt."""
+    if archiving["archive"] is not None and statement.removes:
+        started = time.monotonic()
         for relation, cutoff in statement.removes:
             archiving["archive"].save(target, relation, cutoff)
+        if budget is not None:
+            budget.deadline += time.monotonic() - started
 
 
 # --- The budget for waiting --------------------------------------------------------
@@ -560,7 +565,7 @@ def run_transaction(target, planner, statement_timeout, budget, step=None):
                 raise MigrationError(f"{step}: not now, {reason}; {state_words()}")
             statements = pick(plan)
             for statement in statements:
-                archive_first(statement, target)
+                archive_first(statement, target, budget)
                 execute_statement(statement)
             if statements and not swapping:
                 check_effects(statements, planner.read(target))
