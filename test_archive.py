@@ -373,3 +373,52 @@ def test_rows_archived_inside_a_transaction_holding_their_table_are_verified_the
 
     assert len(keys) == len(removed)
     assert as_tuples(archived(tmp_path), migrated_db) == removed
+
+
+SPREAD_LOGS = """
+INSERT INTO request_logs (id, created_at, user_id, api_key_id, api_config_id, model, method, path, status_code,
+    response_time, tokens_used, error_msg)
+SELECT g * 1021, now() - interval '40 days' - g * interval '1 minute', k.user_id, k.id, 1,
+    'model-' || g % 4, 'POST', '/v1/' || g, 200, g, g * 7, CASE WHEN g % 3 = 0 THEN 'e' END
+FROM generate_series(1, 60) g, (SELECT id, user_id FROM api_keys LIMIT 1) k
+ORDER BY g % 7, g DESC
+"""
+
+
+def test_rows_out_of_id_order_across_many_checksum_groups_are_verified_then_removed(
+    migrated_db, tmp_path
+):
+    migrate_here(migrated_db.params)
+    users_and_keys(migrated_db)
+    migrated_db.rows(SPREAD_LOGS)  # ids 1021 to 61260: 15 groups of id >> 12, heap not in id order
+    removed = all_rows(migrated_db, "created_at < now() - interval '30 days'")
+
+    result = run_migrate(migrated_db.url, "--retain-request-logs", "30", "--archive", str(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    assert len(removed) == 60
+    assert not all_rows(migrated_db, "created_at < now() - interval '30 days'")
+    assert as_tuples(archived(tmp_path), migrated_db) == removed
+
+
+def test_one_changed_value_in_any_row_changes_the_file_checksum():
+    import pyarrow as pa
+
+    columns = [("id", "bigint"), ("created_at", "timestamp with time zone"), ("model", "text")]
+    ids = list(range(1, 20_001))
+    table = pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "created_at": pa.array([datetime(2025, 1, 1, tzinfo=UTC)] * len(ids)),
+            "model": pa.array([None if i % 5 else f"m{i % 7}" for i in ids]),
+        }
+    )
+    before = archive.file_checksum(table, columns)
+    shuffled = table.take(list(reversed(range(len(ids)))))
+    models = table.column("model").to_pylist()
+    models[15_000] = "changed"
+    changed = table.set_column(2, "model", pa.array(models))
+
+    assert archive.file_checksum(shuffled, columns) == before  # order of the file is free
+    assert archive.file_checksum(changed, columns) != before
+    assert archive.file_checksum(changed, columns)[0] == before[0] == 20_000
