@@ -235,16 +235,27 @@ class Archive:
         try:
             with one_snapshot(target):
                 database.execute_sql(SESSION_SETTINGS)
+                checksum = checksum_sql(columns, rows_where(relation, cutoff))
+                if not alongside:
+                    # First, so that a retry of the caller's transaction (its DROP's lock
+                    # attempt failed) finds the verified files of its first attempt and
+                    # copies nothing again.
+                    sums = sums_of(database.execute_sql(checksum))
+                    if not keys and all(
+                        self.verified_copy(month, rows, total)
+                        for month, (rows, total, _, _) in sums.items()
+                    ):
+                        return []
                 snapshot = database.execute_sql("SELECT pg_export_snapshot()").fetchone()[0]
                 table = read_rows(relation, cutoff, columns, keys)
                 if table is None:
                     return []
-                checksum = checksum_sql(columns, rows_where(relation, cutoff))
                 side = SideChecksum(target, snapshot, checksum if alongside else None)
                 try:
                     for month, part in by_month(table, relation, keys):
                         written[month] = self.write_month(relation, month, part, columns)
-                    sums = side.result() if alongside else sums_of(database.execute_sql(checksum))
+                    if alongside:
+                        sums = side.result()
                 finally:
                     side.close()
             for month, (temporary, found) in sorted(written.items()):
