@@ -85,6 +85,7 @@ from deploy import before_rollout
 from models import MODELS, database
 from moving import CATCH_UP_TAIL
 from partition import (
+    BATCH_ROWS,
     CHECKED_AFTER_COMMIT,
     MOVING_STEPS,
     clock,
@@ -127,6 +128,22 @@ log = logging.getLogger("migrate")
 
 # What the run has done so far, for the line an interruption prints.
 progress = {"stage": "read", "committed": False, "left": None, "deferred": []}
+# --archive DIR (an archive.Archive) for this run; None: rows are removed without a copy.
+archiving = {"archive": None}
+
+
+def archive_first(statement, target, budget=None):
+    """Before a statement that removes rows for good (Statement.removes), with --archive:
+    those rows written to DIR and verified, or an error before the statement runs. The
+    archive's seconds are work, not waiting: they are given back to `budget`, else a month
+    that takes longer than --lock-timeout to archive would leave its DROP one lock attempt."""
+    if archiving["archive"] is not None and statement.removes:
+        started = time.monotonic()
+        for relation, cutoff in statement.removes:
+            archiving["archive"].save(target, relation, cutoff)
+        if budget is not None:
+            budget.deadline += time.monotonic() - started
+
 
 # --- The budget for waiting --------------------------------------------------------
 
@@ -444,10 +461,20 @@ class Planner:
         return self(read_catalog(target, self.models))
 
 
-def migrate(target, atomic=False, lock_timeout=5.0, statement_timeout=0.0, models=MODELS, **layout):
+def migrate(
+    target,
+    atomic=False,
+    lock_timeout=5.0,
+    statement_timeout=0.0,
+    models=MODELS,
+    archive=None,
+    **layout,
+):
     """Read, plan and apply; returns the last plan and the statements executed (none when up
-    to date). `layout`: partition=True (--partition-request-logs), retain_days=N, now=."""
+    to date). `layout`: partition=True (--partition-request-logs), retain_days=N, now=;
+    `archive`: an archive.Archive that rows are written to before they are removed."""
     progress.update(stage="read", committed=False, left=None, deferred=[])
+    archiving["archive"] = archive
     budget = Budget(lock_timeout)
     planner = Planner(atomic, models, **layout)
 
@@ -577,6 +604,7 @@ def run_transaction(target, planner, statement_timeout, budget, step=None):
             # that a writer waits for, so the time logged starts here.
             transaction_ms["from"] = time.perf_counter()
             for statement in statements:
+                archive_first(statement, target, budget)
                 execute_statement(statement)
             if statements and not swapping:
                 check_effects(statements, planner.read(target))
@@ -647,9 +675,18 @@ def run_batches(step, plan, target, planner, lock_timeout, statement_timeout, bu
         started = last = time.monotonic()
         total = 0
         log.info("%s: started (%s)", ongoing(statement), statement.hazard.work)
+        # With --archive, only the rows archived, as they were archived (archive.deletions).
+        archived = (
+            archiving["archive"].deletions(target, *statement.removes[0], BATCH_ROWS)
+            if archiving["archive"] is not None and statement.removes
+            else None
+        )
         while True:
+            sql, params = (statement.sql, None) if archived is None else next(archived, (None, 0))
+            if sql is None:
+                break
             with watching(statement):
-                rows = database.execute_sql(statement.sql).rowcount
+                rows = database.execute_sql(sql, params).rowcount
             check_same_backend(backend)
             total += rows
             now = time.monotonic()
@@ -660,7 +697,9 @@ def run_batches(step, plan, target, planner, lock_timeout, statement_timeout, bu
                 )
             # A catch-up stops at a batch that is not full: writers keep logging changes,
             # and the switch replays the last few under its lock.
-            if rows == 0 or (catching_up(statement) and rows < CATCH_UP_TAIL):
+            if archived is None and (
+                rows == 0 or (catching_up(statement) and rows < CATCH_UP_TAIL)
+            ):
                 break
         reset_online_session()
         if not catching_up(statement):  # what it replays is never "made": nothing to read back
@@ -766,6 +805,7 @@ def run_online(
         )
         for statement in statements:
             log.info("%s: started (%s)", ongoing(statement), statement.hazard.work)
+            archive_first(statement, target)
             with watching(statement, plan.snapshot.tables):
                 rows = database.execute_sql(statement.sql).rowcount
             check_same_backend(backend)

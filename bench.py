@@ -1150,6 +1150,135 @@ def bench_drops(scratch, settings):
             )
 
 
+# --- Retention with --archive ------------------------------------------------------------------
+
+# A month of logs as the gateway writes them: a few hundred users and models, most requests
+# succeed, one in twenty carries an error text.
+ARCHIVE_FILL = """
+INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model, method, path,
+    status_code, response_time, tokens_used, error_msg)
+SELECT %(start)s::timestamptz + (g %% 2419200) * interval '1 second' + random() * interval '1 second',
+    1 + g %% 200, 1 + g %% 200, 1 + g %% 7, 'model-' || (g::bigint * 7919 %% 40), 'POST',
+    '/v1/chat/completions', CASE WHEN g %% 20 = 0 THEN 500 ELSE 200 END,
+    (random() * 3000)::int, (random() * 4000)::int,
+    CASE WHEN g %% 20 = 0 THEN 'upstream error: timeout after ' || (random() * 30)::int || ' s'
+         ELSE '' END
+FROM generate_series(1, %(count)s) g
+"""
+
+
+def archive_month(scratch, count):
+    """A partitioned request_logs whose month of three months ago holds `count` logs;
+    returns that partition's name."""
+    now = datetime.now(UTC)
+    old_month = partition.add_months(partition.month_start(now), -3)
+    scratch.reset()
+    migrate_in_process(scratch, partition=True, now=old_month)
+    migrate_in_process(scratch, now=now)
+    scratch.execute(
+        "INSERT INTO users (username, email, password_hash)"
+        " SELECT 'u' || g, 'u' || g || '@x', 'h' FROM generate_series(1, 200) g"
+    )
+    scratch.execute(
+        "INSERT INTO api_keys (user_id, key, name) SELECT id, 'k' || id, 'n' FROM users"
+    )
+    scratch.execute(ARCHIVE_FILL, {"start": old_month, "count": count})
+    scratch.execute("VACUUM ANALYZE")
+    scratch.execute("CHECKPOINT")
+    return partition.month_name(old_month)
+
+
+def copy_gzip(scratch, name, target):
+    """The operator's alternative: COPY (SELECT * FROM the partition) TO STDOUT | gzip."""
+    started = time.perf_counter()
+    subprocess.run(
+        f"psql -X -q -d \"$DATABASE_URL\" -c 'COPY (SELECT * FROM {name}) TO STDOUT'"
+        f" | gzip > {target}",
+        shell=True,
+        check=True,
+        env={**os.environ, "DATABASE_URL": scratch.url},
+    )
+    return time.perf_counter() - started, os.path.getsize(target)
+
+
+def while_inserting(scratch, *args):
+    """migrate.py with args under insert traffic: (seconds, longest insert)."""
+    inserter = Inserter(scratch.url)
+    inserter.start()
+    time.sleep(0.3)
+    started = time.perf_counter()
+    run = subprocess.run(
+        tool_command("migrate.py") + list(args),
+        env={**os.environ, "DATABASE_URL": scratch.url},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    finished = time.perf_counter()
+    seconds = finished - started
+    inserter.stop.set()
+    inserter.join()
+    assert run.returncode == 0, run.stderr
+    waits = [w for at, w in inserter.latencies if at >= started and at - w <= finished]
+    return seconds, max(waits)
+
+
+def bench_archive(scratch, settings):
+    """Section 12: retention of a month with --archive against COPY ... | gzip of the same
+    partition, its file's size, the longest insert meanwhile; then its restore."""
+    import tempfile
+
+    count = settings.stall_rows
+    runs = []
+    for _ in range(min(settings.repeats, 3)):
+        name = archive_month(scratch, count)
+        with tempfile.TemporaryDirectory() as directory:
+            gzip_seconds, gzip_bytes = copy_gzip(scratch, name, os.path.join(directory, "m.gz"))
+            archive_dir = os.path.join(directory, "archive")
+            seconds, longest = while_inserting(
+                scratch, "--retain-request-logs", "60", "--archive", archive_dir
+            )
+            files = [os.path.join(archive_dir, f) for f in os.listdir(archive_dir)]
+            data = [f for f in files if f.endswith(".parquet")]
+            parquet_bytes = sum(os.path.getsize(f) for f in data)
+            restore_seconds, restore_longest = while_inserting(
+                scratch, "--restore-request-logs", data[0]
+            )
+        runs.append(
+            (
+                gzip_seconds,
+                gzip_bytes,
+                seconds,
+                parquet_bytes,
+                longest,
+                restore_seconds,
+                restore_longest,
+            )
+        )
+    section = f"15 retention with --archive: one month, {count:,} request logs"
+    add_row(
+        section,
+        "COPY (SELECT * FROM the partition) TO STDOUT | gzip",
+        f"{spread([r[0] for r in runs])}; {statistics.median(r[1] for r in runs) / 2**20:.1f} MiB",
+        "psql and gzip -6, the file only (no check, nothing removed)",
+    )
+    add_row(
+        section,
+        "migrate.py --retain-request-logs 60 --archive DIR",
+        f"{spread([r[2] for r in runs])} ({statistics.median(r[2] / r[0] for r in runs):.2f}x the"
+        f" gzip); {statistics.median(r[3] for r in runs) / 2**20:.1f} MiB"
+        f" ({statistics.median(r[3] / r[1] for r in runs):.2f}x its size); longest insert"
+        f" {spread([r[4] for r in runs], 'ms', 1000)}",
+        "the whole run: rows read, Parquet zstd written, read back and checked, partition dropped",
+    )
+    add_row(
+        section,
+        "migrate.py --restore-request-logs FILE",
+        f"{spread([r[5] for r in runs])}; longest insert {spread([r[6] for r in runs], 'ms', 1000)}",
+        "one transaction, checked against the manifest before COMMIT",
+    )
+
+
 # --- The gateway's queries on realistic data -------------------------------------------------
 
 # The lookups the gateway runs, and the Go backend's admin and stats queries
@@ -1426,7 +1555,7 @@ def main(argv=None):
     parser.add_argument(
         "--only",
         metavar="N,N",
-        help="run only these sections, e.g. --only 5,8 (8 needs 5's database), 1 to 14",
+        help="run only these sections, e.g. --only 5,8 (8 needs 5's database), 1 to 15",
     )
     parser.add_argument("--create-tables", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1438,7 +1567,7 @@ def main(argv=None):
     try:
         with bytecode_cached():
             server_version = scratch.execute("SHOW server_version")[0][0]
-            wanted = set(args.only.split(",")) if args.only else {str(n) for n in range(1, 15)}
+            wanted = set(args.only.split(",")) if args.only else {str(n) for n in range(1, 16)}
             if wanted & {"1", "2"}:
                 bench_bootstrap_and_rerun(scratch, settings)
             if "3" in wanted:
@@ -1464,6 +1593,8 @@ def main(argv=None):
                 bench_legacy_retention(scratch, settings)
             if "14" in wanted:
                 bench_drops(scratch, settings)
+            if "15" in wanted:
+                bench_archive(scratch, settings)
     finally:
         with contextlib.suppress(psycopg2.Error):
             drop_partitions(scratch)

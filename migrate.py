@@ -52,6 +52,7 @@ except ImportError as missing:
     )
     sys.exit(2)
 
+
 from apply import (
     REJECTIONS,
     Budget,
@@ -67,6 +68,7 @@ from apply import (
     stop_watching,
     watch_queries,
 )
+from archive import Archive, require_pyarrow, restore
 from catalog import describe_target, one_line, read_only_words, shown, shown_name, target_schema
 from connection import (
     DEFAULT_DATABASE_URL,
@@ -82,6 +84,7 @@ from connection import (
     wait,
 )
 from models import database
+from partition import clock
 from plan import describe_unknown, lock_name, plural, report, runnable, schema_sql, search_path_line
 
 EXIT_OK, EXIT_PENDING, EXIT_ERROR, EXIT_DRIFT = 0, 1, 2, 3
@@ -237,6 +240,17 @@ def parse_args(argv):
         " or --dry-run",
     )
     parser.add_argument(
+        "--archive",
+        metavar="DIR",
+        help="with --retain-request-logs: first write the rows it removes to DIR (made if"
+        " missing), a verified Parquet file and manifest per month (OPERATING.md)",
+    )
+    parser.add_argument(
+        "--restore-request-logs",
+        metavar="FILE",
+        help="put the rows of an --archive data file back into request_logs; alone",
+    )
+    parser.add_argument(
         "--format",
         choices=("text", "json"),
         default="text",
@@ -264,6 +278,11 @@ def parse_args(argv):
             "--retain-request-logs goes alone (with upkeep), with --post-deploy or with --dry-run"
             " (--check ignores retention)"
         )
+    if args.archive is not None and args.retain_request_logs is None:
+        parser.error("--archive goes with --retain-request-logs")
+    restore_with = args.check or args.sql or args.dry_run or args.partition_request_logs
+    if args.restore_request_logs is not None and (restore_with or args.retain_request_logs):
+        parser.error("--restore-request-logs goes alone")
     return args
 
 
@@ -659,6 +678,11 @@ def run(args, started):
     if args.sql:
         write_out(schema_sql())
         return EXIT_OK
+    archive, now = None, clock()  # the clock every month decision reads (partition.clock)
+    if args.restore_request_logs is not None or args.archive is not None:
+        require_pyarrow()  # before connecting: nothing changes without it
+    if args.archive is not None and not args.dry_run:
+        archive = Archive(args.archive, now)
     url = os.environ.get("DATABASE_URL")
     params = connection_params(DEFAULT_DATABASE_URL if url is None else url)
     default = " (the default: DATABASE_URL is not set)" if url is None else ""
@@ -677,6 +701,10 @@ def run(args, started):
     target = target_schema()
     progress["schema"] = target.name
     log.info(describe_target(target))
+    if args.restore_request_logs is not None:
+        rows = restore(target, args.restore_request_logs)
+        log.info("restored %s into request_logs (%s)", plural(rows, "row"), elapsed(started))
+        return EXIT_OK
     layout = {
         "partition": args.partition_request_logs,
         "retain_days": args.retain_request_logs,
@@ -710,7 +738,15 @@ def run(args, started):
         else:
             log.info("%s", line, extra=SUMMARY if check_status(plan) != EXIT_OK else None)
         return status
-    plan, done = migrate(target, args.atomic, args.lock_timeout, args.statement_timeout, **layout)
+    plan, done = migrate(
+        target,
+        args.atomic,
+        args.lock_timeout,
+        args.statement_timeout,
+        archive=archive,
+        now=now,
+        **layout,
+    )
     if args.pre_deploy:  # read again: the catalog, not the plan the run began with, decides
         refuse_missing_needs(
             plan_with_retries(target, Planner(**layout), Budget(args.lock_timeout))

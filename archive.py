@@ -1,0 +1,650 @@
+"""
+Request-log rows written to Parquet files before retention removes them, verified, restorable.
+
+Usage::
+
+    from archive import Archive, require_pyarrow, restore
+
+    require_pyarrow()                              # one line, before connecting, if missing
+    archive = Archive("/srv/log-archive", run=now) # --archive DIR: made if missing, probed
+    archive.save(target, "request_logs_2025_01", None)         # every row of a relation
+    for sql, params in archive.deletions(target, "request_logs_default", cutoff, 5_000):
+        database.execute_sql(sql, params)          # only the rows archived, as archived
+    restore(target, "/srv/log-archive/request_logs.2025-01.run-20250301T000000Z.parquet")
+
+Each call of save writes one file per month of created_at (UTC) for this run,
+``request_logs.YYYY-MM.run-<run>.parquet`` (zstd, columns typed as the table's, timestamps as
+UTC instants, NULLs kept), and beside it ``<same>.manifest.json``: month, rows, min and max
+created_at, the rows' checksum, the file's sha256 and size, the columns with their types.
+
+Order of a month, so that a crash at any point leaves each row in the table or in a verified
+file: the rows and PostgreSQL's own count and checksum of them are read in one snapshot; the
+file goes to a hidden temporary name, is fsynced, read back from disk and its count and
+checksum compared with the database's; then renamed (directory fsynced), then the manifest
+(temporary name, fsync, rename, fsync). Only then does the caller remove the rows. A file
+without its manifest is never trusted; a month whose rows a verified file already holds (a
+run that was killed before its DROP) is not written again.
+
+The checksum: the rows, ordered by (id, created_at), fall in groups of ids that share all but
+their low 12 bits (id >> 12); each group's text is its rows' canonical texts (each value's
+PostgreSQL text output joined by '|', NULL as \\N, each row ended by a newline) one after
+another; the checksum is the sum of the first 64 bits of md5 of each group's text, signed, as
+a decimal. PostgreSQL computes it in one aggregate (string_agg per group), pyarrow from the
+file read back (vectorised casts and joins, one md5 per group over a contiguous buffer), each
+on its own: a thousand md5 calls for a million rows rather than a million.
+"""
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import struct
+import tempfile
+import threading
+from datetime import UTC
+
+import psycopg2.extensions
+from peewee import Entity, Value
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE
+
+from catalog import guard_params, guard_sql, guarded, one_snapshot, shown, shown_name
+from connection import MigrationError, open_side_connection, signal_pending, wait
+from models import RequestLog, database
+from plan import render
+
+PARENT = RequestLog._meta.table_name
+FORMAT = "request_logs archive"
+VERSION = 1
+SUFFIX, MANIFEST = ".parquet", ".manifest.json"
+NULL_TEXT = "\\N"  # NULL in a row's text, as COPY writes it
+ZSTD_LEVEL = 3  # BENCHMARKS.md, section 12: level 3 already beats gzip -6 several times over
+CHECKSUM_WORDS = (
+    "rows ordered by (id, created_at) and grouped by id >> 12; for each group, md5 of its rows'"
+    " texts one after another, each row's text the columns' PostgreSQL text output (timestamps"
+    " as YYYY-MM-DD HH24:MI:SS.US, UTC; NULL as \\N) joined by '|' and ended by a newline; the"
+    " sum over groups of the first 64 bits of that md5, each as a signed bigint"
+)
+RESUME = (
+    "what was archived and removed before stays so; free space and rerun with"
+    " --retain-request-logs and --archive: it does the rest"
+)
+# Column types stored as themselves; every other type as its PostgreSQL text form.
+TIMESTAMPS = ("timestamp with time zone", "timestamp without time zone")
+INTEGERS = {"bigint": "int64", "integer": "int32", "smallint": "int16"}
+
+
+def require_pyarrow():
+    """pyarrow, or the one line that says how to get it (before anything changes)."""
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise MigrationError(
+            "--archive needs pyarrow, which is not installed: pip install -r requirements.txt;"
+            " nothing was changed"
+        ) from None
+
+
+def arrow_type(pg_type):
+    import pyarrow as pa
+
+    if pg_type in INTEGERS:
+        return getattr(pa, INTEGERS[pg_type])()
+    if pg_type == "boolean":
+        return pa.bool_()
+    if pg_type == TIMESTAMPS[0]:
+        return pa.timestamp("us", tz="UTC")
+    if pg_type == TIMESTAMPS[1]:
+        return pa.timestamp("us")
+    return pa.string()
+
+
+# --- The row checksum, twice ------------------------------------------------------------
+
+
+def canonical_sql(name, pg_type):
+    column = render(Entity(name))
+    if pg_type in TIMESTAMPS:  # six digits always: what Arrow's cast to text prints
+        zone = " AT TIME ZONE 'UTC'" if pg_type == TIMESTAMPS[0] else ""
+        text = f"to_char({column}{zone}, 'YYYY-MM-DD HH24:MI:SS.US')"
+    else:
+        text = f"{column}::text"
+    return f"coalesce({text}, {render(Value(NULL_TEXT))})"
+
+
+GROUP_BITS = 12  # rows hashed together: those whose ids share all but the low 12 bits
+
+
+def row_text_sql(columns):
+    return " || '|' || ".join(canonical_sql(name, pg_type) for name, pg_type in columns)
+
+
+def checksum_sql(columns, rows):
+    """(month, rows, checksum, min and max created_at) of the rows `rows` ("FROM ... WHERE")
+    selects, a line per month of created_at in UTC."""
+    group_hash = (
+        f"('x' || left(md5(string_agg({row_text_sql(columns)} || E'\\n', ''"
+        " ORDER BY id, created_at)), 16))::bit(64)::bigint"
+    )
+    return (
+        "SELECT month, sum(rows)::bigint, sum(hash)::text, min(first), max(last) FROM ("
+        "SELECT to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM') AS month, count(*) AS rows,"
+        f" {group_hash} AS hash, min(created_at) AS first, max(created_at) AS last {rows}"
+        f" GROUP BY 1, id >> {GROUP_BITS}) AS groups GROUP BY 1"
+    )
+
+
+def canonical_arrow(array, pg_type):
+    """A column as PostgreSQL's text output (DateStyle ISO, TimeZone UTC) prints it."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pg_type in TIMESTAMPS:  # the UTC wall clock: many times faster than strftime
+        text = pc.cast(pc.cast(array, pa.timestamp("us")), pa.string())
+    else:
+        text = pc.cast(array, pa.string())
+    return pc.fill_null(text, NULL_TEXT)
+
+
+def file_checksum(table, columns):
+    """(rows, checksum) of an Arrow table, computed as checksum_sql computes them: the rows'
+    texts in (id, created_at) order, one md5 per group of ids over a contiguous buffer."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not len(table):
+        return 0, "0"
+    ids = table.column("id").combine_chunks()
+    # A partition is usually read in id order already: then no copy of its texts to sort them.
+    ordered = len(ids) < 2 or pc.all(pc.greater(pc.pairwise_diff(ids).slice(1), 0)).as_py()
+    order = (
+        None
+        if ordered
+        else pc.sort_indices(table, [("id", "ascending"), ("created_at", "ascending")])
+    )
+    parts = []
+    for name, pg_type in columns:
+        parts += [canonical_arrow(table.column(name), pg_type), "|"]
+    parts[-1] = "\n"
+    texts = pc.binary_join_element_wise(*parts, "")
+    # large_string: a month may hold more than the 2 GiB a string array's offsets address
+    texts = pc.cast(texts, pa.large_string())
+    texts = (texts if order is None else pc.take(texts, order)).combine_chunks()
+    ends = memoryview(texts.buffers()[1]).cast("q")[texts.offset :]
+    data = memoryview(texts.buffers()[2] or b"")
+    groups = pc.shift_right(ids if order is None else pc.take(ids, order), GROUP_BITS)
+    changes = pc.indices_nonzero(pc.not_equal(groups[1:], groups[:-1])).to_pylist()
+    total = 0
+    for start, stop in itertools.pairwise([0, *(at + 1 for at in changes), len(texts)]):
+        digest = hashlib.md5(data[ends[start] : ends[stop]]).digest()
+        total += struct.unpack(">q", digest[:8])[0]
+    return len(table), str(total)
+
+
+# --- The directory ----------------------------------------------------------------------
+
+
+class Archive:
+    """--archive DIR for one run: `run` (the run's fixed now) names its files."""
+
+    def __init__(self, directory, run):
+        self.directory = os.path.abspath(directory)
+        self.run = run.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+        self.check_writable()
+
+    def check_writable(self):
+        """Make DIR if missing and write, fsync and remove a probe in it, or one line."""
+        probe = os.path.join(self.directory, f".probe-{os.getpid()}")
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            with open(probe, "wb") as file:
+                file.write(b"probe")
+                os.fsync(file.fileno())
+            os.remove(probe)
+            for name in os.listdir(self.directory):  # a run killed while writing left these
+                if name.startswith(f".{PARENT}.") and name.endswith(".tmp"):
+                    os.remove(os.path.join(self.directory, name))
+        except OSError as exc:
+            raise MigrationError(
+                f"--archive {shown(self.directory)} cannot be written ({exc.strerror or exc}):"
+                " nothing was changed"
+            ) from None
+
+    def free_path(self, month):
+        """DIR/request_logs.YYYY-MM.run-RUN.parquet, or .run-RUN-2... when this run has
+        written that month already (a second pass, or a second relation)."""
+        for attempt in range(1, 10_000):
+            run = self.run if attempt == 1 else f"{self.run}-{attempt}"
+            path = os.path.join(self.directory, f"{PARENT}.{month}.run-{run}{SUFFIX}")
+            if not os.path.exists(path):
+                return path
+        raise MigrationError(f"{shown(self.directory)} holds 10,000 files of {month} for one run")
+
+    def save(self, target, relation, cutoff, keys=False):
+        """Archive the rows of `relation` before `cutoff` (None: all), a verified file per
+        month; returns (ctid, xmin) of each archived row as the snapshot saw it, if `keys`.
+
+        PostgreSQL's count and checksum run on a second connection in the snapshot of the
+        COPY, while this process writes and reads back the files (BENCHMARKS.md, 12)."""
+        columns = relation_columns(target, relation)
+        # Inside a caller's transaction, which may hold locks a second connection would wait
+        # for, PostgreSQL's checksum runs on this connection, after the COPY.
+        alongside = database.connection().get_transaction_status() == TRANSACTION_STATUS_IDLE
+        written = {}
+        try:
+            with one_snapshot(target):
+                database.execute_sql(SESSION_SETTINGS)
+                checksum = checksum_sql(columns, rows_where(relation, cutoff))
+                if not alongside:
+                    # First, so that a retry of the caller's transaction (its DROP's lock
+                    # attempt failed) finds the verified files of its first attempt and
+                    # copies nothing again.
+                    sums = sums_of(database.execute_sql(checksum))
+                    if not keys and all(
+                        self.verified_copy(month, rows, total)
+                        for month, (rows, total, _, _) in sums.items()
+                    ):
+                        return []
+                snapshot = database.execute_sql("SELECT pg_export_snapshot()").fetchone()[0]
+                table = read_rows(relation, cutoff, columns, keys)
+                if table is None:
+                    return []
+                side = SideChecksum(target, snapshot, checksum if alongside else None)
+                try:
+                    for month, part in by_month(table, relation, keys):
+                        written[month] = self.write_month(relation, month, part, columns)
+                    if alongside:
+                        sums = side.result()
+                finally:
+                    side.close()
+            for month, (temporary, found) in sorted(written.items()):
+                rows, checksum, first, last = sums.get(month, (0, "0", None, None))
+                if found != (rows, checksum):
+                    raise MigrationError(
+                        f"the archive of {shown_name(relation)} {month} read back {found[0]:,}"
+                        f" rows, checksum {found[1]}, where the database has {rows:,},"
+                        f" {checksum}: nothing of it was removed"
+                    )
+                if self.verified_copy(month, rows, checksum):
+                    os.remove(temporary)  # an earlier run's file holds these very rows
+                else:
+                    self.keep(relation, month, temporary, columns, rows, checksum, first, last)
+                del written[month]
+        except OSError as exc:
+            raise MigrationError(
+                f"writing the archive of {shown_name(relation)} to {shown(self.directory)}"
+                f" failed ({exc.strerror or exc}): nothing of it was removed, {RESUME}"
+            ) from None
+        finally:
+            for temporary, _ in written.values():
+                with contextlib.suppress(OSError):
+                    os.remove(temporary)
+        if not keys:
+            return []
+        return list(zip(table.column("_ctid").to_pylist(), table.column("_xmin").to_pylist()))
+
+    def write_month(self, relation, month, part, columns):
+        """The month's rows in a temporary file of DIR, fsynced, read back from disk:
+        (its path, (rows, checksum) of what was read)."""
+        name = f".{PARENT}.{month}.{os.getpid()}.{len(os.listdir(self.directory))}.tmp"
+        temporary = os.path.join(self.directory, name)
+        write_parquet(part, temporary)
+        return temporary, file_checksum(read_parquet(temporary), columns)
+
+    def keep(self, relation, month, temporary, columns, rows, checksum, first, last):
+        """The verified file under its name, then its manifest, each made durable."""
+        path = self.free_path(month)
+        digest, size = sha256_of(temporary)
+        os.replace(temporary, path)
+        fsync_directory(self.directory)
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "relation": relation,
+            "month": month,
+            "run": self.run,
+            "rows": rows,
+            "min_created_at": first,
+            "max_created_at": last,
+            "checksum": {"rows": checksum, "of": CHECKSUM_WORDS},
+            "file": {"name": os.path.basename(path), "sha256": digest, "bytes": size},
+            "columns": [
+                {"name": name, "type": pg_type, "arrow": str(arrow_type(pg_type))}
+                for name, pg_type in columns
+            ],
+        }
+        write_atomically(
+            path.removesuffix(SUFFIX) + MANIFEST, json.dumps(manifest, indent=2) + "\n"
+        )
+
+    def verified_copy(self, month, rows, checksum):
+        """Whether a file of an earlier run holds these very rows: its manifest says so and
+        the file is the one the manifest describes."""
+        for name in sorted(os.listdir(self.directory)):
+            if not name.endswith(MANIFEST) or f".{month}.run-" not in name:
+                continue
+            try:
+                with open(os.path.join(self.directory, name)) as file:
+                    manifest = json.load(file)
+                data = os.path.join(self.directory, manifest["file"]["name"])
+                same = (manifest["rows"], manifest["checksum"]["rows"]) == (rows, checksum)
+                if same and sha256_of(data)[0] == manifest["file"]["sha256"]:
+                    return True
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not one of ours, or torn: never trusted
+        return False
+
+    def deletions(self, target, relation, cutoff, batch):
+        """(sql, params) of DELETEs that remove only rows archived as they were archived: a row
+        updated after its archive (a soft delete) has another (ctid, xmin), stays, and is
+        archived again on the next pass; passes repeat until no row before cutoff is left."""
+        delete = f"DELETE FROM ONLY {render(Entity(relation))}"
+        while True:
+            keys = self.save(target, relation, cutoff, keys=True)
+            if not keys:
+                return
+            for start in range(0, len(keys), batch):
+                chunk = keys[start : start + batch]
+                yield (
+                    (
+                        f"{delete} WHERE ctid = ANY (%s::tid[])"
+                        " AND (ctid::text || ' ' || xmin::text) = ANY (%s::text[])"
+                    ),
+                    ([c for c, _ in chunk], [f"{c} {x}" for c, x in chunk]),
+                )
+
+
+# --- Reading rows ----------------------------------------------------------------------
+
+
+def relation_columns(target, relation):
+    return guarded(
+        target,
+        "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+        " WHERE attrelid = %(relation)s::regclass AND attnum > 0 AND NOT attisdropped"
+        " ORDER BY attnum",
+        {"relation": render(Entity(relation))},
+    ).fetchall()
+
+
+def rows_where(relation, cutoff):
+    where = f" WHERE created_at < {render(Value(cutoff))}::timestamptz" if cutoff else ""
+    return f"FROM ONLY {render(Entity(relation))}{where}"
+
+
+SESSION_SETTINGS = (
+    "SELECT set_config('statement_timeout', '0', true), set_config('DateStyle', 'ISO', true),"
+    " set_config('idle_in_transaction_session_timeout', '0', true)"
+)
+
+
+def read_rows(relation, cutoff, columns, keys):
+    """The rows as an Arrow table, with _month (of created_at in UTC) and, if keys, _ctid
+    and _xmin."""
+    select = ", ".join(render(Entity(name)) for name, _ in columns)
+    extra = ["_ctid", "_xmin"] if keys else []
+    return copy_out(
+        f"COPY (SELECT {'ctid, xmin, ' if keys else ''}"
+        f"to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM') AS _month, {select}"
+        f" {rows_where(relation, cutoff)}) TO STDOUT WITH (FORMAT csv)",
+        [*extra, "_month", *(name for name, _ in columns)],
+        [*(None for _ in extra), None, *(pg_type for _, pg_type in columns)],
+        relation,
+    )
+
+
+def by_month(table, relation, keys):
+    """(month, its rows without the helper columns), for each month of the table."""
+    import pyarrow.compute as pc
+
+    months = table.column("_month")
+    if months.null_count:
+        raise MigrationError(
+            f"{shown_name(relation)} has rows with a NULL created_at among those to remove"
+        )
+    rows = table.drop_columns(["_ctid", "_xmin", "_month"] if keys else ["_month"])
+    found = sorted(pc.unique(months).to_pylist())
+    for month in found:  # a month partition holds one month: no copy of it
+        yield month, rows if len(found) == 1 else rows.filter(pc.equal(months, month))
+
+
+class SideChecksum(threading.Thread):
+    """PostgreSQL's {month: (rows, checksum, min, max)} of the rows, computed on a
+    connection of its own in the exported snapshot `snapshot`, in the background."""
+
+    def __init__(self, target, snapshot, sql):
+        super().__init__(daemon=True)
+        self.target, self.snapshot, self.sql = target, snapshot, sql
+        self.rows, self.error, self.connection = None, None, None
+        if sql is not None:  # None: nothing to do, the caller computes it itself
+            self.connection = open_side_connection()
+            self.start()
+
+    def run(self):
+        try:
+            with self.connection.cursor() as cursor:
+                cursor.execute(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;"
+                    f" SET TRANSACTION SNAPSHOT %(snapshot)s; {guard_sql()};"
+                    f" {SESSION_SETTINGS}",
+                    {**guard_params(self.target), "snapshot": self.snapshot},
+                )
+                cursor.execute(self.sql)
+                self.rows = cursor.fetchall()
+                cursor.execute("COMMIT")
+        except BaseException as exc:  # noqa: BLE001 -- raised again by result(), in the main thread
+            self.error = exc
+
+    def result(self):
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return sums_of(self.rows)
+
+    def close(self):
+        if self.connection is None:
+            return
+        if self.is_alive():  # the main thread failed: the checksum is not wanted any more
+            with contextlib.suppress(psycopg2.Error):
+                self.connection.cancel()
+        self.join()
+        if not self.connection.closed:
+            self.connection.close()
+
+
+def sums_of(rows):
+    return {
+        month: (count, checksum, first.isoformat(), last.isoformat())
+        for month, count, checksum, first, last in rows
+    }
+
+
+def copy_out(sql, names, pg_types, relation):
+    """COPY ... TO STDOUT into a temporary file, parsed by pyarrow. psycopg2 refuses COPY with
+    a wait callback, so it is off for the COPY; a signal meanwhile is acted on after it."""
+    try:
+        with tempfile.TemporaryFile(buffering=0) as buffer:
+            psycopg2.extensions.set_wait_callback(None)
+            try:
+                database.cursor().copy_expert(sql, buffer, size=1 << 20)
+            finally:
+                psycopg2.extensions.set_wait_callback(wait)
+            if signal_pending():
+                raise KeyboardInterrupt
+            if not buffer.tell():  # no row: Arrow refuses an empty CSV
+                return None
+            buffer.seek(0)
+            return parse_csv(buffer, names, pg_types, relation)
+    except OSError as exc:
+        raise MigrationError(
+            f"reading the rows of {shown_name(relation)} into a temporary file of"
+            f" {shown(tempfile.gettempdir())} failed ({exc.strerror or exc}): nothing of it"
+            f" was removed, {RESUME}"
+        ) from None
+
+
+def parse_csv(buffer, names, pg_types, relation):
+    import pyarrow as pa
+    from pyarrow import csv
+
+    types = {n: arrow_type(t) if t else pa.string() for n, t in zip(names, pg_types)}
+    try:
+        return csv.read_csv(
+            buffer,
+            read_options=csv.ReadOptions(column_names=names, block_size=1 << 24),
+            parse_options=csv.ParseOptions(newlines_in_values=True),
+            convert_options=csv.ConvertOptions(
+                column_types=types,
+                null_values=[""],
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=False,
+                true_values=["t"],
+                false_values=["f"],
+            ),
+        )
+    except pa.ArrowInvalid as exc:  # a timestamp Arrow cannot hold: infinity, year 10000
+        raise MigrationError(
+            f"a row of {shown_name(relation)} cannot be archived"
+            f" ({shown(str(exc).splitlines()[0])}): nothing of it was removed"
+        ) from None
+
+
+# --- Files ------------------------------------------------------------------------------
+
+
+def write_parquet(table, path):
+    import pyarrow.parquet as pq
+
+    with open(path, "wb") as file:
+        pq.write_table(table, file, compression="zstd", compression_level=ZSTD_LEVEL)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def read_parquet(path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, memory_map=False)
+
+
+def sha256_of(path):
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def write_atomically(path, text):
+    directory, name = os.path.split(path)
+    temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    with open(temporary, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    fsync_directory(os.path.dirname(path))
+
+
+def fsync_directory(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# --- Restore ----------------------------------------------------------------------------
+
+
+def restore(target, path):
+    """The rows of an archive file back into request_logs, ids kept, in one transaction that
+    holds no lock an insert waits for (ROW EXCLUSIVE); checked against the manifest before
+    COMMIT; refused if any id is present. Returns the number of rows."""
+    from pyarrow import csv
+
+    manifest = read_manifest(path)
+    table = read_parquet(path)
+    columns = [(c["name"], c["type"]) for c in manifest["columns"]]
+    if file_checksum(table, columns) != (manifest["rows"], manifest["checksum"]["rows"]):
+        raise MigrationError(f"{shown(path)} does not match its manifest: nothing was restored")
+    ids = table.column("id").to_pylist()
+    lowest, highest = min(ids, default=0), max(ids, default=0)
+    names = ", ".join(render(Entity(name)) for name, _ in columns)
+    parent = render(Entity(PARENT))
+    # A join on the ids within their range: index range scans, then a hash join.
+    restored = (
+        f"FROM {parent} JOIN unnest(%(ids)s::bigint[]) AS restored(restored_id)"
+        " ON id = restored_id WHERE id BETWEEN %(lowest)s AND %(highest)s"
+    )
+    params = {"ids": ids, "lowest": lowest, "highest": highest}
+    with one_snapshot_writable(target):
+        present = database.execute_sql(f"SELECT count(*) {restored}", params).fetchone()[0]
+        if present:
+            raise MigrationError(
+                f"{present:,} of the {len(ids):,} rows of {shown(path)} are already in"
+                f" {PARENT} (same id): nothing was restored"
+            )
+        with tempfile.TemporaryFile() as buffer:
+            csv.write_csv(table, buffer, csv.WriteOptions(include_header=False))
+            buffer.seek(0)
+            psycopg2.extensions.set_wait_callback(None)
+            try:
+                database.cursor().copy_expert(
+                    f"COPY {parent} ({names}) FROM STDIN WITH (FORMAT csv)", buffer, size=1 << 20
+                )
+            finally:
+                psycopg2.extensions.set_wait_callback(wait)
+        if signal_pending():
+            raise KeyboardInterrupt
+        found = database.execute_sql(checksum_sql(columns, restored), params).fetchall()
+        rows = sum(row[1] for row in found)
+        checksum = str(sum(int(row[2]) for row in found))
+        if (rows, checksum) != (manifest["rows"], manifest["checksum"]["rows"]):
+            raise MigrationError(
+                f"the restored rows of {shown(path)} do not match its manifest ({rows:,} rows,"
+                f" checksum {checksum}): rolled back, nothing was restored"
+            )
+        # The sequence only ever moves forward, past the restored ids.
+        database.execute_sql(
+            "SELECT setval(s, %(top)s) FROM pg_get_serial_sequence(%(table)s, 'id') AS s"
+            " WHERE %(top)s > coalesce(pg_sequence_last_value(s), 0)",
+            {"top": highest, "table": parent},
+        )
+    return rows
+
+
+def read_manifest(path):
+    name = os.path.basename(path)
+    if not name.endswith(SUFFIX):
+        raise MigrationError(f"{shown(path)} is not an archive data file (*{SUFFIX})")
+    try:
+        with open(path.removesuffix(SUFFIX) + MANIFEST) as file:
+            manifest = json.load(file)
+        if manifest.get("format") != FORMAT:
+            raise ValueError("another format")
+        return manifest
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise MigrationError(
+            f"{shown(path)} has no readable manifest beside it ({shown(str(reason))}): an"
+            " unverified file is never restored"
+        ) from None
+
+
+@contextlib.contextmanager
+def one_snapshot_writable(target):
+    """A read-write transaction with the guard and no statement timeout: all or nothing."""
+    database.execute_sql(f"BEGIN; {guard_sql()}", guard_params(target))
+    try:
+        database.execute_sql(
+            "SELECT set_config('statement_timeout', '0', true), set_config('DateStyle', 'ISO', true)"
+        )
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            database.execute_sql("ROLLBACK")
+        raise
+    database.execute_sql("COMMIT")

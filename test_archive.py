@@ -1,0 +1,424 @@
+"""
+--retain-request-logs DAYS --archive DIR and --restore-request-logs FILE on a real PostgreSQL:
+every removed row is in a verified file first, DuckDB reads the files, a restore gives the
+same rows back, and a run stopped at any point (kill -9, SIGTERM, a full file system) loses
+nothing and is finished by the next.
+"""
+
+import glob
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import psycopg2
+import pytest
+
+import archive
+import catalog
+import models
+import partition
+from conftest import HERE, error_line, migrate_here, run_migrate, wait_for_lock_wait
+
+RICH_LOGS = """
+INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model, method, path,
+    status_code, response_time, tokens_used, error_msg, deleted_at)
+SELECT now() - make_interval(days => age) - g * interval '1 minute' - interval '1 microsecond' * g,
+    k.user_id, k.id, g %% 3, 'model-' || (g %% 4), 'POST', E'/v1/\\u00e9\\n' || g, 200 + g %% 3, g,
+    g * 7, CASE g %% 3 WHEN 0 THEN NULL WHEN 1 THEN '' ELSE E'oops\\n"q", \\\\ ' END,
+    CASE WHEN g %% 5 = 0 THEN now() END
+FROM unnest(%s::int[]) age, generate_series(1, %s) g, api_keys k
+"""
+DAYS = 50
+USAGE = (
+    "SELECT user_id, model, count(*), sum(tokens_used) FROM {source}"
+    " WHERE created_at < {cutoff} GROUP BY 1, 2 ORDER BY 1, 2"
+)
+
+
+def users_and_keys(db, users=3):
+    db.rows(
+        "INSERT INTO users (username, email, password_hash)"
+        f" SELECT 'u' || g, 'u' || g || '@x', 'h' FROM generate_series(1, {users}) g"
+    )
+    db.rows("INSERT INTO api_keys (user_id, key, name) SELECT id, 'k' || id, 'n' FROM users")
+
+
+def partitioned_with_logs(db, ages=(0, 20, 45, 70, 85), per_key=50):
+    """request_logs by month since 153 days ago, and rows of every kind `ages` days old."""
+    now = datetime.now(UTC)
+    for days, convert in (
+        (153, True),
+        (123, False),
+        (93, False),
+        (62, False),
+        (31, False),
+        (0, False),
+    ):
+        migrate_here(db.params, partition=convert, now=now - timedelta(days=days))
+    users_and_keys(db)
+    db.rows(RICH_LOGS, list(ages), per_key)
+    return now - timedelta(days=DAYS)
+
+
+def plain_with_logs(db, ages=(1, 40, 70), per_key=50):
+    migrate_here(db.params)
+    users_and_keys(db)
+    db.rows(RICH_LOGS, list(ages), per_key)
+
+
+def all_rows(db, where="true"):
+    return db.rows(f"SELECT * FROM request_logs WHERE {where} ORDER BY id")
+
+
+def archived(directory):
+    """Every row of the verified files of DIR, through pyarrow, ordered by id."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.parquet"))):
+        assert os.path.exists(path.removesuffix(".parquet") + ".manifest.json"), path
+        rows += archive.read_parquet(path).to_pylist()
+    return sorted(rows, key=lambda row: row["id"])
+
+
+def as_tuples(rows, db):
+    names = [
+        name
+        for name, _ in db.rows(
+            "SELECT attname, 1 FROM pg_attribute WHERE attrelid = 'request_logs'::regclass"
+            " AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
+        )
+    ]
+    return [tuple(row[name] for name in names) for row in rows]
+
+
+def test_archive_holds_every_removed_row_and_duckdb_reads_the_same_usage(empty_db, tmp_path):
+    duckdb = pytest.importorskip(
+        "duckdb", reason="missing tool: duckdb (pip install -r requirements-test.txt)"
+    )
+    cutoff = partitioned_with_logs(empty_db)
+    literal = f"'{cutoff.isoformat()}'::timestamptz"
+    usage = empty_db.rows(USAGE.format(source="request_logs", cutoff=literal))
+    removed = all_rows(empty_db, f"created_at < {literal}")
+    kept = all_rows(empty_db, f"created_at >= {literal}")
+    directory = tmp_path / "new" / "archive"  # made, parents too
+
+    result = run_migrate(
+        empty_db.url, "--retain-request-logs", str(DAYS), "--archive", str(directory)
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert removed and usage
+    assert all_rows(empty_db) == kept
+    assert as_tuples(archived(directory), empty_db) == removed  # NULLs, '' and newlines kept
+    files = os.path.join(directory, "*.parquet")
+    read = duckdb.sql(USAGE.format(source=f"read_parquet('{files}')", cutoff=literal)).fetchall()
+    assert [tuple(row) for row in read] == [tuple(row) for row in usage]
+    for path in glob.glob(os.path.join(directory, "*.manifest.json")):
+        with open(path) as file:
+            manifest = json.load(file)
+        data = archive.read_parquet(os.path.join(directory, manifest["file"]["name"]))
+        assert manifest["rows"] == len(data)
+        assert {c["name"] for c in manifest["columns"]} >= {"id", "created_at", "tokens_used"}
+        assert min(data.column("created_at").to_pylist()).isoformat() == manifest["min_created_at"]
+
+
+def test_a_plain_table_is_archived_by_month_before_its_batched_delete(migrated_db, tmp_path):
+    plain_with_logs(migrated_db)
+    removed = all_rows(migrated_db, "created_at < now() - interval '30 days'")
+
+    result = run_migrate(migrated_db.url, "--retain-request-logs", "30", "--archive", str(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    assert not all_rows(migrated_db, "created_at < now() - interval '30 days'")
+    assert as_tuples(archived(tmp_path), migrated_db) == removed
+    months = {row["created_at"].strftime("%Y-%m") for row in archived(tmp_path)}
+    assert len(glob.glob(os.path.join(tmp_path, "*.parquet"))) == len(months)
+
+
+def test_restore_brings_back_the_same_rows_and_refuses_rows_already_present(empty_db, tmp_path):
+    cutoff = partitioned_with_logs(empty_db)
+    before = all_rows(empty_db)
+    assert (
+        run_migrate(
+            empty_db.url, "--retain-request-logs", str(DAYS), "--archive", str(tmp_path)
+        ).returncode
+        == 0
+    )
+    files = sorted(glob.glob(os.path.join(tmp_path, "*.parquet")))
+    top = max(row[0] for row in before)
+
+    restored = [run_migrate(empty_db.url, "--restore-request-logs", path) for path in files]
+    again = run_migrate(empty_db.url, "--restore-request-logs", files[0])
+
+    assert files and all(r.returncode == 0 for r in restored), restored[0].stderr
+    assert all_rows(empty_db) == before
+    assert again.returncode == 2
+    assert "already in request_logs" in error_line(again)
+    assert len(again.stderr.strip().splitlines()[-1:]) == 1
+    assert all_rows(empty_db) == before
+    # A new row gets an id after every one there, restored ones included.
+    empty_db.rows(RICH_LOGS, [0], 1)
+    assert empty_db.value("SELECT count(*) FROM request_logs WHERE id > %s", top) == 3
+    assert cutoff
+
+
+def test_a_directory_that_cannot_be_written_is_refused_before_any_change(empty_db, tmp_path):
+    partitioned_with_logs(empty_db)
+    before = (all_rows(empty_db), empty_db.rows("SELECT relname FROM pg_class ORDER BY 1"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+
+    result = run_migrate(
+        empty_db.url, "--retain-request-logs", str(DAYS), "--archive", str(blocker / "archive")
+    )
+
+    assert result.returncode == 2
+    assert "cannot be written" in error_line(result) and "nothing was changed" in result.stderr
+    assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1
+    assert (all_rows(empty_db), empty_db.rows("SELECT relname FROM pg_class ORDER BY 1")) == before
+
+
+def test_archive_without_pyarrow_is_refused_before_connecting(tmp_path):
+    hidden = tmp_path / "no-pyarrow"
+    (hidden / "pyarrow").mkdir(parents=True)
+    (hidden / "pyarrow" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+
+    result = run_migrate(
+        "host=127.0.0.1 port=1 dbname=nowhere connect_timeout=1",
+        "--retain-request-logs",
+        "30",
+        "--archive",
+        str(tmp_path / "archive"),
+        PYTHONPATH=str(hidden),
+    )
+
+    assert result.returncode == 2
+    assert "needs pyarrow" in error_line(result)
+    assert "database" not in result.stderr  # it never got as far as naming the database
+    assert not (tmp_path / "archive").exists()
+
+
+def start(url, *args):
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "migrate.py"), *args],
+        env={**{k: v for k, v in os.environ.items() if k != "PGAPPNAME"}, "DATABASE_URL": url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_a_run_stopped_between_archive_and_delete_loses_nothing_and_the_next_finishes(
+    migrated_db, tmp_path, how
+):
+    plain_with_logs(migrated_db)
+    old = "created_at < now() - interval '30 days'"
+    removed = all_rows(migrated_db, old)
+    holder = psycopg2.connect(migrated_db.url)
+    locked = removed[0][0]
+    with holder.cursor() as cursor:  # the first batch waits for this row
+        cursor.execute("SELECT 1 FROM request_logs WHERE id = %s FOR UPDATE", (locked,))
+    run = start(
+        migrated_db.url,
+        "--retain-request-logs",
+        "30",
+        "--archive",
+        str(tmp_path),
+        "--lock-timeout",
+        "60",
+    )
+    try:
+        wait_for_lock_wait(
+            migrated_db, "the archived rows' DELETE to wait", run=run, query="%DELETE FROM ONLY%"
+        )
+        files = glob.glob(os.path.join(tmp_path, "*.manifest.json"))
+        run.send_signal(how)
+        _, stderr = run.communicate(timeout=60)
+    finally:
+        holder.rollback()
+        holder.close()
+    left = all_rows(migrated_db, old)
+    names = sorted(os.listdir(tmp_path))
+    again = run_migrate(migrated_db.url, "--retain-request-logs", "30", "--archive", str(tmp_path))
+
+    assert files  # verified before the DELETE was sent
+    assert left == removed  # the batch waiting was cancelled or killed with its transaction
+    if how == signal.SIGTERM:
+        assert run.returncode == 143 and "interrupted by SIGTERM" in stderr
+    assert again.returncode == 0, again.stderr
+    assert sorted(os.listdir(tmp_path)) == names  # the verified files were not written again
+    assert not all_rows(migrated_db, old)
+    assert as_tuples(archived(tmp_path), migrated_db) == removed  # each row once
+
+
+def test_a_row_soft_deleted_after_its_archive_is_archived_again_not_lost(migrated_db, tmp_path):
+    plain_with_logs(migrated_db)
+    old = "created_at < now() - interval '30 days'"
+    removed = all_rows(migrated_db, old)
+    locked, changed = removed[0][0], removed[-1][0]
+    holder = psycopg2.connect(migrated_db.url)
+    with holder.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM request_logs WHERE id = %s FOR UPDATE", (locked,))
+    run = start(
+        migrated_db.url,
+        "--retain-request-logs",
+        "30",
+        "--archive",
+        str(tmp_path),
+        "--lock-timeout",
+        "60",
+    )
+    try:
+        wait_for_lock_wait(
+            migrated_db, "the archived rows' DELETE to wait", run=run, query="%DELETE FROM ONLY%"
+        )
+        with holder.cursor() as cursor:  # the gateway's soft delete, after the archive
+            cursor.execute(
+                "UPDATE request_logs SET deleted_at = '2001-02-03 04:05:06+00' WHERE id = %s",
+                (changed,),
+            )
+        holder.commit()
+        _, stderr = run.communicate(timeout=60)
+    finally:
+        holder.close()
+
+    assert run.returncode == 0, stderr
+    assert not all_rows(migrated_db, old)
+    rows = archived(tmp_path)
+    versions = [row["deleted_at"] for row in rows if row["id"] == changed]
+    assert datetime(2001, 2, 3, 4, 5, 6, tzinfo=UTC) in versions  # its last version is kept
+    assert {row["id"] for row in rows} == {row[0] for row in removed}
+
+
+def droppable(db, cutoff):
+    """The month partitions wholly older than cutoff, oldest first."""
+    names = [
+        n
+        for (n,) in db.rows(
+            "SELECT relname FROM pg_class WHERE relname ~ '^request_logs_[0-9]{4}_[0-9]{2}$'"
+        )
+    ]
+    months = {name: datetime.strptime(name[-7:], "%Y_%m").replace(tzinfo=UTC) for name in names}
+    return sorted(n for n, m in months.items() if partition.add_months(m, 1) <= cutoff)
+
+
+def test_a_full_file_system_mid_way_removes_only_what_was_verified(empty_db, tmp_path):
+    cutoff = partitioned_with_logs(empty_db, ages=(0,), per_key=1)
+    first, second = droppable(empty_db, cutoff)[:2]
+    for name, rows, width in ((first, 1, 1), (second, 20_000, 8)):
+        empty_db.rows(
+            "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model,"
+            " method, path, status_code, response_time)"
+            f" SELECT to_timestamp('{name[-7:]}', 'YYYY_MM') AT TIME ZONE 'UTC'"
+            " + g * interval '1 second', k.user_id, k.id, 1, md5(g::text), 'GET',"
+            f" repeat(md5(g::text), {width}), 200, 5 FROM generate_series(1, {rows}) g, api_keys k"
+        )
+    removed = all_rows(empty_db, f"created_at < '{cutoff.isoformat()}'")
+    limit = 256 * 1024
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    full = subprocess.run(
+        [sys.executable, str(HERE / "migrate.py"), "--retain-request-logs", str(DAYS)]
+        + ["--archive", str(tmp_path)],
+        env={**os.environ, "DATABASE_URL": empty_db.url},
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+        timeout=60,
+        check=False,
+    )
+    first_left = empty_db.value("SELECT count(*) FROM pg_class WHERE relname = %s", first)
+    second_rows = empty_db.value(f"SELECT count(*) FROM {second}")  # detached, not dropped
+    verified = archived(tmp_path)
+    again = run_migrate(
+        empty_db.url, "--retain-request-logs", str(DAYS), "--archive", str(tmp_path)
+    )
+
+    assert full.returncode == 2, full.stderr
+    assert "File too large" in error_line(full) and "nothing of it was removed" in full.stderr
+    assert first_left == 0 and {row["model"] for row in verified} == {
+        "c4ca4238a0b923820dcc509a6f75849b"
+    }
+    assert second_rows == 3 * 20_000  # every row of it still in the database
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    assert again.returncode == 0, again.stderr
+    assert f"dropped partition {second}" in again.stderr  # the detached, marked table
+    assert as_tuples(archived(tmp_path), empty_db) == removed
+
+
+def test_rows_archived_inside_a_transaction_holding_their_table_are_verified_there(
+    migrated_db, tmp_path
+):
+    # A step that removes rows inside its own transaction (the legacy partition's, say)
+    # holds ACCESS EXCLUSIVE: the checksum must not wait for it on a second connection.
+    plain_with_logs(migrated_db)
+    cutoff = datetime.now(UTC) - timedelta(days=30)
+    removed = all_rows(migrated_db, f"created_at < '{cutoff.isoformat()}'")
+    migrate_here(migrated_db.params)  # binds models.database to the test database
+    target = catalog.target_schema()
+    models.database.execute_sql("BEGIN; LOCK TABLE request_logs IN ACCESS EXCLUSIVE MODE")
+    try:
+        keys = archive.Archive(tmp_path, datetime.now(UTC)).save(
+            target, "request_logs", cutoff, keys=True
+        )
+    finally:
+        models.database.execute_sql("ROLLBACK")
+
+    assert len(keys) == len(removed)
+    assert as_tuples(archived(tmp_path), migrated_db) == removed
+
+
+SPREAD_LOGS = """
+INSERT INTO request_logs (id, created_at, user_id, api_key_id, api_config_id, model, method, path, status_code,
+    response_time, tokens_used, error_msg)
+SELECT g * 1021, now() - interval '40 days' - g * interval '1 minute', k.user_id, k.id, 1,
+    'model-' || g % 4, 'POST', '/v1/' || g, 200, g, g * 7, CASE WHEN g % 3 = 0 THEN 'e' END
+FROM generate_series(1, 60) g, (SELECT id, user_id FROM api_keys LIMIT 1) k
+ORDER BY g % 7, g DESC
+"""
+
+
+def test_rows_out_of_id_order_across_many_checksum_groups_are_verified_then_removed(
+    migrated_db, tmp_path
+):
+    migrate_here(migrated_db.params)
+    users_and_keys(migrated_db)
+    migrated_db.rows(SPREAD_LOGS)  # ids 1021 to 61260: 15 groups of id >> 12, heap not in id order
+    removed = all_rows(migrated_db, "created_at < now() - interval '30 days'")
+
+    result = run_migrate(migrated_db.url, "--retain-request-logs", "30", "--archive", str(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    assert len(removed) == 60
+    assert not all_rows(migrated_db, "created_at < now() - interval '30 days'")
+    assert as_tuples(archived(tmp_path), migrated_db) == removed
+
+
+def test_one_changed_value_in_any_row_changes_the_file_checksum():
+    import pyarrow as pa
+
+    columns = [("id", "bigint"), ("created_at", "timestamp with time zone"), ("model", "text")]
+    ids = list(range(1, 20_001))
+    table = pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "created_at": pa.array([datetime(2025, 1, 1, tzinfo=UTC)] * len(ids)),
+            "model": pa.array([None if i % 5 else f"m{i % 7}" for i in ids]),
+        }
+    )
+    before = archive.file_checksum(table, columns)
+    shuffled = table.take(list(reversed(range(len(ids)))))
+    models = table.column("model").to_pylist()
+    models[15_000] = "changed"
+    changed = table.set_column(2, "model", pa.array(models))
+
+    assert archive.file_checksum(shuffled, columns) == before  # order of the file is free
+    assert archive.file_checksum(changed, columns) != before
+    assert archive.file_checksum(changed, columns)[0] == before[0] == 20_000
