@@ -219,9 +219,8 @@ def test_a_run_stopped_between_archive_and_delete_loses_nothing_and_the_next_fin
     old = "created_at < now() - interval '30 days'"
     removed = all_rows(migrated_db, old)
     holder = psycopg2.connect(migrated_db.url)
-    locked = removed[0][0]
-    with holder.cursor() as cursor:  # the first batch waits for this row
-        cursor.execute("SELECT 1 FROM request_logs WHERE id = %s FOR UPDATE", (locked,))
+    with holder.cursor() as cursor:  # the first batch waits, whichever rows it holds
+        cursor.execute(f"SELECT 1 FROM request_logs WHERE {old} FOR UPDATE")
     run = start(
         migrated_db.url,
         "--retain-request-logs",
