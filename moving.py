@@ -134,6 +134,19 @@ def columns(snapshot):
     return ", ".join(render(Entity(name)) for name, c in facts.items() if not c.generated)
 
 
+def same_columns(snapshot, name):
+    """Whether a copy has the parent's columns, as ATTACH and the copy's INSERT need them."""
+
+    def shape(table):
+        return {
+            column: (c.type, c.not_null)
+            for column, c in snapshot.tables[table].columns.items()
+            if not c.generated
+        }
+
+    return shape(name) == shape(PARENT)
+
+
 def within(work, piece):
     _, lower, upper = piece
     start = max(lower, work.keep_from) if work.keep_from else lower
@@ -227,7 +240,11 @@ def work_steps(snapshot, work):
     if source is None:  # copies made while no trigger logged the writes cannot be trusted
         filling = dict.fromkeys(filling, "prepared")
     wanted = {name for name, _ in targets(work)}
-    prepare += [drop_table(name) for name in sorted(filling) if name not in wanted]
+    # A copy made before the application altered request_logs (GORM's ADD COLUMN) can be
+    # neither filled nor attached: made again.
+    stale = {name for name in filling if not same_columns(snapshot, name)}
+    prepare += [drop_table(name) for name in sorted(filling) if name not in wanted or name in stale]
+    filling = {name: state for name, state in filling.items() if name not in stale}
     for piece in work.pieces:
         if piece[0] not in filling:
             prepare += make_copy_table(snapshot, work.kind, piece)
@@ -378,6 +395,15 @@ def make_log(snapshot, work):
     statements = [
         Statement(
             sql_text("CREATE TABLE", Entity(LOG[work.kind]), "(id bigint NOT NULL)"),
+            "",
+            (),
+            NEW,
+            key,
+        ),
+        # A publication FOR ALL TABLES (or TABLES IN SCHEMA) takes the log in too, and the
+        # catch-up's DELETE of a published table without an identity fails.
+        Statement(
+            sql_text("ALTER TABLE", Entity(LOG[work.kind]), "REPLICA IDENTITY FULL"),
             "",
             (),
             NEW,
