@@ -5,7 +5,10 @@ a move was stopped part way. Each finished by the next run, no row lost or dupli
 """
 
 import signal
+import threading
 from datetime import UTC, datetime
+
+import psycopg2
 
 import partition
 from conftest import poll_until, run_migrate
@@ -88,3 +91,52 @@ def test_a_column_added_while_a_move_was_stopped_is_in_the_copies_the_next_run_a
         )
         == 0
     )
+
+
+class Inserts(threading.Thread):
+    """One of the gateway's writers: a log a transaction, back to back."""
+
+    def __init__(self, url, key):
+        super().__init__(daemon=True)
+        self.url, self.key, self.stop, self.count, self.errors = url, key, threading.Event(), 0, []
+
+    def run(self):
+        connection = psycopg2.connect(self.url)
+        connection.autocommit = True
+        while not self.stop.is_set():
+            try:
+                with connection.cursor() as cursor:
+                    # As the gateway inserts: the key's ids known, no read of api_keys first.
+                    cursor.execute(
+                        "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id,"
+                        " model, method, path, status_code, response_time)"
+                        " VALUES (now(), %s, %s, 1, 'w', 'POST', '/', 200, 5)",
+                        self.key,
+                    )
+                self.count += 1
+            except psycopg2.Error as exc:
+                self.errors.append(str(exc))
+        connection.close()
+
+
+def test_the_old_default_is_unlinked_and_dropped_while_logs_are_inserted_back_to_back(empty_db):
+    layout_made_months_ago(empty_db, 4)
+    this = month(datetime.now(UTC))
+    fill(empty_db, this, 20_000, spread=60)
+    key = empty_db.rows("SELECT user_id, id FROM api_keys LIMIT 1")[0]
+    writers = [Inserts(empty_db.url, key) for _ in range(4)]
+    for writer in writers:
+        writer.start()
+    try:
+        poll_until("the writers insert", lambda: all(w.count > 10 for w in writers))
+        run = run_migrate(empty_db.url, timeout=120)
+    finally:
+        for writer in writers:
+            writer.stop.set()
+        for writer in writers:
+            writer.join(timeout=30)
+
+    assert run.returncode == 0, run.stderr
+    assert [e for w in writers for e in w.errors] == []
+    assert empty_db.value("SELECT to_regclass('request_logs_default_moved_out')") is None
+    assert rows_of(empty_db, partition.month_name(this)) >= 20_000
