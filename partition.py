@@ -385,7 +385,10 @@ def upkeep(plan, now):
     # is healthy, so that --check exits 0 in a month no deploy ran (a run would do nothing).
     # One step, as a step is planned again before it runs and the first month made would
     # make the rest look not due.
-    if later and not (covered(ranges, month) and covered(ranges, add_months(month, 1))):
+    # "Next month" as of a day from now (CLOCK_SKEW): a run on a month's last day that found
+    # the coming month ready made nothing, and an hour later --check found its next missing.
+    soon = month_start(now + CLOCK_SKEW)
+    if later and not (covered(ranges, month) and covered(ranges, add_months(soon, 1))):
         steps.append(Step("attach the months ahead", "transaction", later))
     transaction, online = list(plan.transaction), list(plan.online)
     if ID_INDEX._name not in snapshot.indexes:
