@@ -140,3 +140,19 @@ def test_the_old_default_is_unlinked_and_dropped_while_logs_are_inserted_back_to
     assert [e for w in writers for e in w.errors] == []
     assert empty_db.value("SELECT to_regclass('request_logs_default_moved_out')") is None
     assert rows_of(empty_db, partition.month_name(this)) >= 20_000
+
+
+def test_a_view_over_request_logs_refuses_the_conversion_naming_it(empty_db):
+    plain = run_migrate(empty_db.url)
+    assert plain.returncode == 0, plain.stderr
+    empty_db.rows(
+        "CREATE VIEW recent_errors AS SELECT id, path FROM request_logs WHERE status_code >= 500"
+    )
+
+    run = run_migrate(empty_db.url, "--partition-request-logs")
+
+    assert run.returncode == 2
+    assert "view public.recent_errors" in run.stderr
+    assert empty_db.value("SELECT relkind FROM pg_class WHERE relname = 'request_logs'") == "r"
+    # The view still reads request_logs, not a renamed table.
+    assert "FROM request_logs" in empty_db.value("SELECT pg_get_viewdef('recent_errors')")
