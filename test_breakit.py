@@ -156,3 +156,24 @@ def test_a_view_over_request_logs_refuses_the_conversion_naming_it(empty_db):
     assert empty_db.value("SELECT relkind FROM pg_class WHERE relname = 'request_logs'") == "r"
     # The view still reads request_logs, not a renamed table.
     assert "FROM request_logs" in empty_db.value("SELECT pg_get_viewdef('recent_errors')")
+
+
+def test_rows_of_a_past_month_in_the_default_get_their_partition_from_a_plain_run(empty_db):
+    # Runs every two to three months: the run of month M found M+1 ready and made nothing, the
+    # next ran in M+3, so M+2's rows went to the default partition and M+2 is past.
+    layout_made_months_ago(empty_db, 4)
+    last = month(datetime.now(UTC), -1)
+    name = partition.month_name(last)
+    empty_db.rows(f'ALTER TABLE request_logs DETACH PARTITION "{name}"')
+    empty_db.rows(f'DROP TABLE "{name}"')
+    fill(empty_db, last, 1_000)
+    before = empty_db.rows(IDS)
+
+    run = run_migrate(empty_db.url)
+    check = run_migrate(empty_db.url, "--check")
+
+    assert run.returncode == 0, run.stderr
+    assert layout(empty_db)[name].startswith("FOR VALUES FROM")
+    assert rows_of(empty_db, name) == 1_000 and rows_of(empty_db, default_of(empty_db)) == 0
+    assert empty_db.rows(IDS) == before
+    assert check.returncode == 0, check.stdout
