@@ -356,7 +356,9 @@ ORDER BY 1
 IN_SCHEMA_OF_TABLE = """OR EXISTS (SELECT 1 FROM pg_publication_namespace n
                                    WHERE n.pnpubid = p.oid AND n.pnnspid = c.relnamespace)"""
 
-# What only its definition's text could carry: refused, with what to do.
+# What only its definition's text could carry: refused, with what to do. A view over the
+# table is one: the rename would leave it reading request_logs_legacy (no row from the
+# boundary on), and its dependency would refuse retention's DROP of that table for good.
 OTHERS_QUERY = """
 SELECT 'trigger ' || quote_ident(tgname) FROM pg_trigger t, pg_class c
 WHERE c.relnamespace = %(schema)s AND c.relname = %(table)s AND tgrelid = c.oid AND NOT tgisinternal
@@ -371,6 +373,15 @@ WHERE c.relnamespace = %(schema)s AND c.relname = %(table)s AND k.conrelid = c.o
   AND (k.contype IN ('x', 'u') OR k.contype = 'c' AND k.connoinherit)
 UNION ALL SELECT 'row level security' FROM pg_class c
 WHERE c.relnamespace = %(schema)s AND c.relname = %(table)s AND (c.relrowsecurity OR c.relforcerowsecurity)
+UNION ALL SELECT DISTINCT CASE v.relkind WHEN 'm' THEN 'materialized view ' ELSE 'view ' END
+                          || quote_ident(n.nspname) || '.' || quote_ident(v.relname)
+FROM pg_depend d
+JOIN pg_rewrite r ON r.oid = d.objid
+JOIN pg_class v ON v.oid = r.ev_class
+JOIN pg_namespace n ON n.oid = v.relnamespace
+JOIN pg_class c ON c.oid = d.refobjid
+WHERE c.relnamespace = %(schema)s AND c.relname = %(table)s AND v.oid <> c.oid
+  AND d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
 ORDER BY 1
 """
 

@@ -134,6 +134,19 @@ def columns(snapshot):
     return ", ".join(render(Entity(name)) for name, c in facts.items() if not c.generated)
 
 
+def same_columns(snapshot, name):
+    """Whether a copy has the parent's columns, as ATTACH and the copy's INSERT need them."""
+
+    def shape(table):
+        return {
+            column: (c.type, c.not_null)
+            for column, c in snapshot.tables[table].columns.items()
+            if not c.generated
+        }
+
+    return shape(name) == shape(PARENT)
+
+
 def within(work, piece):
     _, lower, upper = piece
     start = max(lower, work.keep_from) if work.keep_from else lower
@@ -227,7 +240,11 @@ def work_steps(snapshot, work):
     if source is None:  # copies made while no trigger logged the writes cannot be trusted
         filling = dict.fromkeys(filling, "prepared")
     wanted = {name for name, _ in targets(work)}
-    prepare += [drop_table(name) for name in sorted(filling) if name not in wanted]
+    # A copy made before the application altered request_logs (GORM's ADD COLUMN) can be
+    # neither filled nor attached: made again.
+    stale = {name for name in filling if not same_columns(snapshot, name)}
+    prepare += [drop_table(name) for name in sorted(filling) if name not in wanted or name in stale]
+    filling = {name: state for name, state in filling.items() if name not in stale}
     for piece in work.pieces:
         if piece[0] not in filling:
             prepare += make_copy_table(snapshot, work.kind, piece)
@@ -378,6 +395,15 @@ def make_log(snapshot, work):
     statements = [
         Statement(
             sql_text("CREATE TABLE", Entity(LOG[work.kind]), "(id bigint NOT NULL)"),
+            "",
+            (),
+            NEW,
+            key,
+        ),
+        # A publication FOR ALL TABLES (or TABLES IN SCHEMA) takes the log in too, and the
+        # catch-up's DELETE of a published table without an identity fails.
+        Statement(
+            sql_text("ALTER TABLE", Entity(LOG[work.kind]), "REPLICA IDENTITY FULL"),
             "",
             (),
             NEW,
@@ -623,36 +649,37 @@ def drop_moved_out(snapshot, source=None):
 
 
 def unlinked(snapshot, name, planned_from=None):
-    """The step that drops a detached table's foreign keys before its DROP: a DROP of a table
+    """The steps that drop a detached table's foreign keys before its DROP: a DROP of a table
     with foreign keys holds ACCESS EXCLUSIVE on users and api_keys while its files go (1.5 s
-    at 2 M rows); each ALTER here is instant, in 50 ms lock attempts. `planned_from`: the
-    partition the table is now, whose constraints it keeps when detached (and renamed)."""
+    at 2 M rows); each ALTER here is instant, in 50 ms lock attempts. One key a transaction:
+    holding api_keys while waiting for users deadlocks with an insert of a log that holds
+    users (its first key check) and waits for api_keys, so under steady inserts every
+    attempt timed out. `planned_from`: the partition the table is now, whose constraints it
+    keeps when detached (and renamed)."""
     table = name if name in snapshot.tables else planned_from
     keys = sorted(
         (c for c in snapshot.constraints if c.table == table and c.kind == "f"),
         key=lambda c: c.name,
     )
-    if not keys:
-        return []
     return [
         Step(
-            f"unlink {shown_name(name)}",
+            f"unlink {shown_name(name)}: {shown_name(key.name)}",
             "transaction",
             [
                 Statement(
                     sql_text("ALTER TABLE", Entity(name), "DROP CONSTRAINT", Entity(key.name)),
-                    f"dropped the foreign keys of {shown_name(name)}" if number == 0 else "",
+                    f"dropped the foreign key {shown_name(key.name)} of {shown_name(name)}",
                     (name, key.ref_table),
                     Hazard(
                         "AccessExclusiveLock",
                         f"reads and writes of {shown_name(key.ref_table)}",
                         "instant",
                     ),
-                    ("unlinked", PARENT, name),
+                    ("unlinked", PARENT, f"{name}.{key.name}"),
                 )
-                for number, key in enumerate(keys)
             ],
         )
+        for key in keys
     ]
 
 

@@ -353,6 +353,20 @@ def upkeep(plan, now):
             moves.append((name, start, add_months(start, 1)))
         else:
             later += attach_month(snapshot, start)
+    # Past months the default partition holds rows of (a month no run made before it began,
+    # and none ran during it) are moved too, without holding writers; left there, their rows
+    # stayed for good, with a fix that holds every insert while they move.
+    for start in past_months_in_default(snapshot, default, month) if default else []:
+        name = month_name(start)
+        if covered(ranges, start):
+            continue
+        if overlapping := overlaps(ranges, start):
+            drift.append(partly_covered_drift(start, overlapping))
+        elif not moving.name_free(snapshot, "move", name):
+            bounds = f"FOR VALUES FROM ({literal(start)}) TO ({literal(add_months(start, 1))})"
+            drift.append(name_held_drift(snapshot, name, bounds))
+        else:
+            moves.insert(0, (name, start, add_months(start, 1)))
     held = [
         name
         for name in (moving.REST, moving.MOVED_OUT)
@@ -385,7 +399,10 @@ def upkeep(plan, now):
     # is healthy, so that --check exits 0 in a month no deploy ran (a run would do nothing).
     # One step, as a step is planned again before it runs and the first month made would
     # make the rest look not due.
-    if later and not (covered(ranges, month) and covered(ranges, add_months(month, 1))):
+    # "Next month" as of a day from now (CLOCK_SKEW): a run on a month's last day that found
+    # the coming month ready made nothing, and an hour later --check found its next missing.
+    soon = month_start(now + CLOCK_SKEW)
+    if later and not (covered(ranges, month) and covered(ranges, add_months(soon, 1))):
         steps.append(Step("attach the months ahead", "transaction", later))
     transaction, online = list(plan.transaction), list(plan.online)
     if ID_INDEX._name not in snapshot.indexes:
@@ -616,6 +633,21 @@ GROUP BY m ORDER BY m LIMIT 13
 """
 
 
+PAST_MONTHS = 12  # months before this one whose rows a run moves out of the default partition
+
+
+def past_months_in_default(snapshot, default, month):
+    """The months of [month - PAST_MONTHS, month) the default partition holds rows of."""
+    column = render(Entity("created_at"))
+    within = (
+        f"{column} >= {literal(add_months(month, -PAST_MONTHS))} AND {column} < {literal(month)}"
+    )
+    rows = guarded(
+        snapshot.target, MONTHS_IN_DEFAULT.format(default=render(Entity(default)), outside=within)
+    ).fetchall()
+    return [start.astimezone(UTC) for _, start in rows if start is not None]
+
+
 def dated_rows_in_default(snapshot, name, now):
     """Rows of the default partition dated outside the months upkeep keeps (those upkeep
     moves itself): each month of them can get its partition by hand."""
@@ -624,7 +656,7 @@ def dated_rows_in_default(snapshot, name, now):
     first = month_start(now)
     # Two ranges of the created_at index: no read of the rows upkeep moves itself.
     outside = (
-        f"({column} < {literal(first)}"
+        f"({column} < {literal(add_months(first, -PAST_MONTHS))}"
         f" OR {column} >= {literal(add_months(first, MONTHS_AHEAD + 1))})"
     )
     count = guarded(
@@ -651,7 +683,8 @@ def dated_rows_in_default(snapshot, name, now):
             f"{shown_name(name)} holds {plural(count, 'row')} with a created_at that no partition"
             f" covers (months {', '.join(text for text, _ in months[:12])}"
             f"{', ...' if len(months) > 12 else ''}): runs make only this month's partition and"
-            f" the {MONTHS_AHEAD} after; the fix makes one for each month and moves its rows there",
+            f" the {MONTHS_AHEAD} after, and move the rows of the {PAST_MONTHS} before; the fix"
+            " makes one for each month and moves its rows there",
             fix,
             bool(fix),
             f"per month, until its COMMIT: SHARE on request_logs (blocks every write to it) and"

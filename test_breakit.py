@@ -1,0 +1,179 @@
+"""
+What an operator's database did to the partitioned layout's upkeep and retention: a
+publication of all tables made after the conversion, and the application's ADD COLUMN while
+a move was stopped part way. Each finished by the next run, no row lost or duplicated.
+"""
+
+import signal
+import threading
+from datetime import UTC, datetime
+
+import psycopg2
+
+import partition
+from conftest import poll_until, run_migrate
+from test_partition_upkeep import default_of, fill, layout_made_months_ago, legacy_layout, rows_of
+from test_partitions import layout, month
+
+IDS = "SELECT count(*), sum(id), count(DISTINCT id) FROM request_logs"
+
+
+def publication_of_all_tables(db):
+    name = f"{db.name}_all"
+    db.rows(f'DROP PUBLICATION IF EXISTS "{name}"')
+    db.rows(f'CREATE PUBLICATION "{name}" FOR ALL TABLES')
+    return name
+
+
+def test_a_move_out_of_the_default_finishes_beside_a_publication_of_all_tables(empty_db):
+    layout_made_months_ago(empty_db, 4)
+    this = month(datetime.now(UTC))
+    fill(empty_db, this, 2_000, spread=60)
+    before = empty_db.rows(IDS)
+    name = publication_of_all_tables(empty_db)
+    try:
+        run = run_migrate(empty_db.url)
+    finally:
+        empty_db.rows(f'DROP PUBLICATION "{name}"')
+
+    assert run.returncode == 0, run.stderr
+    assert rows_of(empty_db, partition.month_name(this)) == 2_000
+    assert rows_of(empty_db, default_of(empty_db)) == 0
+    assert empty_db.rows(IDS) == before
+
+
+def test_retention_on_a_converted_table_finishes_beside_a_publication_of_all_tables(empty_db):
+    legacy_layout(empty_db, 3_000)
+    kept = empty_db.value(
+        "SELECT count(*) FROM request_logs WHERE created_at >= now() - interval '89 days'"
+    )
+    name = publication_of_all_tables(empty_db)
+    try:
+        run = run_migrate(empty_db.url, "--retain-request-logs", "90")
+    finally:
+        empty_db.rows(f'DROP PUBLICATION "{name}"')
+
+    assert run.returncode == 0, run.stderr
+    assert empty_db.value("SELECT to_regclass('request_logs_legacy')") is None
+    assert empty_db.value("SELECT count(*) FROM request_logs") >= kept
+
+
+def test_a_column_added_while_a_move_was_stopped_is_in_the_copies_the_next_run_attaches(
+    empty_db, start_migrate
+):
+    layout_made_months_ago(empty_db, 4)
+    this = month(datetime.now(UTC))
+    fill(empty_db, this, 2_000, spread=60)
+    name = partition.month_name(this)
+    run = start_migrate(empty_db.url)
+    poll_until(
+        f"{name} is made beside the layout",
+        lambda: empty_db.value("SELECT to_regclass(%s) IS NOT NULL", name),
+        every=0.002,
+    )
+    run.send_signal(signal.SIGKILL)
+    run.communicate(timeout=60)
+    # GORM's AutoMigrate, for a field the application's new version has.
+    empty_db.rows("ALTER TABLE request_logs ADD COLUMN region text")
+    fill(empty_db, this, 10, spread=60)
+    before = empty_db.rows(IDS)
+
+    again = run_migrate(empty_db.url)
+
+    assert again.returncode == 0, again.stderr
+    assert layout(empty_db)[name].startswith("FOR VALUES FROM")
+    assert rows_of(empty_db, name) == 2_010 and rows_of(empty_db, default_of(empty_db)) == 0
+    assert empty_db.rows(IDS) == before
+    assert (
+        empty_db.value(
+            "SELECT count(*) FROM pg_tables WHERE tablename IN"
+            " ('request_logs_moving', 'request_logs_default_next', 'request_logs_default_moved_out')"
+        )
+        == 0
+    )
+
+
+class Inserts(threading.Thread):
+    """One of the gateway's writers: a log a transaction, back to back."""
+
+    def __init__(self, url, key):
+        super().__init__(daemon=True)
+        self.url, self.key, self.stop, self.count, self.errors = url, key, threading.Event(), 0, []
+
+    def run(self):
+        connection = psycopg2.connect(self.url)
+        connection.autocommit = True
+        while not self.stop.is_set():
+            try:
+                with connection.cursor() as cursor:
+                    # As the gateway inserts: the key's ids known, no read of api_keys first.
+                    cursor.execute(
+                        "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id,"
+                        " model, method, path, status_code, response_time)"
+                        " VALUES (now(), %s, %s, 1, 'w', 'POST', '/', 200, 5)",
+                        self.key,
+                    )
+                self.count += 1
+            except psycopg2.Error as exc:
+                self.errors.append(str(exc))
+        connection.close()
+
+
+def test_the_old_default_is_unlinked_and_dropped_while_logs_are_inserted_back_to_back(empty_db):
+    layout_made_months_ago(empty_db, 4)
+    this = month(datetime.now(UTC))
+    fill(empty_db, this, 20_000, spread=60)
+    key = empty_db.rows("SELECT user_id, id FROM api_keys LIMIT 1")[0]
+    writers = [Inserts(empty_db.url, key) for _ in range(4)]
+    for writer in writers:
+        writer.start()
+    try:
+        poll_until("the writers insert", lambda: all(w.count > 10 for w in writers))
+        run = run_migrate(empty_db.url, timeout=120)
+    finally:
+        for writer in writers:
+            writer.stop.set()
+        for writer in writers:
+            writer.join(timeout=30)
+
+    assert run.returncode == 0, run.stderr
+    assert [e for w in writers for e in w.errors] == []
+    assert empty_db.value("SELECT to_regclass('request_logs_default_moved_out')") is None
+    assert rows_of(empty_db, partition.month_name(this)) >= 20_000
+
+
+def test_a_view_over_request_logs_refuses_the_conversion_naming_it(empty_db):
+    plain = run_migrate(empty_db.url)
+    assert plain.returncode == 0, plain.stderr
+    empty_db.rows(
+        "CREATE VIEW recent_errors AS SELECT id, path FROM request_logs WHERE status_code >= 500"
+    )
+
+    run = run_migrate(empty_db.url, "--partition-request-logs")
+
+    assert run.returncode == 2
+    assert "view public.recent_errors" in run.stderr
+    assert empty_db.value("SELECT relkind FROM pg_class WHERE relname = 'request_logs'") == "r"
+    # The view still reads request_logs, not a renamed table.
+    assert "FROM request_logs" in empty_db.value("SELECT pg_get_viewdef('recent_errors')")
+
+
+def test_rows_of_a_past_month_in_the_default_get_their_partition_from_a_plain_run(empty_db):
+    # Runs every two to three months: the run of month M found M+1 ready and made nothing, the
+    # next ran in M+3, so M+2's rows went to the default partition and M+2 is past.
+    layout_made_months_ago(empty_db, 4)
+    last = month(datetime.now(UTC), -1)
+    name = partition.month_name(last)
+    empty_db.rows(f'ALTER TABLE request_logs DETACH PARTITION "{name}"')
+    empty_db.rows(f'DROP TABLE "{name}"')
+    fill(empty_db, last, 1_000)
+    before = empty_db.rows(IDS)
+
+    run = run_migrate(empty_db.url)
+    check = run_migrate(empty_db.url, "--check")
+
+    assert run.returncode == 0, run.stderr
+    assert layout(empty_db)[name].startswith("FOR VALUES FROM")
+    assert rows_of(empty_db, name) == 1_000 and rows_of(empty_db, default_of(empty_db)) == 0
+    assert empty_db.rows(IDS) == before
+    assert check.returncode == 0, check.stdout
