@@ -245,9 +245,11 @@ def test_a_run_stopped_between_archive_and_delete_loses_nothing_and_the_next_fin
     again = run_migrate(migrated_db.url, "--retain-request-logs", "30", "--archive", str(tmp_path))
 
     assert files  # verified before the DELETE was sent
-    assert left == removed  # the batch waiting was cancelled or killed with its transaction
     if how == signal.SIGTERM:
+        assert left == removed  # the batch waiting was cancelled with its transaction
         assert run.returncode == 143 and "interrupted by SIGTERM" in stderr
+    else:  # kill -9 leaves the server's backend: once the row lock goes, it may end the batch
+        assert all(row in removed for row in left)
     assert again.returncode == 0, again.stderr
     assert sorted(os.listdir(tmp_path)) == names  # the verified files were not written again
     assert not all_rows(migrated_db, old)
