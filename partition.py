@@ -316,6 +316,18 @@ def partition_of(parent, name, month, hazard):
     )
 
 
+def month_blocked(snapshot, ranges, start):
+    """Why upkeep cannot make the partition of the month `start` (partitions covering part
+    of it, its name held by another relation), as drift; None when it can."""
+    if overlapping := overlaps(ranges, start):
+        return partly_covered_drift(start, overlapping)
+    name = month_name(start)
+    if not moving.name_free(snapshot, "move", name):
+        bounds = f"FOR VALUES FROM ({literal(start)}) TO ({literal(add_months(start, 1))})"
+        return name_held_drift(snapshot, name, bounds)
+    return None
+
+
 def upkeep(plan, now):
     """Partitions for this month and the MONTHS_AHEAD after, the default partition, the id
     index; the health of the layout as drift. A month whose rows may already be arriving
@@ -340,11 +352,8 @@ def upkeep(plan, now):
         name = month_name(start)
         if covered(ranges, start):
             continue
-        if overlapping := overlaps(ranges, start):
-            drift.append(partly_covered_drift(start, overlapping))
-        elif not moving.name_free(snapshot, "move", name):
-            bounds = f"FOR VALUES FROM ({literal(start)}) TO ({literal(add_months(start, 1))})"
-            drift.append(name_held_drift(snapshot, name, bounds))
+        if (problem := month_blocked(snapshot, ranges, start)) is not None:
+            drift.append(problem)
         elif default is not None and (
             start <= now + CLOCK_SKEW
             or name in moving.ours(snapshot, "move")
@@ -360,11 +369,8 @@ def upkeep(plan, now):
         name = month_name(start)
         if covered(ranges, start):
             continue
-        if overlapping := overlaps(ranges, start):
-            drift.append(partly_covered_drift(start, overlapping))
-        elif not moving.name_free(snapshot, "move", name):
-            bounds = f"FOR VALUES FROM ({literal(start)}) TO ({literal(add_months(start, 1))})"
-            drift.append(name_held_drift(snapshot, name, bounds))
+        if (problem := month_blocked(snapshot, ranges, start)) is not None:
+            drift.append(problem)
         else:
             moves.insert(0, (name, start, add_months(start, 1)))
     held = [
