@@ -311,6 +311,13 @@ def drop_table(name):
     )
 
 
+def like_parent(name, indexes=False):
+    """CREATE TABLE name LIKE request_logs with its defaults and CHECKs (ATTACH refuses a
+    table missing one of the parent's), and with `indexes` its indexes (ATTACH adopts them)."""
+    what = "INCLUDING DEFAULTS INCLUDING CONSTRAINTS" + (" INCLUDING INDEXES" if indexes else "")
+    return sql_text("CREATE TABLE", Entity(name), "(LIKE", Entity(PARENT), what + ")")
+
+
 def make_copy_table(snapshot, kind, piece):
     """A table beside the layout, LIKE the parent with its indexes, the model's foreign keys
     and (for a month) the CHECK of its range."""
@@ -318,13 +325,7 @@ def make_copy_table(snapshot, kind, piece):
     key = ("copy table", PARENT, name)
     statements = [
         Statement(
-            sql_text(
-                "CREATE TABLE",
-                Entity(name),
-                "(LIKE",
-                Entity(PARENT),
-                "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES)",
-            ),
+            like_parent(name, indexes=True),
             f"created table {shown_name(name)} beside {PARENT}",
             (),
             NEW,

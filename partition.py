@@ -495,13 +495,7 @@ def merge_attach_steps(steps):
 def attach_default(snapshot):
     return [
         Statement(
-            sql_text(
-                "CREATE TABLE",
-                Entity(DEFAULT_PARTITION),
-                "(LIKE",
-                Entity(PARENT),
-                "INCLUDING DEFAULTS INCLUDING CONSTRAINTS)",
-            ),
+            moving.like_parent(DEFAULT_PARTITION),
             f"created table {DEFAULT_PARTITION}",
             (),
             Hazard(None, "nothing", "a new empty table"),
@@ -546,14 +540,7 @@ def attach_month(snapshot, month):
     name, end = month_name(month), add_months(month, 1)
     return [
         Statement(
-            # Its CHECKs too: ATTACH refuses a table missing one of the parent's.
-            sql_text(
-                "CREATE TABLE",
-                Entity(name),
-                "(LIKE",
-                Entity(PARENT),
-                "INCLUDING DEFAULTS INCLUDING CONSTRAINTS)",
-            ),
+            moving.like_parent(name),
             f"created table {name}",
             (),
             Hazard(None, "nothing", "a new empty table"),
@@ -580,13 +567,7 @@ def move_by_hand(default, month):
     source = render(Entity(default))
     return [
         "BEGIN",
-        sql_text(
-            "CREATE TABLE",
-            Entity(name),
-            "(LIKE",
-            Entity(PARENT),
-            "INCLUDING DEFAULTS INCLUDING CONSTRAINTS)",
-        ),
+        moving.like_parent(name),
         f"LOCK TABLE {render(Entity(PARENT))} IN SHARE MODE",
         f"LOCK TABLE ONLY {source} IN ACCESS EXCLUSIVE MODE",
         (
