@@ -434,6 +434,24 @@ def conversion_carry(snapshot, model, twin, legacy, own_checks=(), own_indexes=(
     )
 
 
+def index_body(index):
+    """' USING method (keys) INCLUDE (...)' of an index of plain columns, from its structured
+    facts (never its deparsed definition)."""
+    keys = []
+    for key in index.keys:
+        order = ""
+        if index.method == "btree":
+            order = " DESC" if key.descending else ""
+            order += " NULLS FIRST" if key.nulls_first else " NULLS LAST"
+        keys.append(render(Entity(key.column)) + order)
+    include = (
+        f" INCLUDE ({', '.join(render(Entity(c)) for c in index.included)})"
+        if index.included
+        else ""
+    )
+    return f" USING {render(Entity(index.method))} ({', '.join(keys)}){include}"
+
+
 def carried_indexes(snapshot, model, twin, legacy, own_indexes=()):
     """Indexes of the table the models do not declare: each made on the twin (so that every
     partition gets it, and ATTACH adopts the old table's as its partition), or refused."""
@@ -472,22 +490,7 @@ def carried_indexes(snapshot, model, twin, legacy, own_indexes=()):
             continue
         temporary = f"{name}_partitioned".encode()[:63].decode(errors="ignore")
         renamed = f"{name}_legacy".encode()[:63].decode(errors="ignore")
-        keys = []
-        for key in index.keys:
-            order = ""
-            if index.method == "btree":
-                order = " DESC" if key.descending else ""
-                order += " NULLS FIRST" if key.nulls_first else " NULLS LAST"
-            keys.append(render(Entity(key.column)) + order)
-        include = (
-            f" INCLUDE ({', '.join(render(Entity(c)) for c in index.included)})"
-            if index.included
-            else ""
-        )
-        sql = (
-            sql_text("CREATE INDEX", Entity(temporary), "ON", Entity(twin), "USING")
-            + f" {render(Entity(index.method))} ({', '.join(keys)}){include}"
-        )
+        sql = sql_text("CREATE INDEX", Entity(temporary), "ON", Entity(twin)) + index_body(index)
         comment = guarded(
             snapshot.target,
             "SELECT obj_description(oid, 'pg_class') FROM pg_class"
@@ -503,20 +506,52 @@ def carried_indexes(snapshot, model, twin, legacy, own_indexes=()):
     return carried, cannot
 
 
-def carried_foreign_keys(snapshot, model, twin):
-    """(statements adding to the twin the table's foreign keys the models do not declare,
-    what cannot be carried): keys into the table are refused, as the partitioned table has
-    no unique key on id alone that one could reference."""
-    parent = model._meta.table_name
+def foreign_keys_of(snapshot, table):
+    """The foreign keys of `table` and into it, as ForeignKey facts."""
     version = database.server_version or 0
     query = FOREIGN_KEYS_QUERY.format(
         enforced="k.conenforced" if version >= 180000 else "true",
         set_columns="k.confdelsetcols IS NOT NULL" if version >= 150000 else "false",
     )
-    keys = [
+    return [
         ForeignKey(*row)
-        for row in guarded(snapshot.target, query, {"schema": snapshot.target.oid, "table": parent})
+        for row in guarded(snapshot.target, query, {"schema": snapshot.target.oid, "table": table})
     ]
+
+
+def carriable(key):
+    """Whether a key of the table can be made on another table from its facts."""
+    return key.outgoing and key.valid and not key.set_columns and key.match in MATCH
+
+
+def foreign_key_sql(key, table, not_valid=False):
+    """ALTER TABLE table ADD CONSTRAINT: the key `key` (ForeignKey facts) on `table`."""
+    return (
+        sql_text("ALTER TABLE", Entity(table), "ADD CONSTRAINT", Entity(key.name), "FOREIGN KEY")
+        + f" ({', '.join(render(Entity(c)) for c in key.columns)}) REFERENCES "
+        + render(Entity(key.ref_schema, key.ref_table))
+        + f" ({', '.join(render(Entity(c)) for c in key.ref_columns)}) {MATCH[key.match]}"
+        + f" ON UPDATE {ACTIONS[key.on_update]} ON DELETE {ACTIONS[key.on_delete]}"
+        + (" DEFERRABLE" if key.deferrable else "")
+        + (" INITIALLY DEFERRED" if key.deferred else "")
+        + (" NOT VALID" if not_valid else "")
+    )
+
+
+def same_key(a, b):
+    """Whether two keys check the same thing (ATTACH PARTITION adopts the one for the other)."""
+    fields = (
+        "columns ref_schema ref_table ref_columns on_update on_delete match deferrable deferred"
+    )
+    return all(getattr(a, f) == getattr(b, f) for f in fields.split())
+
+
+def carried_foreign_keys(snapshot, model, twin):
+    """(statements adding to the twin the table's foreign keys the models do not declare,
+    what cannot be carried): keys into the table are refused, as the partitioned table has
+    no unique key on id alone that one could reference."""
+    parent = model._meta.table_name
+    keys = foreign_keys_of(snapshot, parent)
     declared = {
         c.name
         for c in snapshot.constraints
@@ -560,15 +595,7 @@ def carried_foreign_keys(snapshot, model, twin):
                 )
             )
             continue
-        sql = (
-            sql_text("ALTER TABLE", Entity(twin), "ADD CONSTRAINT", Entity(key.name), "FOREIGN KEY")
-            + f" ({', '.join(render(Entity(c)) for c in key.columns)}) REFERENCES "
-            + render(Entity(key.ref_schema, key.ref_table))
-            + f" ({', '.join(render(Entity(c)) for c in key.ref_columns)}) {MATCH[key.match]}"
-            + f" ON UPDATE {ACTIONS[key.on_update]} ON DELETE {ACTIONS[key.on_delete]}"
-            + (" DEFERRABLE" if key.deferrable else "")
-            + (" INITIALLY DEFERRED" if key.deferred else "")
-        )
+        sql = foreign_key_sql(key, twin)
         statements.append(
             Statement(
                 sql,

@@ -61,7 +61,7 @@ IndexKey = namedtuple("IndexKey", "column descending nulls_first default_opclass
 Index = namedtuple(
     "Index",
     "name table unique valid method keys included expressions predicate definition"
-    " backs_constraint partitioned parent",
+    " backs_constraint partitioned parent partial",
 )
 Constraint = namedtuple(
     "Constraint",
@@ -319,7 +319,8 @@ SELECT c.relname, c.relkind, t.relname, x.indisunique, x.indisvalid, am.amname, 
        CASE WHEN t.relname = ANY(%(tables)s) THEN pg_get_expr(x.indpred, x.indrelid) END,
        CASE WHEN t.relname = ANY(%(tables)s) THEN pg_get_indexdef(c.oid) END,
        x.indisprimary OR EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = c.oid AND k.contype IN ('p', 'u', 'x')),
-       (SELECT pi.relname FROM pg_inherits h JOIN pg_class pi ON pi.oid = h.inhparent WHERE h.inhrelid = c.oid)
+       (SELECT pi.relname FROM pg_inherits h JOIN pg_class pi ON pi.oid = h.inhparent WHERE h.inhrelid = c.oid),
+       x.indpred IS NOT NULL
 FROM pg_class c
 LEFT JOIN pg_index x ON x.indexrelid = c.oid
 LEFT JOIN pg_class t ON t.oid = x.indrelid
@@ -462,7 +463,7 @@ def read_tables(target):
 
 def index_of(name, kind, table, facts):
     unique, valid, method, key_count, count, columns, options, opclasses, collations = facts[:9]
-    expressions, predicate, definition, backs_constraint, parent = facts[9:]
+    expressions, predicate, definition, backs_constraint, parent, partial = facts[9:]
     keys = tuple(
         IndexKey(column, bool(option & 1), bool(option & 2), opclass, collation)
         for column, option, opclass, collation in zip(
@@ -483,6 +484,7 @@ def index_of(name, kind, table, facts):
         backs_constraint,
         kind == "I",
         parent,
+        partial,
     )
 
 
