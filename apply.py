@@ -88,6 +88,7 @@ from partition import (
     BATCH_ROWS,
     CHECKED_AFTER_COMMIT,
     MOVING_STEPS,
+    REMADE_STEPS,
     clock,
     not_ready_to_swap,
     resume_words,
@@ -630,12 +631,23 @@ def run_transaction(target, planner, statement_timeout, budget, step=None):
 def run_steps(plan, target, planner, lock_timeout, statement_timeout, budget):
     """The plan's steps, each planned again from the catalog right before it runs (another
     run, or an earlier step, may have done it). Returns the statements run and the last plan."""
-    done, after = [], None
-    for name in [step.name for step in plan.steps]:
+    done, after, ran, again = [], None, set(), False
+    names = [step.name for step in plan.steps]
+    while names:
+        name = names.pop(0)
         fresh = plan_with_retries(target, planner, budget)
-        step = next((s for s in fresh.steps if s.name == name), None)
-        if step is None:
+        at = next((i for i, s in enumerate(fresh.steps) if s.name == name), None)
+        if at is None:
             continue
+        if any(s.name in ran and s.name.startswith(REMADE_STEPS) for s in fresh.steps[:at]):
+            # A step this run ran is planned again before this one: its work went stale
+            # meanwhile (a move's copy lacks the column or index the application or a DBA
+            # added since). Run on from there once; a switch now would build under its lock.
+            if not again:
+                again, names, ran = True, [s.name for s in fresh.steps], set()
+            continue
+        step = fresh.steps[at]
+        ran.add(name)
         progress["left"] = resume_words(name)
         if name.startswith(MOVING_STEPS):
             budget.renew()

@@ -160,9 +160,9 @@ def index_shape(index):
 
 def key_shape(constraint):
     return (
-        constraint.columns,
+        tuple(constraint.columns),
         constraint.ref_table,
-        constraint.ref_columns,
+        tuple(constraint.ref_columns),
         constraint.actions,
         constraint.deferrable,
     )
@@ -308,7 +308,7 @@ def work_steps(snapshot, work):
                 Step(
                     f"copy rows into {shown_name(name)}",
                     "online",
-                    [copy_rows(snapshot, work, name, predicate)],
+                    [copy_rows(snapshot, work, name, predicate, again=name in stale)],
                 )
             )
     steps.append(
@@ -507,8 +507,10 @@ def drop_log(kind):
     ]
 
 
-def copy_rows(snapshot, work, name, predicate):
-    """One statement (one implicit transaction): a killed copy leaves its table empty again."""
+def copy_rows(snapshot, work, name, predicate, again=False):
+    """One statement (one implicit transaction): a killed copy leaves its table empty again.
+    `again`: into a copy made again (stale): its own effect, so that the copy that went stale
+    right after it ran is not taken for one that had no effect."""
     table, source = render(Entity(name)), render(Entity(work.source))
     cols = columns(snapshot)
     return Statement(
@@ -518,7 +520,7 @@ def copy_rows(snapshot, work, name, predicate):
         f"copied the rows of {shown_name(work.source)} for {shown_name(name)}",
         (name,),
         COPY,
-        ("copied", PARENT, name),
+        ("copied", PARENT, f"{name} (made again)" if again else name),
     )
 
 

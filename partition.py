@@ -1256,7 +1256,9 @@ def batched_delete(snapshot, name, cutoff):
     )
 
 
-MOVING_STEPS = ("prepare the ", "copy rows into ", "catch up the ", "switch ", "clean up the ")
+# Steps that a run runs once: planned again only when what they made went stale meanwhile.
+REMADE_STEPS = ("prepare the ", "copy rows into ")
+MOVING_STEPS = (*REMADE_STEPS, "catch up the ", "switch ", "clean up the ")
 # Steps whose effects are read back after COMMIT: read inside, the whole catalog would be read
 # while their ACCESS EXCLUSIVE on request_logs holds every writer (0.2-5 s at 120-1,200
 # partitions). The catalog still decides what is logged.

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import psycopg2
 
 import partition
-from conftest import poll_until, run_migrate
+from conftest import poll_until, run_migrate, wait_for_lock_wait
 from test_partition_upkeep import default_of, fill, layout_made_months_ago, legacy_layout, rows_of
 from test_partitions import layout, month
 
@@ -91,6 +91,93 @@ def test_a_column_added_while_a_move_was_stopped_is_in_the_copies_the_next_run_a
         )
         == 0
     )
+
+
+def test_an_index_and_a_key_added_while_a_move_was_stopped_are_made_beside_not_under_the_switch(
+    empty_db, start_migrate
+):
+    layout_made_months_ago(empty_db, 4)
+    this = month(datetime.now(UTC))
+    fill(empty_db, this, 2_000, spread=60)
+    name = partition.month_name(this)
+    run = start_migrate(empty_db.url)
+    poll_until(
+        f"{name} is made beside the layout",
+        lambda: empty_db.value("SELECT to_regclass(%s) IS NOT NULL", name),
+        every=0.002,
+    )
+    run.send_signal(signal.SIGKILL)
+    run.communicate(timeout=60)
+    # A DBA's index and foreign key: PostgreSQL makes them on every partition, not on the copies.
+    empty_db.rows(
+        "CREATE TABLE dba_configs (id bigint PRIMARY KEY); INSERT INTO dba_configs VALUES (1)"
+    )
+    empty_db.rows("CREATE INDEX request_logs_path_dba ON request_logs (path)")
+    empty_db.rows(
+        "ALTER TABLE request_logs ADD CONSTRAINT request_logs_config_dba"
+        " FOREIGN KEY (api_config_id) REFERENCES dba_configs (id)"
+    )
+    before = empty_db.rows(IDS)
+
+    dry = run_migrate(empty_db.url, "--dry-run")
+    again = run_migrate(empty_db.url)
+
+    # The copy is made again, LIKE the parent as it is now: the index and the key are made on
+    # it while it is empty, not by the switch's ATTACH under its lock on request_logs.
+    before_switch = dry.stdout[: dry.stdout.index("switch request_logs_default")]
+    assert f'DROP TABLE "{name}"' in before_switch, dry.stdout
+    assert f'ALTER TABLE "{name}" ADD CONSTRAINT "request_logs_config_dba"' in before_switch
+    assert again.returncode == 0, again.stderr
+    assert empty_db.rows(IDS) == before
+    assert rows_of(empty_db, name) == 2_000 and rows_of(empty_db, default_of(empty_db)) == 0
+    adopted = empty_db.rows(
+        "SELECT p.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid"
+        " JOIN pg_inherits h ON h.inhrelid = i.oid JOIN pg_class p ON p.oid = h.inhparent"
+        " WHERE x.indrelid = %s::regclass",
+        name,
+    )
+    assert ("request_logs_path_dba",) in adopted
+    key = empty_db.rows(
+        "SELECT k.convalidated, parent.conname FROM pg_constraint k"
+        " JOIN pg_constraint parent ON parent.oid = k.conparentid"
+        " WHERE k.conrelid = %s::regclass AND k.confrelid = 'dba_configs'::regclass",
+        name,
+    )
+    assert key == [(True, "request_logs_config_dba")]
+
+
+def test_an_index_added_while_a_run_copies_makes_the_run_copy_again_before_its_switch(
+    empty_db, start_migrate
+):
+    layout_made_months_ago(empty_db, 4)
+    this = month(datetime.now(UTC))
+    fill(empty_db, this, 2_000, spread=60)
+    name = partition.month_name(this)
+    holder = psycopg2.connect(empty_db.url)
+    try:
+        run = start_migrate(empty_db.url, "--lock-timeout", "60")
+        poll_until(
+            f"{name} is made beside the layout",
+            lambda: empty_db.value("SELECT to_regclass(%s) IS NOT NULL", name),
+            every=0.002,
+        )
+        with holder.cursor() as cursor:  # the copy into it waits for this reader
+            cursor.execute(f'LOCK TABLE "{name}" IN ACCESS SHARE MODE')
+        wait_for_lock_wait(empty_db, f"the copy into {name} waits", run=run, table=name)
+        empty_db.rows("CREATE INDEX request_logs_path_dba ON request_logs (path)")
+    finally:
+        holder.close()
+    out, err = run.communicate(timeout=120)
+
+    assert run.returncode == 0, err
+    assert f"dropped the unfinished copy {name}" in out + err
+    assert rows_of(empty_db, name) == 2_000 and rows_of(empty_db, default_of(empty_db)) == 0
+    adopted = empty_db.value(
+        "SELECT count(*) FROM pg_index x JOIN pg_inherits h ON h.inhrelid = x.indexrelid"
+        " WHERE x.indrelid = %s::regclass AND h.inhparent = 'request_logs_path_dba'::regclass",
+        name,
+    )
+    assert adopted == 1
 
 
 class Inserts(threading.Thread):
