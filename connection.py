@@ -502,7 +502,7 @@ def configure_session(connection):
     LATIN1 on a SQL_ASCII server, whose bytes have no known encoding and come
     back unchanged. idle_session_timeout (PostgreSQL 14+) of the role or
     database is turned off for the session: a run is idle while it backs off
-    between lock attempts. (The settings that bound one statement or
+    between lock attempts; client_connection_check_interval (14+) is 1 s. (The settings that bound one statement or
     transaction are pinned per transaction instead, see catalog.guarded.)
     """
     server_encoding = connection.info.parameter_status("server_encoding")
@@ -510,7 +510,12 @@ def configure_session(connection):
     wanted = "LATIN1" if text_limits["raw_server_bytes"] else "UTF8"
     if connection.encoding.replace("_", "") != wanted:
         connection.set_client_encoding(wanted)
-    extra = ", set_config('idle_session_timeout', '0', false)"
+    # client_connection_check_interval: a run killed (kill -9, a lost client) mid-statement
+    # has the server end that statement within a second, not run it to its end unseen.
+    extra = (
+        ", set_config('idle_session_timeout', '0', false),"
+        " set_config('client_connection_check_interval', '1s', false)"
+    )
     query = SESSION_QUERY.format(extra=extra if connection.server_version >= 140000 else "")
     with connection.cursor() as cursor:
         cursor.execute(query)

@@ -23,6 +23,7 @@ RECORDED = (
     "lock_timeout",
     "idle_in_transaction_session_timeout",
     "idle_session_timeout",
+    "client_connection_check_interval",
     "transaction_timeout",
     "search_path",
     "TimeZone",
@@ -124,6 +125,7 @@ def assert_every_statement_ran_under_its_printed_settings(printed, recorded):
             live = settings[name].replace('"', "") if name == "search_path" else settings[name]
             assert live == value, (query, name, live, value)
         assert settings["idle_session_timeout"] == "0", query
+        assert settings["client_connection_check_interval"] == "1000", query
         assert settings["client_encoding"] == "UTF8", query
 
 
