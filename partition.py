@@ -1282,6 +1282,11 @@ def resume_words(step_name):
             "request_logs keeps the layout it had before this step (each step is all or nothing);"
             " python migrate.py --partition-request-logs continues the conversion"
         )
+    if step_name.startswith(REMADE_STEPS[0]):
+        return (
+            "the prepare is one transaction, rolled back unless it committed; the next run with"
+            " the same flags carries on"
+        )
     if step_name.startswith(MOVING_STEPS):
         return (
             "the tables being filled, the change log and its trigger stay (the switch is all or"
