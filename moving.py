@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 
 from peewee import Entity, Value
 
-from carry import carriable, foreign_key_sql, foreign_keys_of, made_like
+from carry import carriable, foreign_key_sql, foreign_keys_of, made_like, same_key
 from catalog import guarded, shown_name
 from models import RequestLog
 from plan import Hazard, Statement, Step, render, sql_text
@@ -158,17 +158,7 @@ def index_shape(index):
     )
 
 
-def key_shape(constraint):
-    return (
-        tuple(constraint.columns),
-        constraint.ref_table,
-        tuple(constraint.ref_columns),
-        constraint.actions,
-        constraint.deferrable,
-    )
-
-
-def lacks(snapshot, name):
+def lacks(snapshot, name, parent_keys):
     """What a copy lacks of the parent's indexes and foreign keys (added after the copy was
     made): ATTACH would build each under its ACCESS EXCLUSIVE on request_logs (159 ms at
     400,000 rows for one index), so such a copy is made again, LIKE the parent as it is now."""
@@ -181,9 +171,9 @@ def lacks(snapshot, name):
                 have.remove(index_shape(index))
             else:
                 missing.append(index.name)
-    keys = [c for c in snapshot.constraints if c.kind == "f" and c.validated and c.enforced]
-    have_keys = {key_shape(c) for c in keys if c.table == name}
-    missing += [c.name for c in keys if c.table == PARENT and key_shape(c) not in have_keys]
+    if parent_keys:  # those make_copy_table makes: a key it cannot make is no reason
+        have_keys = [key for key in foreign_keys_of(snapshot, name) if key.outgoing]
+        missing += [k.name for k in parent_keys if not any(same_key(k, h) for h in have_keys)]
     return missing
 
 
@@ -282,7 +272,12 @@ def work_steps(snapshot, work):
     wanted = {name for name, _ in targets(work)}
     # A copy made before the application altered request_logs (GORM's ADD COLUMN) can be
     # neither filled nor attached: made again.
-    stale = {name for name in filling if not same_columns(snapshot, name) or lacks(snapshot, name)}
+    parent_keys = [k for k in foreign_keys_of(snapshot, PARENT) if carriable(k)] if filling else []
+    stale = {
+        name
+        for name in filling
+        if not same_columns(snapshot, name) or lacks(snapshot, name, parent_keys)
+    }
     prepare += [drop_table(name) for name in sorted(filling) if name not in wanted or name in stale]
     filling = {name: state for name, state in filling.items() if name not in stale}
     for piece in work.pieces:
