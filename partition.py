@@ -946,6 +946,7 @@ def swap(snapshot, boundary, now, carried=None):
             )
             + ' PARTITION BY RANGE ("created_at")',
             f"created {TWIN}, partitioned by created_at",
+            moving.NEW_LIKE,
         ),
         step(sql_text("ALTER TABLE", Entity(TWIN), "DROP CONSTRAINT", Entity(check))),
         step(sql_text("COMMENT ON TABLE", Entity(TWIN), "IS", Value(comment))),
@@ -1203,7 +1204,13 @@ def drop_partition(snapshot, name, default):
             sql_text("ALTER TABLE", Entity(PARENT), "DETACH PARTITION", Entity(name), word),
             f"detached partition {shown_name(name)}",
             (PARENT,),
-            DETACH_CONCURRENTLY,
+            DETACH_CONCURRENTLY._replace(
+                # FINALIZE opens the partition under ACCESS EXCLUSIVE (ATExecDetachPartitionFinalize)
+                others=(
+                    (name, "AccessExclusiveLock" if pending else "ShareUpdateExclusiveLock"),
+                    *moving.referenced(snapshot, "ShareRowExclusiveLock"),
+                )
+            ),
             ("detached", PARENT, name),
         )
     else:
@@ -1211,7 +1218,9 @@ def drop_partition(snapshot, name, default):
             sql_text("ALTER TABLE", Entity(PARENT), "DETACH PARTITION", Entity(name)),
             f"detached partition {shown_name(name)}",
             (PARENT, name, *([default] if default else [])),
-            DETACH,
+            # The partition's foreign keys become its own: their triggers made on the
+            # tables they reference, under SHARE ROW EXCLUSIVE there.
+            DETACH._replace(others=moving.referenced(snapshot, "ShareRowExclusiveLock")),
             ("detached", PARENT, name),
         )
     first = Step(

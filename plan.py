@@ -877,7 +877,8 @@ def plan_foreign_keys(model, snapshot, drift, later):
             sql_text("ALTER TABLE", Entity(table), "VALIDATE CONSTRAINT", Entity(wanted)),
             f"validated foreign key {wanted}",
             (table,),
-            VALIDATE_CONSTRAINT,
+            # Its check reads the referenced table as SELECT ... FOR KEY SHARE does.
+            VALIDATE_CONSTRAINT._replace(others=((rel_table, "RowShareLock"),)),
             ("validated foreign key", table, wanted),
             (("column", table, field.column_name),),
         )

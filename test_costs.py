@@ -10,15 +10,16 @@ MODE was named as SHARE UPDATE EXCLUSIVE only.
 
 import json
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import groupby
 
 import psycopg2
 
 import partition
-from conftest import run_migrate
+from conftest import migrate_here, run_migrate
+from test_online import add_users_and_logs
 from test_partition_upkeep import fill, layout_made_months_ago
-from test_partitions import month
+from test_partitions import logs_by_age, month
 
 # (pattern on the statement, lock it takes), first match wins.
 LOCK_RULES = [
@@ -305,3 +306,30 @@ def test_a_moves_statements_take_the_locks_their_hazards_name(empty_db):
     assert "transaction: switch request_logs_default for its copies" in stages
     assert "transaction: attach the months ahead" in stages
     assert any(stage.startswith("transaction: unlink ") for stage in stages)
+
+
+def test_a_retention_drops_statements_take_the_locks_their_hazards_name(empty_db):
+    now = datetime.now(UTC)
+    migrate_here(empty_db.params, partition=True, now=now - timedelta(days=93))
+    for days in (62, 31, 0):
+        migrate_here(empty_db.params, now=now - timedelta(days=days))
+    add_users_and_logs(empty_db, logs=0)
+    logs_by_age(empty_db, [0, 20, 45, 70, 85])
+    pending = assert_plan_locks_hold(empty_db, "--retain-request-logs", "50")
+    stages = {item["stage"] for item in pending}
+    assert any(stage.startswith("transaction: detach ") for stage in stages), stages
+    assert any(stage.startswith("transaction: unlink ") for stage in stages), stages
+
+
+def test_a_conversions_statements_take_the_locks_their_hazards_name(migrated_db):
+    add_users_and_logs(migrated_db, logs=0)
+    logs_by_age(migrated_db, [0, 20, 45])
+    pending = assert_plan_locks_hold(migrated_db, "--partition-request-logs")
+    assert any(" VALIDATE CONSTRAINT " in item["sql"] for item in pending)
+
+
+def test_a_foreign_keys_statements_take_the_locks_their_hazards_name(migrated_db):
+    add_users_and_logs(migrated_db, logs=10)
+    migrated_db.rows("ALTER TABLE request_logs DROP CONSTRAINT fk_request_logs_user")
+    pending = assert_plan_locks_hold(migrated_db)
+    assert any(" VALIDATE CONSTRAINT " in item["sql"] for item in pending)
