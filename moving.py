@@ -170,9 +170,9 @@ def index_shape(index):
 
 def key_shape(constraint):
     return (
-        constraint.columns,
+        tuple(constraint.columns),
         constraint.ref_table,
-        constraint.ref_columns,
+        tuple(constraint.ref_columns),
         constraint.actions,
         constraint.deferrable,
     )

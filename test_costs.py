@@ -6,6 +6,14 @@ Locking" table and ALTER TABLE's page), not from the tool's own words, for drift
 ways at once. Not covered here: the fix for dated rows in the default partition
 (partition.dated_rows_in_default), which another change rewrites; its LOCK TABLE ... IN SHARE
 MODE was named as SHARE UPDATE EXCLUSIVE only.
+
+Every planned statement's locks, those on other tables (Hazard.others) included, are read in
+pg_locks while real plans run (a move with the months ahead, a retention beside a default
+partition, a conversion, a foreign key added and validated), for the JSON document and the
+text of --dry-run and --check alike. Not read here: statements PostgreSQL refuses in a
+transaction block (CREATE/DROP INDEX CONCURRENTLY, DETACH PARTITION ... CONCURRENTLY; their
+pg_locks are gone at their COMMIT), DETACH ... FINALIZE (a detach left part way), the keys of a
+DBA's foreign key carried by a conversion, and locks on indexes and sequences.
 """
 
 import json
