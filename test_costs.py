@@ -9,11 +9,11 @@ MODE was named as SHARE UPDATE EXCLUSIVE only.
 
 Every planned statement's locks, those on other tables (Hazard.others) included, are read in
 pg_locks while real plans run (a move with the months ahead, a retention beside a default
-partition, a conversion, a foreign key added and validated), for the JSON document and the
-text of --dry-run and --check alike. Not read here: statements PostgreSQL refuses in a
-transaction block (CREATE/DROP INDEX CONCURRENTLY, DETACH PARTITION ... CONCURRENTLY; their
-pg_locks are gone at their COMMIT), DETACH ... FINALIZE (a detach left part way), the keys of a
-DBA's foreign key carried by a conversion, and locks on indexes and sequences.
+partition, a conversion, a foreign key added and validated; a DBA's foreign key beside the
+models'), for the JSON document and the text of --dry-run and --check alike. Not read here:
+statements PostgreSQL refuses in a transaction block (CREATE/DROP INDEX CONCURRENTLY, DETACH
+PARTITION ... CONCURRENTLY; their pg_locks are gone at their COMMIT), DETACH ... FINALIZE (a
+detach left part way), and locks on indexes and sequences.
 """
 
 import json
@@ -309,11 +309,13 @@ def assert_plan_locks_hold(db, *args):
 def test_a_moves_statements_take_the_locks_their_hazards_name(empty_db):
     layout_made_months_ago(empty_db, 4)
     fill(empty_db, month(datetime.now(UTC)), 100)
+    a_dbas_foreign_key(empty_db)
     pending = assert_plan_locks_hold(empty_db)
     stages = {item["stage"] for item in pending}
     assert "transaction: switch request_logs_default for its copies" in stages
     assert "transaction: attach the months ahead" in stages
     assert any(stage.startswith("transaction: unlink ") for stage in stages)
+    assert any(("paths", "ACCESS EXCLUSIVE") in declared_in_json(item) for item in pending)
 
 
 def test_a_retention_drops_statements_take_the_locks_their_hazards_name(empty_db):
@@ -329,11 +331,22 @@ def test_a_retention_drops_statements_take_the_locks_their_hazards_name(empty_db
     assert any(stage.startswith("transaction: unlink ") for stage in stages), stages
 
 
+def a_dbas_foreign_key(db):
+    """A foreign key of request_logs the models do not declare, into a table of its own."""
+    db.rows("CREATE TABLE paths (path varchar(255) PRIMARY KEY)")
+    db.rows("INSERT INTO paths SELECT DISTINCT path FROM request_logs")
+    db.rows(
+        "ALTER TABLE request_logs ADD CONSTRAINT known_path FOREIGN KEY (path) REFERENCES paths"
+    )
+
+
 def test_a_conversions_statements_take_the_locks_their_hazards_name(migrated_db):
     add_users_and_logs(migrated_db, logs=0)
     logs_by_age(migrated_db, [0, 20, 45])
+    a_dbas_foreign_key(migrated_db)
     pending = assert_plan_locks_hold(migrated_db, "--partition-request-logs")
     assert any(" VALIDATE CONSTRAINT " in item["sql"] for item in pending)
+    assert any(("paths", "SHARE ROW EXCLUSIVE") in declared_in_json(item) for item in pending)
 
 
 def test_a_foreign_keys_statements_take_the_locks_their_hazards_name(migrated_db):
