@@ -1094,6 +1094,21 @@ def drop_partitions(scratch):
         )
 
 
+def add_past_months(scratch, this, first, last):
+    """Partitions of request_logs for the months `first` to `last` before `this`, 40 a
+    transaction: each holds a lock per partition and index, and the server's lock table
+    (max_locks_per_transaction 64) is shared by every session."""
+    for start in range(first, last + 1, 40):
+        scratch.execute(
+            "DO $$ DECLARE m timestamptz; BEGIN FOR i IN %(first)s..%(last)s LOOP"
+            " m := %(this)s::timestamptz - make_interval(months => i);"
+            " EXECUTE format('CREATE TABLE %%I PARTITION OF request_logs FOR VALUES FROM"
+            " (%%L) TO (%%L)', 'request_logs_' || to_char(m AT TIME ZONE 'UTC',"
+            " 'YYYY_MM'), m, m + interval '1 month'); END LOOP; END $$",
+            {"first": start, "last": min(start + 39, last), "this": this},
+        )
+
+
 def bench_drops(scratch, settings):
     """Section 14: retention dropping months beside a default partition (a plain DETACH and
     DROP in one transaction) at 120 and 1,200 partitions: the lock hold per drop, effects read
@@ -1107,18 +1122,8 @@ def bench_drops(scratch, settings):
             scratch.reset()
             migrate_in_process(scratch, partition=True, now=now)
             seed_users(scratch)
-            # 40 a transaction: each holds a lock per partition and index, and the server's
-            # lock table (max_locks_per_transaction 64) is shared by every session.
             months = size - partition.MONTHS_AHEAD - 2
-            for first in range(1, months + 1, 40):
-                scratch.execute(
-                    "DO $$ DECLARE m timestamptz; BEGIN FOR i IN %(first)s..%(last)s LOOP"
-                    " m := %(this)s::timestamptz - make_interval(months => i);"
-                    " EXECUTE format('CREATE TABLE %%I PARTITION OF request_logs FOR VALUES FROM"
-                    " (%%L) TO (%%L)', 'request_logs_' || to_char(m AT TIME ZONE 'UTC',"
-                    " 'YYYY_MM'), m, m + interval '1 month'); END LOOP; END $$",
-                    {"first": first, "last": min(first + 39, months), "this": this},
-                )
+            add_past_months(scratch, this, 1, months)
             days = (
                 now - partition.add_months(this, -(size - partition.MONTHS_AHEAD - 2) + 10)
             ).days
@@ -1147,6 +1152,39 @@ def bench_drops(scratch, settings):
                 "the DETACH's transaction: ACCESS EXCLUSIVE on request_logs; then the foreign"
                 " keys' and the DROP's, each locking only the detached table (and users, api_keys"
                 f" for the first): {spread(others, 'ms')}",
+            )
+
+
+def bench_switch_sizes(scratch, settings):
+    """Section 16: the switch of a move (DETACH the default, ATTACH the month's copy and the
+    new default: statements the plan calls instant) at 20,000 and 200,000 rows and at 8 and
+    120 partitions: its lock hold, read from the run's log. No inserts run: the hold of the
+    statements alone, not of a replay."""
+    now = datetime.now(UTC)
+    this = partition.month_start(now)
+    made = partition.add_months(this, -4)  # the layout has months this - 4 ... this - 1
+    for partitions in (8, 120):
+        for count in (20_000, 200_000):
+            drop_partitions(scratch)
+            scratch.reset()
+            migrate_in_process(scratch, partition=True, now=made)
+            seed_users(scratch)
+            add_past_months(scratch, made, 1, partitions - 6)  # + 4 months and the default
+            total = scratch.execute(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = to_regclass('request_logs')"
+            )[0][0]
+            seconds_so_far = max(60, int((now - this).total_seconds()) - 60)
+            scratch.execute(FILL_SPREAD, {"start": this, "seconds": seconds_so_far, "count": count})
+            scratch.execute("CHECKPOINT")
+            _, status, lines = run_migrate_logged(scratch, "--lock-timeout", "60")
+            assert status == 0, "\n".join(lines)
+            holds = held_ms(lines, "switch ")
+            add_row(
+                "16 upkeep: the switch of a move at two sizes, no inserts",
+                f"{count:,} rows of this month in the default, {total + 1:,} partitions",
+                f"switch held its locks {holds[0]:.0f} ms",
+                "DETACH the default, ATTACH the month's copy and the new default, in one"
+                " transaction under ACCESS EXCLUSIVE on request_logs, users and api_keys",
             )
 
 
@@ -1555,7 +1593,7 @@ def main(argv=None):
     parser.add_argument(
         "--only",
         metavar="N,N",
-        help="run only these sections, e.g. --only 5,8 (8 needs 5's database), 1 to 15",
+        help="run only these sections, e.g. --only 5,8 (8 needs 5's database), 1 to 16",
     )
     parser.add_argument("--create-tables", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1567,7 +1605,7 @@ def main(argv=None):
     try:
         with bytecode_cached():
             server_version = scratch.execute("SHOW server_version")[0][0]
-            wanted = set(args.only.split(",")) if args.only else {str(n) for n in range(1, 16)}
+            wanted = set(args.only.split(",")) if args.only else {str(n) for n in range(1, 17)}
             if wanted & {"1", "2"}:
                 bench_bootstrap_and_rerun(scratch, settings)
             if "3" in wanted:
@@ -1595,6 +1633,8 @@ def main(argv=None):
                 bench_drops(scratch, settings)
             if "15" in wanted:
                 bench_archive(scratch, settings)
+            if "16" in wanted:
+                bench_switch_sizes(scratch, settings)
     finally:
         with contextlib.suppress(psycopg2.Error):
             drop_partitions(scratch)

@@ -549,6 +549,10 @@ def plan_document(plan, args, params, status):
                 "lock": lock_name(statement.hazard.lock) if statement.hazard.lock else None,
                 "blocks": statement.hazard.blocks,
                 "work": statement.hazard.work,
+                "also_locks": [
+                    {"table": table, "lock": lock_name(mode)}
+                    for table, mode in statement.hazard.others
+                ],
                 "rows": {t: tables[t].rows if t in tables else None for t in statement.tables},
             }
             for stage, statements in order.items()

@@ -97,22 +97,32 @@ SWITCH_CATCH_UP = Hazard(
     "nothing more (ACCESS EXCLUSIVE on request_logs held)",
     "replays the changes since the last batch (few)",
 )
+# Adopting a copy's own foreign key drops that key's triggers on the table it references:
+# ACCESS EXCLUSIVE there (pg_locks, PostgreSQL 15), held until COMMIT.
 SWITCH_ATTACH = Hazard(
     "AccessExclusiveLock",
-    "nothing more (ACCESS EXCLUSIVE on request_logs held); its SHARE ROW EXCLUSIVE on users"
-    " and api_keys (the foreign keys) blocks their writes",
+    "nothing more on request_logs (ACCESS EXCLUSIVE held); its ACCESS EXCLUSIVE on the tables"
+    " the foreign keys reference blocks their reads and writes",
     "instant: the CHECK spares the scan, indexes and foreign keys adopted",
 )
-SWITCH_DEFAULT = Hazard(
-    "AccessExclusiveLock",
-    "nothing more (ACCESS EXCLUSIVE on request_logs held); its SHARE ROW EXCLUSIVE on users"
-    " and api_keys (the foreign keys) blocks their writes",
-    "scans the new default partition (rows of no month: few)",
+SWITCH_DEFAULT = SWITCH_ATTACH._replace(
+    work="scans the new default partition (rows of no month: few)"
 )
 SWITCH_CATALOG = Hazard(
     "AccessExclusiveLock", "nothing more (ACCESS EXCLUSIVE on request_logs held)", "instant"
 )
+SWITCH_COMMENT = SWITCH_CATALOG._replace(lock="ShareUpdateExclusiveLock")  # COMMENT ON TABLE
 DROP_RETIRED = Hazard("AccessExclusiveLock", "nothing: the table is detached", "instant")
+# CREATE TABLE ... (LIKE request_logs ...) reads the parent's definition under ACCESS SHARE.
+NEW_LIKE = NEW._replace(others=((PARENT, "AccessShareLock"),))
+
+
+def referenced(snapshot, mode, table=PARENT):
+    """((table, mode), ...) for each table the foreign keys of `table` reference: what an
+    ATTACH or DETACH of a partition (their triggers), or an insert (its key checks: ROW
+    SHARE), locks there besides."""
+    tables = {c.ref_table for c in snapshot.constraints if c.table == table and c.kind == "f"}
+    return tuple((name, mode) for name in sorted(tables))
 
 
 def literal(moment):
@@ -363,7 +373,7 @@ def make_copy_table(snapshot, kind, piece):
             like_parent(name, indexes=True),
             f"created table {shown_name(name)} beside {PARENT}",
             (),
-            NEW,
+            NEW_LIKE,
             key,
         ),
         # The owner, grants, replica identity... a partition of request_logs must have.
@@ -514,7 +524,9 @@ def copy_rows(snapshot, work, name, predicate, again=False):
         + f"; INSERT INTO {table} ({cols}) SELECT {cols} FROM ONLY {source} WHERE {predicate}",
         f"copied the rows of {shown_name(work.source)} for {shown_name(name)}",
         (name,),
-        COPY,
+        COPY._replace(
+            others=((work.source, "AccessShareLock"), *referenced(snapshot, "RowShareLock"))
+        ),
         ("copied", PARENT, f"{name} (made again)" if again else name),
     )
 
@@ -549,7 +561,9 @@ def replay(snapshot, work, limit):
         f"WITH {', '.join(parts)} SELECT 1 FROM changed",
         f"caught up the changes to {shown_name(work.source)} made while its rows were copied",
         (LOG[work.kind], *(name for name, _ in targets(work))),
-        CATCH_UP if limit else SWITCH_CATCH_UP,
+        (CATCH_UP if limit else SWITCH_CATCH_UP)._replace(
+            others=((work.source, "AccessShareLock"), *referenced(snapshot, "RowShareLock"))
+        ),
         ("caught up", PARENT, LOG[work.kind]),
     )
 
@@ -563,7 +577,7 @@ def switch(snapshot, work):
             sql_text("ALTER TABLE", parent, "DETACH PARTITION", Entity(work.source)),
             "",
             (PARENT, work.source),
-            SWITCH_DETACH,
+            SWITCH_DETACH._replace(others=referenced(snapshot, "ShareRowExclusiveLock")),
             key,
         ),
         replay(snapshot, work, None)._replace(effect=key, description=""),
@@ -574,7 +588,7 @@ def switch(snapshot, work):
                 sql_text("COMMENT ON TABLE", Entity(name), "IS NULL"),
                 "",
                 (name,),
-                SWITCH_CATALOG,
+                SWITCH_COMMENT,
                 key,
             ),
             Statement(
@@ -583,7 +597,12 @@ def switch(snapshot, work):
                 + bounds_sql(lower, upper),
                 f"attached partition {shown_name(name)}",
                 (name,),
-                SWITCH_ATTACH,
+                SWITCH_ATTACH._replace(
+                    others=(
+                        (PARENT, "AccessExclusiveLock"),
+                        *referenced(snapshot, "AccessExclusiveLock"),
+                    )
+                ),
                 key,
             ),
             Statement(
@@ -611,14 +630,14 @@ def switch(snapshot, work):
                 f"detached the old default partition {shown_name(work.source)}, its rows copied,"
                 f" as {MOVED_OUT}",
                 (MOVED_OUT,),
-                SWITCH_CATALOG,
+                SWITCH_COMMENT,
                 key,
             ),
             Statement(
                 sql_text("COMMENT ON TABLE", Entity(REST), "IS NULL"),
                 "",
                 (REST,),
-                SWITCH_CATALOG,
+                SWITCH_COMMENT,
                 key,
             ),
             Statement(
@@ -632,7 +651,12 @@ def switch(snapshot, work):
                 sql_text("ALTER TABLE", parent, "ATTACH PARTITION", Entity(work.source), "DEFAULT"),
                 f"attached the new default partition {shown_name(work.source)}",
                 (work.source,),
-                SWITCH_DEFAULT,
+                SWITCH_DEFAULT._replace(
+                    others=(
+                        (PARENT, "AccessExclusiveLock"),
+                        *referenced(snapshot, "AccessExclusiveLock"),
+                    )
+                ),
                 key,
             ),
         ]
@@ -649,7 +673,7 @@ def switch(snapshot, work):
                 ),
                 f"detached {shown_name(work.source)}, its rows from {cutoff[:16]} UTC kept in month partitions",
                 (work.source,),
-                SWITCH_CATALOG,
+                SWITCH_COMMENT,
                 key,
             ),
         ]

@@ -80,8 +80,8 @@ SWAP = Hazard(
 )
 ATTACH_MONTH = Hazard(
     "ShareUpdateExclusiveLock",
-    "nothing on request_logs; NULL-dated inserts (ACCESS EXCLUSIVE on the default partition)"
-    " and writes to users and api_keys (their foreign keys)",
+    "nothing on request_logs; its ACCESS EXCLUSIVE on the default partition blocks NULL-dated"
+    " inserts, its SHARE ROW EXCLUSIVE on the tables the foreign keys reference their writes",
     "the new partition is empty; reads the default partition, which upkeep keeps small (its"
     " months moved out first)",
 )
@@ -492,13 +492,26 @@ def merge_attach_steps(steps):
     return ([Step("attach partition indexes", "transaction", attach)] if attach else []) + rest
 
 
+def attach_locks(snapshot, name):
+    """ATTACH_MONTH with the other tables it locks: the partition attached, the default
+    partition it reads (when there is one and it is another) and the tables the foreign keys
+    it clones onto the partition reference."""
+    default = default_partition(snapshot)
+    others = [(name, "AccessExclusiveLock")]
+    if default and default != name:
+        others.append((default, "AccessExclusiveLock"))
+    return ATTACH_MONTH._replace(
+        others=(*others, *moving.referenced(snapshot, "ShareRowExclusiveLock"))
+    )
+
+
 def attach_default(snapshot):
     return [
         Statement(
             moving.like_parent(DEFAULT_PARTITION),
             f"created table {DEFAULT_PARTITION}",
             (),
-            Hazard(None, "nothing", "a new empty table"),
+            moving.NEW_LIKE,
             ("table", DEFAULT_PARTITION, DEFAULT_PARTITION),
         ),
         *made_like_parent(snapshot, DEFAULT_PARTITION),
@@ -511,8 +524,8 @@ def attach_default(snapshot):
                 "DEFAULT",
             ),
             f"attached partition {DEFAULT_PARTITION}",
-            (PARENT, "users", "api_keys"),
-            ATTACH_MONTH,
+            (PARENT,),
+            attach_locks(snapshot, DEFAULT_PARTITION),
             ("partition", PARENT, DEFAULT_PARTITION),
         ),
     ]
@@ -543,7 +556,7 @@ def attach_month(snapshot, month):
             moving.like_parent(name),
             f"created table {name}",
             (),
-            Hazard(None, "nothing", "a new empty table"),
+            moving.NEW_LIKE,
             ("table", name, name),
         ),
         *made_like_parent(snapshot, name),
@@ -551,8 +564,8 @@ def attach_month(snapshot, month):
             sql_text("ALTER TABLE", Entity(PARENT), "ATTACH PARTITION", Entity(name))
             + f" FOR VALUES FROM ({literal(month)}) TO ({literal(end)})",
             f"attached partition {name}",
-            (PARENT, "users", "api_keys"),
-            ATTACH_MONTH,
+            (PARENT,),
+            attach_locks(snapshot, name),
             ("partition", PARENT, name),
         ),
     ]
@@ -933,6 +946,7 @@ def swap(snapshot, boundary, now, carried=None):
             )
             + ' PARTITION BY RANGE ("created_at")',
             f"created {TWIN}, partitioned by created_at",
+            moving.NEW_LIKE,
         ),
         step(sql_text("ALTER TABLE", Entity(TWIN), "DROP CONSTRAINT", Entity(check))),
         step(sql_text("COMMENT ON TABLE", Entity(TWIN), "IS", Value(comment))),
@@ -1190,7 +1204,13 @@ def drop_partition(snapshot, name, default):
             sql_text("ALTER TABLE", Entity(PARENT), "DETACH PARTITION", Entity(name), word),
             f"detached partition {shown_name(name)}",
             (PARENT,),
-            DETACH_CONCURRENTLY,
+            DETACH_CONCURRENTLY._replace(
+                # FINALIZE opens the partition under ACCESS EXCLUSIVE (ATExecDetachPartitionFinalize)
+                others=(
+                    (name, "AccessExclusiveLock" if pending else "ShareUpdateExclusiveLock"),
+                    *moving.referenced(snapshot, "ShareRowExclusiveLock"),
+                )
+            ),
             ("detached", PARENT, name),
         )
     else:
@@ -1198,7 +1218,9 @@ def drop_partition(snapshot, name, default):
             sql_text("ALTER TABLE", Entity(PARENT), "DETACH PARTITION", Entity(name)),
             f"detached partition {shown_name(name)}",
             (PARENT, name, *([default] if default else [])),
-            DETACH,
+            # The partition's foreign keys become its own: their triggers made on the
+            # tables they reference, under SHARE ROW EXCLUSIVE there.
+            DETACH._replace(others=moving.referenced(snapshot, "ShareRowExclusiveLock")),
             ("detached", PARENT, name),
         )
     first = Step(

@@ -57,7 +57,10 @@ from models import MODELS, database
 
 # --- Hazards ---------------------------------------------------------------------
 
-Hazard = namedtuple("Hazard", "lock blocks work")
+# lock: the mode taken on each of the statement's `tables`; others: ((table, mode), ...), each
+# lock it takes on another table (the tables its foreign keys reference, the default
+# partition an ATTACH reads, the table a copy reads...), printed after the main lock.
+Hazard = namedtuple("Hazard", "lock blocks work others", defaults=((),))
 NEW_TABLE = Hazard(None, "nothing", "a table made in this transaction")
 CREATE_TABLE = Hazard("ShareRowExclusiveLock", "writes", "instant")  # on the tables it references
 ADD_COLUMN = Hazard("AccessExclusiveLock", "reads and writes", "instant, no rewrite")
@@ -874,7 +877,8 @@ def plan_foreign_keys(model, snapshot, drift, later):
             sql_text("ALTER TABLE", Entity(table), "VALIDATE CONSTRAINT", Entity(wanted)),
             f"validated foreign key {wanted}",
             (table,),
-            VALIDATE_CONSTRAINT,
+            # Its check reads the referenced table as SELECT ... FOR KEY SHARE does.
+            VALIDATE_CONSTRAINT._replace(others=((rel_table, "RowShareLock"),)),
             ("validated foreign key", table, wanted),
             (("column", table, field.column_name),),
         )
@@ -1274,17 +1278,29 @@ def unmet(statement, plan):
 
 
 def hazard_comment(statement, tables, until_commit=False):
-    """'-- locks users ACCESS EXCLUSIVE (blocks reads and writes until COMMIT); instant, no rewrite; users ~3 rows'."""
+    """'-- locks users ACCESS EXCLUSIVE (blocks reads and writes until COMMIT); instant, no rewrite; users ~3 rows',
+    with '; also locks api_keys SHARE ROW EXCLUSIVE, ...' after the main lock for its other tables."""
     hazard = statement.hazard
+    also = also_locks_words(hazard)
     if hazard.lock is None:
-        return f"-- {hazard.work}: blocks nothing"
+        return f"-- {hazard.work}: blocks nothing{also}"
     names = ", ".join(shown_name(table) for table in statement.tables)
     sizes = ", ".join(size_words(table, tables) for table in statement.tables)
     held = " until COMMIT" if until_commit and hazard.blocks != "nothing" else ""
     line = (
-        f"-- locks {names} {lock_name(hazard.lock)} (blocks {hazard.blocks}{held}); {hazard.work}"
+        f"-- locks {names} {lock_name(hazard.lock)} (blocks {hazard.blocks}{held}){also};"
+        f" {hazard.work}"
     )
     return f"{line}; {sizes}" if sizes else line.replace("-- locks  ", "-- locks ", 1)
+
+
+def also_locks_words(hazard):
+    """'; also locks request_logs_default ACCESS EXCLUSIVE, users SHARE ROW EXCLUSIVE', or ''."""
+    if not hazard.others:
+        return ""
+    return "; also locks " + ", ".join(
+        f"{shown_name(table)} {lock_name(mode)}" for table, mode in hazard.others
+    )
 
 
 def size_words(table, tables):

@@ -413,7 +413,8 @@ def test_dry_run_names_the_lock_of_each_statement_what_it_blocks_and_the_rows(mi
         "-- locks request_logs, users SHARE ROW EXCLUSIVE (blocks writes until COMMIT); instant, no scan;"
     )
     assert hazard_of('ALTER TABLE "request_logs" VALIDATE').startswith(
-        "-- locks request_logs SHARE UPDATE EXCLUSIVE (blocks nothing); scans the table;"
+        "-- locks request_logs SHARE UPDATE EXCLUSIVE (blocks nothing); also locks users ROW SHARE;"
+        " scans the table;"
     )
     assert hazard_of("CREATE INDEX CONCURRENTLY").endswith("request_logs ~5,000 rows")
 
