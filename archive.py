@@ -46,7 +46,6 @@ from datetime import UTC
 
 import psycopg2.extensions
 from peewee import Entity, Value
-from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
 from catalog import guard_params, guard_sql, guarded, one_snapshot, shown, shown_name
 from connection import MigrationError, open_side_connection, signal_pending, wait
@@ -84,6 +83,18 @@ def require_pyarrow():
             "--archive needs pyarrow, which is not installed: pip install -r requirements.txt;"
             " nothing was changed"
         ) from None
+
+
+def use_fast_memory_pool():
+    """jemalloc for Arrow where the wheel has it and the environment names no pool: the
+    default (mimalloc) gives a month's buffers back to the system and faults them in again,
+    a third of the file's checksum (BENCHMARKS.md, 15)."""
+    import pyarrow as pa
+
+    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        return
+    with contextlib.suppress(NotImplementedError, pa.ArrowException):
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
 
 
 def arrow_type(pg_type):
@@ -168,18 +179,42 @@ def file_checksum(table, columns):
         parts += [canonical_arrow(table.column(name), pg_type), "|"]
     parts[-1] = "\n"
     texts = pc.binary_join_element_wise(*parts, "")
-    # large_string: a month may hold more than the 2 GiB a string array's offsets address
-    texts = pc.cast(texts, pa.large_string())
-    texts = (texts if order is None else pc.take(texts, order)).combine_chunks()
-    ends = memoryview(texts.buffers()[1]).cast("q")[texts.offset :]
-    data = memoryview(texts.buffers()[2] or b"")
-    groups = pc.shift_right(ids if order is None else pc.take(ids, order), GROUP_BITS)
-    changes = pc.indices_nonzero(pc.not_equal(groups[1:], groups[:-1])).to_pylist()
+    if order is not None:
+        # large_string: a month may hold more than the 2 GiB a string array's offsets address
+        texts = pc.take(pc.cast(texts, pa.large_string()), order)
+        ids = pc.take(ids, order)
+    groups = pc.shift_right(ids, GROUP_BITS)
+    starts = pc.indices_nonzero(pc.not_equal(groups[1:], groups[:-1])).to_pylist()
     total = 0
-    for start, stop in itertools.pairwise([0, *(at + 1 for at in changes), len(texts)]):
-        digest = hashlib.md5(data[ends[start] : ends[stop]]).digest()
-        total += struct.unpack(">q", digest[:8])[0]
+    for text in group_texts(texts, [0, *(at + 1 for at in starts), len(ids)]):
+        total += struct.unpack(">q", text.digest()[:8])[0]
     return len(table), str(total)
+
+
+def group_texts(texts, bounds):
+    """md5 of the texts of rows bounds[i] to bounds[i + 1] - 1, for each i: read where the
+    chunks of `texts` hold them, each chunk's bytes contiguous (no copy of the column)."""
+    import pyarrow as pa
+
+    cuts, at = set(bounds), 0
+    for chunk in texts.chunks:
+        cuts.add(at)
+        at += len(chunk)
+    cuts, ends = sorted(cuts), set(bounds[1:])
+    chunks = iter(texts.chunks)
+    chunk, chunk_start, data, offsets = None, 0, None, None
+    digest = hashlib.md5()
+    for start, stop in itertools.pairwise(cuts):
+        while chunk is None or start >= chunk_start + len(chunk):
+            chunk_start += 0 if chunk is None else len(chunk)
+            chunk = next(chunks)
+            width = "q" if pa.types.is_large_string(chunk.type) else "i"
+            offsets = memoryview(chunk.buffers()[1]).cast(width)[chunk.offset :]
+            data = memoryview(chunk.buffers()[2] or b"")
+        digest.update(data[offsets[start - chunk_start] : offsets[stop - chunk_start]])
+        if stop in ends:
+            yield digest
+            digest = hashlib.md5()
 
 
 # --- The directory ----------------------------------------------------------------------
@@ -226,36 +261,36 @@ class Archive:
         month; returns (ctid, xmin) of each archived row as the snapshot saw it, if `keys`.
 
         PostgreSQL's count and checksum run on a second connection in the snapshot of the
-        COPY, while this process writes and reads back the files (BENCHMARKS.md, 12)."""
+        COPY, while this process reads the rows, writes and reads back the files
+        (BENCHMARKS.md, 15); on this connection after the COPY instead when the second one
+        cannot read the table (a caller's transaction holds it)."""
+        use_fast_memory_pool()
         columns = relation_columns(target, relation)
-        # Inside a caller's transaction, which may hold locks a second connection would wait
-        # for, PostgreSQL's checksum runs on this connection, after the COPY.
-        alongside = database.connection().get_transaction_status() == TRANSACTION_STATUS_IDLE
         written = {}
         try:
             with one_snapshot(target):
                 database.execute_sql(SESSION_SETTINGS)
-                checksum = checksum_sql(columns, rows_where(relation, cutoff))
-                if not alongside:
-                    # First, so that a retry of the caller's transaction (its DROP's lock
-                    # attempt failed) finds the verified files of its first attempt and
-                    # copies nothing again.
-                    sums = sums_of(database.execute_sql(checksum))
-                    if not keys and all(
-                        self.verified_copy(month, rows, total)
-                        for month, (rows, total, _, _) in sums.items()
-                    ):
-                        return []
                 snapshot = database.execute_sql("SELECT pg_export_snapshot()").fetchone()[0]
-                table = read_rows(relation, cutoff, columns, keys)
-                if table is None:
-                    return []
-                side = SideChecksum(target, snapshot, checksum if alongside else None)
+                side = SideChecksum(
+                    target, snapshot, checksum_sql(columns, rows_where(relation, cutoff))
+                )
                 try:
+                    # A retry of the caller's transaction (its DROP's lock attempt failed) or
+                    # a run killed before its DROP finds the verified files written before:
+                    # no rows copied again.
+                    if not keys and self.holds(relation):
+                        sums = side.result()
+                        if all(
+                            self.verified_copy(month, rows, total)
+                            for month, (rows, total, _, _) in sums.items()
+                        ):
+                            return []
+                    table = read_rows(relation, cutoff, columns, keys)
+                    if table is None:
+                        return []
                     for month, part in by_month(table, relation, keys):
                         written[month] = self.write_month(relation, month, part, columns)
-                    if alongside:
-                        sums = side.result()
+                    sums = side.result()
                 finally:
                     side.close()
             for month, (temporary, found) in sorted(written.items()):
@@ -318,15 +353,30 @@ class Archive:
             path.removesuffix(SUFFIX) + MANIFEST, json.dumps(manifest, indent=2) + "\n"
         )
 
-    def verified_copy(self, month, rows, checksum):
-        """Whether a file of an earlier run holds these very rows: its manifest says so and
-        the file is the one the manifest describes."""
+    def manifests(self):
+        """(name, manifest) of each readable manifest of DIR; torn or foreign ones left out."""
         for name in sorted(os.listdir(self.directory)):
-            if not name.endswith(MANIFEST) or f".{month}.run-" not in name:
+            if not name.endswith(MANIFEST):
                 continue
             try:
                 with open(os.path.join(self.directory, name)) as file:
                     manifest = json.load(file)
+            except (OSError, ValueError):
+                continue
+            if isinstance(manifest, dict):
+                yield name, manifest
+
+    def holds(self, relation):
+        """Whether DIR has a manifest of rows of `relation` (verified or not: a hint only)."""
+        return any(manifest.get("relation") == relation for _, manifest in self.manifests())
+
+    def verified_copy(self, month, rows, checksum):
+        """Whether a file of an earlier run holds these very rows: its manifest says so and
+        the file is the one the manifest describes."""
+        for name, manifest in self.manifests():
+            if f".{month}.run-" not in name:
+                continue
+            try:
                 data = os.path.join(self.directory, manifest["file"]["name"])
                 same = (manifest["rows"], manifest["checksum"]["rows"]) == (rows, checksum)
                 if same and sha256_of(data)[0] == manifest["file"]["sha256"]:
@@ -380,46 +430,58 @@ SESSION_SETTINGS = (
 
 
 def read_rows(relation, cutoff, columns, keys):
-    """The rows as an Arrow table, with _month (of created_at in UTC) and, if keys, _ctid
-    and _xmin."""
+    """The rows as an Arrow table, with _ctid and _xmin if keys."""
     select = ", ".join(render(Entity(name)) for name, _ in columns)
     extra = ["_ctid", "_xmin"] if keys else []
     return copy_out(
-        f"COPY (SELECT {'ctid, xmin, ' if keys else ''}"
-        f"to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM') AS _month, {select}"
+        f"COPY (SELECT {'ctid, xmin, ' if keys else ''}{select}"
         f" {rows_where(relation, cutoff)}) TO STDOUT WITH (FORMAT csv)",
-        [*extra, "_month", *(name for name, _ in columns)],
-        [*(None for _ in extra), None, *(pg_type for _, pg_type in columns)],
+        [*extra, *(name for name, _ in columns)],
+        [*(None for _ in extra), *(pg_type for _, pg_type in columns)],
         relation,
     )
 
 
 def by_month(table, relation, keys):
-    """(month, its rows without the helper columns), for each month of the table."""
+    """(month, its rows without the helper columns), for each month of created_at (UTC)."""
     import pyarrow.compute as pc
 
-    months = table.column("_month")
-    if months.null_count:
+    created = table.column("created_at")
+    if created.null_count:
         raise MigrationError(
             f"{shown_name(relation)} has rows with a NULL created_at among those to remove"
         )
-    rows = table.drop_columns(["_ctid", "_xmin", "_month"] if keys else ["_month"])
-    found = sorted(pc.unique(months).to_pylist())
-    for month in found:  # a month partition holds one month: no copy of it
-        yield month, rows if len(found) == 1 else rows.filter(pc.equal(months, month))
+    rows = table.drop_columns(["_ctid", "_xmin"]) if keys else table
+    first, last = (month_of(value) for value in pc.min_max(created).values())
+    if first == last:  # a month partition holds one month: no copy of it
+        yield first, rows
+        return
+    # The wall clock in UTC: PostgreSQL's to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM').
+    months = pc.add(pc.multiply(pc.year(created), 100), pc.month(created))
+    for month in sorted(pc.unique(months).to_pylist()):
+        yield f"{month // 100:04d}-{month % 100:02d}", rows.filter(pc.equal(months, month))
+
+
+def month_of(value):
+    """YYYY-MM of an Arrow timestamp scalar, in UTC when it has a zone."""
+    moment = value.as_py()
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return f"{moment.year:04d}-{moment.month:02d}"
 
 
 class SideChecksum(threading.Thread):
     """PostgreSQL's {month: (rows, checksum, min, max)} of the rows, computed on a
-    connection of its own in the exported snapshot `snapshot`, in the background."""
+    connection of its own in the exported snapshot `snapshot`, in the background; on the
+    caller's connection, when asked for, if the second one could not get its lock in time
+    (the caller's transaction holds the table: waiting for it would never end)."""
 
     def __init__(self, target, snapshot, sql):
         super().__init__(daemon=True)
         self.target, self.snapshot, self.sql = target, snapshot, sql
-        self.rows, self.error, self.connection = None, None, None
-        if sql is not None:  # None: nothing to do, the caller computes it itself
-            self.connection = open_side_connection()
-            self.start()
+        self.rows, self.error, self.sums = None, None, None
+        self.connection = open_side_connection()
+        self.start()
 
     def run(self):
         try:
@@ -437,20 +499,25 @@ class SideChecksum(threading.Thread):
             self.error = exc
 
     def result(self):
-        self.join()
-        if self.error is not None:
-            raise self.error
-        return sums_of(self.rows)
+        if self.sums is None:
+            self.join()
+            if getattr(self.error, "pgcode", None) == LOCK_NOT_AVAILABLE:
+                self.error, self.rows = None, database.execute_sql(self.sql).fetchall()
+            if self.error is not None:
+                raise self.error
+            self.sums = sums_of(self.rows)
+        return self.sums
 
     def close(self):
-        if self.connection is None:
-            return
         if self.is_alive():  # the main thread failed: the checksum is not wanted any more
             with contextlib.suppress(psycopg2.Error):
                 self.connection.cancel()
         self.join()
         if not self.connection.closed:
             self.connection.close()
+
+
+LOCK_NOT_AVAILABLE = "55P03"
 
 
 def sums_of(rows):
@@ -461,53 +528,75 @@ def sums_of(rows):
 
 
 def copy_out(sql, names, pg_types, relation):
-    """COPY ... TO STDOUT into a temporary file, parsed by pyarrow. psycopg2 refuses COPY with
-    a wait callback, so it is off for the COPY; a signal meanwhile is acted on after it."""
+    """COPY ... TO STDOUT parsed by pyarrow while it arrives, through a pipe. psycopg2 refuses
+    COPY with a wait callback, so it is off for the COPY; a signal meanwhile is acted on
+    after it."""
+    reading, writing = os.pipe()
+    parser = CsvParser(os.fdopen(reading, "rb"), names, pg_types)
     try:
-        with tempfile.TemporaryFile(buffering=0) as buffer:
+        with open(writing, "wb", buffering=1 << 20) as sink:
             psycopg2.extensions.set_wait_callback(None)
             try:
-                database.cursor().copy_expert(sql, buffer, size=1 << 20)
+                cursor = database.cursor()
+                cursor.copy_expert(sql, sink)
             finally:
                 psycopg2.extensions.set_wait_callback(wait)
-            if signal_pending():
-                raise KeyboardInterrupt
-            if not buffer.tell():  # no row: Arrow refuses an empty CSV
-                return None
-            buffer.seek(0)
-            return parse_csv(buffer, names, pg_types, relation)
-    except OSError as exc:
-        raise MigrationError(
-            f"reading the rows of {shown_name(relation)} into a temporary file of"
-            f" {shown(tempfile.gettempdir())} failed ({exc.strerror or exc}): nothing of it"
-            f" was removed, {RESUME}"
-        ) from None
+    finally:
+        parser.join()  # the end of the pipe is its end of input
+    if signal_pending():
+        raise KeyboardInterrupt
+    if not cursor.rowcount:  # no row: Arrow refuses an empty CSV
+        return None
+    if parser.error is not None:
+        import pyarrow as pa
+
+        if isinstance(parser.error, pa.ArrowInvalid):  # infinity, year 10000
+            raise MigrationError(
+                f"a row of {shown_name(relation)} cannot be archived"
+                f" ({shown(str(parser.error).splitlines()[0])}): nothing of it was removed"
+            ) from None
+        raise parser.error
+    return parser.table
 
 
-def parse_csv(buffer, names, pg_types, relation):
+class CsvParser(threading.Thread):
+    """pyarrow's CSV reader on `source` in the background (its parsing releases the GIL);
+    after an error it reads the rest, so that the COPY writing to it still ends."""
+
+    def __init__(self, source, names, pg_types):
+        super().__init__(daemon=True)
+        self.source, self.names, self.pg_types = source, names, pg_types
+        self.table, self.error = None, None
+        self.start()
+
+    def run(self):
+        with self.source:
+            try:
+                self.table = parse_csv(self.source, self.names, self.pg_types)
+            except BaseException as exc:  # noqa: BLE001 -- raised again by copy_out, in the main thread
+                self.error = exc
+            while self.source.read(1 << 20):
+                pass
+
+
+def parse_csv(source, names, pg_types):
     import pyarrow as pa
     from pyarrow import csv
 
     types = {n: arrow_type(t) if t else pa.string() for n, t in zip(names, pg_types)}
-    try:
-        return csv.read_csv(
-            buffer,
-            read_options=csv.ReadOptions(column_names=names, block_size=1 << 24),
-            parse_options=csv.ParseOptions(newlines_in_values=True),
-            convert_options=csv.ConvertOptions(
-                column_types=types,
-                null_values=[""],
-                strings_can_be_null=True,
-                quoted_strings_can_be_null=False,
-                true_values=["t"],
-                false_values=["f"],
-            ),
-        )
-    except pa.ArrowInvalid as exc:  # a timestamp Arrow cannot hold: infinity, year 10000
-        raise MigrationError(
-            f"a row of {shown_name(relation)} cannot be archived"
-            f" ({shown(str(exc).splitlines()[0])}): nothing of it was removed"
-        ) from None
+    return csv.read_csv(
+        source,
+        read_options=csv.ReadOptions(column_names=names, block_size=1 << 22),
+        parse_options=csv.ParseOptions(newlines_in_values=True),
+        convert_options=csv.ConvertOptions(
+            column_types=types,
+            null_values=[""],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+            true_values=["t"],
+            false_values=["f"],
+        ),
+    )
 
 
 # --- Files ------------------------------------------------------------------------------
@@ -565,6 +654,7 @@ def restore(target, path):
     COMMIT; refused if any id is present. Returns the number of rows."""
     from pyarrow import csv
 
+    use_fast_memory_pool()
     manifest = read_manifest(path)
     table = read_parquet(path)
     columns = [(c["name"], c["type"]) for c in manifest["columns"]]
