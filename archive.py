@@ -27,19 +27,25 @@ run that was killed before its DROP) is not written again.
 
 The checksum: the rows, ordered by (id, created_at), fall in groups of ids that share all but
 their low 12 bits (id >> 12); each group's text is its rows' canonical texts (each value's
-PostgreSQL text output joined by '|', NULL as \\N, each row ended by a newline) one after
-another; the checksum is the sum of the first 64 bits of md5 of each group's text, signed, as
-a decimal. PostgreSQL computes it in one aggregate (string_agg per group), pyarrow from the
-file read back (vectorised casts and joins, one md5 per group over a contiguous buffer), each
-on its own: a thousand md5 calls for a million rows rather than a million.
+PostgreSQL text output, a timestamp as the hex of PostgreSQL's binary form, joined by '|', NULL
+as \\N, each row ended by a newline) one after another; the checksum is the sum of the first
+64 bits of md5 of each group's text, signed, as a decimal. PostgreSQL computes it in one
+aggregate (string_agg per group), pyarrow from the file read back (vectorised casts and joins,
+one md5 per group over a contiguous buffer), each on its own: a thousand md5 calls for a
+million rows rather than a million. Version 1 archives printed timestamps with to_char, four
+times PostgreSQL's cost of the hex; they are still checked by that scheme (their manifest's
+version says which), on restore and when a run finds one holding the rows it would write.
 """
 
+import array
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
 import os
 import struct
+import sys
 import tempfile
 import threading
 from datetime import UTC
@@ -54,16 +60,28 @@ from plan import render
 
 PARENT = RequestLog._meta.table_name
 FORMAT = "request_logs archive"
-VERSION = 1
+VERSION = 2  # 2: timestamps hashed as hex of PostgreSQL's binary form; 1 is still read
 SUFFIX, MANIFEST = ".parquet", ".manifest.json"
 NULL_TEXT = "\\N"  # NULL in a row's text, as COPY writes it
 ZSTD_LEVEL = 3  # BENCHMARKS.md, section 12: level 3 already beats gzip -6 several times over
-CHECKSUM_WORDS = (
-    "rows ordered by (id, created_at) and grouped by id >> 12; for each group, md5 of its rows'"
-    " texts one after another, each row's text the columns' PostgreSQL text output (timestamps"
-    " as YYYY-MM-DD HH24:MI:SS.US, UTC; NULL as \\N) joined by '|' and ended by a newline; the"
-    " sum over groups of the first 64 bits of that md5, each as a signed bigint"
-)
+# What a manifest's "checksum" {"of"} says, by the manifest's version.
+CHECKSUM_WORDS = {
+    1: (
+        "rows ordered by (id, created_at) and grouped by id >> 12; for each group, md5 of its"
+        " rows' texts one after another, each row's text the columns' PostgreSQL text output"
+        " (timestamps as YYYY-MM-DD HH24:MI:SS.US, UTC; NULL as \\N) joined by '|' and ended by"
+        " a newline; the sum over groups of the first 64 bits of that md5, each as a signed"
+        " bigint"
+    ),
+    2: (
+        "rows ordered by (id, created_at) and grouped by id >> 12; for each group, md5 of its"
+        " rows' texts one after another, each row's text the columns' PostgreSQL text output"
+        " (timestamps as the 16 lowercase hex digits of their microseconds since 2000-01-01"
+        " 00:00:00 UTC, a signed big-endian 64-bit integer, PostgreSQL's binary form; NULL as"
+        " \\N) joined by '|' and ended by a newline; the sum over groups of the first 64 bits of"
+        " that md5, each as a signed bigint"
+    ),
+}
 RESUME = (
     "what was archived and removed before stays so; free space and rerun with"
     " --retain-request-logs and --archive: it does the rest"
@@ -114,9 +132,12 @@ def arrow_type(pg_type):
 # --- The row checksum, twice ------------------------------------------------------------
 
 
-def canonical_sql(name, pg_type):
+def canonical_sql(name, pg_type, version):
     column = render(Entity(name))
-    if pg_type in TIMESTAMPS:  # six digits always: what Arrow's cast to text prints
+    if pg_type in TIMESTAMPS and version >= 2:  # a quarter of to_char's cost
+        send = "timestamptz_send" if pg_type == TIMESTAMPS[0] else "timestamp_send"
+        text = f"encode({send}({column}), 'hex')"
+    elif pg_type in TIMESTAMPS:  # six digits always: what Arrow's cast to text prints
         zone = " AT TIME ZONE 'UTC'" if pg_type == TIMESTAMPS[0] else ""
         text = f"to_char({column}{zone}, 'YYYY-MM-DD HH24:MI:SS.US')"
     else:
@@ -127,10 +148,10 @@ def canonical_sql(name, pg_type):
 GROUP_BITS = 12  # rows hashed together: those whose ids share all but the low 12 bits
 
 
-def row_text_sql(columns):
+def row_text_sql(columns, version):
     """The row's text: concat_ws of the values' texts (none NULL), a quarter cheaper for
     PostgreSQL than a chain of ||; nested, as a function takes at most 100 arguments."""
-    texts = [canonical_sql(name, pg_type) for name, pg_type in columns]
+    texts = [canonical_sql(name, pg_type, version) for name, pg_type in columns]
     while len(texts) > 1:
         texts = [
             f"concat_ws('|', {', '.join(texts[at : at + 50])})" for at in range(0, len(texts), 50)
@@ -138,11 +159,12 @@ def row_text_sql(columns):
     return texts[0]
 
 
-def checksum_sql(columns, rows):
+def checksum_sql(columns, rows, version=VERSION):
     """(month, rows, checksum, min and max created_at) of the rows `rows` ("FROM ... WHERE")
-    selects, a line per month of created_at in UTC."""
+    selects, a line per month of created_at in UTC; the checksum as archives of `version`
+    have it (CHECKSUM_WORDS)."""
     group_hash = (
-        f"('x' || left(md5(string_agg({row_text_sql(columns)} || E'\\n', ''"
+        f"('x' || left(md5(string_agg({row_text_sql(columns, version)} || E'\\n', ''"
         " ORDER BY id, created_at)), 16))::bit(64)::bigint"
     )
     return (
@@ -155,21 +177,53 @@ def checksum_sql(columns, rows):
     )
 
 
-def canonical_arrow(array, pg_type):
-    """A column as PostgreSQL's text output (DateStyle ISO, TimeZone UTC) prints it."""
+def canonical_arrow(values, pg_type, version):
+    """A column as canonical_sql prints it (DateStyle ISO, TimeZone UTC)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    if pg_type in TIMESTAMPS and version >= 2:
+        return pa.chunked_array(
+            [send_hex(chunk) for chunk in as_chunked(values).chunks], pa.string()
+        )
     if pg_type in TIMESTAMPS:  # the UTC wall clock: many times faster than strftime
-        text = pc.cast(pc.cast(array, pa.timestamp("us")), pa.string())
+        text = pc.cast(pc.cast(values, pa.timestamp("us")), pa.string())
     else:
-        text = pc.cast(array, pa.string())
+        text = pc.cast(values, pa.string())
     return pc.fill_null(text, NULL_TEXT)
 
 
-def file_checksum(table, columns):
-    """(rows, checksum) of an Arrow table, computed as checksum_sql computes them: the rows'
-    texts in (id, created_at) order, one md5 per group of ids over a contiguous buffer."""
+EPOCH_2000 = 946_684_800_000_000  # PostgreSQL's epoch, in microseconds since 1970
+
+
+def send_hex(timestamps):
+    """encode(timestamptz_send(t), 'hex') of an Arrow timestamp array (microseconds), NULL
+    as \\N: the microseconds since 2000-01-01 as big-endian bytes, turned to hex in C by
+    bytes.hex (no kernel of Arrow prints hex)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    micros = pc.subtract(pc.cast(timestamps, pa.int64()), EPOCH_2000).fill_null(0)
+    values = array.array("q")
+    values.frombytes(memoryview(micros.buffers()[1])[micros.offset * 8 :][: len(micros) * 8])
+    if sys.byteorder == "little":
+        values.byteswap()
+    digits = pa.py_buffer(values.tobytes().hex().encode("ascii"))
+    text = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(values), [None, digits])
+    text = pc.cast(text, pa.string())
+    return pc.if_else(pc.is_valid(timestamps), text, NULL_TEXT) if timestamps.null_count else text
+
+
+def as_chunked(values):
+    import pyarrow as pa
+
+    return values if isinstance(values, pa.ChunkedArray) else pa.chunked_array([values])
+
+
+def file_checksum(table, columns, version=VERSION):
+    """(rows, checksum) of an Arrow table, computed as checksum_sql computes them for
+    `version`: the rows' texts in (id, created_at) order, one md5 per group of ids over a
+    contiguous buffer."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -185,7 +239,7 @@ def file_checksum(table, columns):
     )
     parts = []
     for name, pg_type in columns:
-        parts += [canonical_arrow(table.column(name), pg_type), "|"]
+        parts += [canonical_arrow(table.column(name), pg_type, version), "|"]
     parts[-1] = "\n"
     texts = pc.binary_join_element_wise(*parts, "")
     if order is not None:
@@ -275,23 +329,35 @@ class Archive:
         cannot read the table (a caller's transaction holds it)."""
         use_fast_memory_pool()
         columns = relation_columns(target, relation)
+        where = rows_where(relation, cutoff)
         written = {}
         try:
             with one_snapshot(target):
                 database.execute_sql(SESSION_SETTINGS)
                 snapshot = database.execute_sql("SELECT pg_export_snapshot()").fetchone()[0]
-                side = SideChecksum(
-                    target, snapshot, checksum_sql(columns, rows_where(relation, cutoff))
-                )
+                side = SideChecksum(target, snapshot, checksum_sql(columns, where))
                 try:
                     # A retry of the caller's transaction (its DROP's lock attempt failed) or
                     # a run killed before its DROP finds the verified files written before:
-                    # no rows copied again.
+                    # no rows copied again. A file of an older version is checked by its own
+                    # scheme, PostgreSQL's sums of which are computed here, on this
+                    # connection, only then.
                     if not keys and self.holds(relation):
                         sums = side.result()
+                        older = functools.cache(
+                            lambda version: sums_of(
+                                database.execute_sql(checksum_sql(columns, where, version))
+                            )
+                        )
                         if all(
-                            self.verified_copy(month, rows, total)
-                            for month, (rows, total, _, _) in sums.items()
+                            self.verified_copy(
+                                month,
+                                lambda version, month=month: older(version).get(month, (0, "0"))[
+                                    :2
+                                ],
+                                sums[month][:2],
+                            )
+                            for month in sums
                         ):
                             return []
                     table = read_rows(relation, cutoff, columns, keys)
@@ -310,7 +376,13 @@ class Archive:
                         f" rows, checksum {found[1]}, where the database has {rows:,},"
                         f" {checksum}: nothing of it was removed"
                     )
-                if self.verified_copy(month, rows, checksum):
+                if self.verified_copy(
+                    month,
+                    lambda version, path=temporary: file_checksum(
+                        read_parquet(path), columns, version
+                    ),
+                    (rows, checksum),
+                ):
                     os.remove(temporary)  # an earlier run's file holds these very rows
                 else:
                     self.keep(relation, month, temporary, columns, rows, checksum, first, last)
@@ -351,7 +423,7 @@ class Archive:
             "rows": rows,
             "min_created_at": first,
             "max_created_at": last,
-            "checksum": {"rows": checksum, "of": CHECKSUM_WORDS},
+            "checksum": {"rows": checksum, "of": CHECKSUM_WORDS[VERSION]},
             "file": {"name": os.path.basename(path), "sha256": digest, "bytes": size},
             "columns": [
                 {"name": name, "type": pg_type, "arrow": str(arrow_type(pg_type))}
@@ -379,15 +451,20 @@ class Archive:
         """Whether DIR has a manifest of rows of `relation` (verified or not: a hint only)."""
         return any(manifest.get("relation") == relation for _, manifest in self.manifests())
 
-    def verified_copy(self, month, rows, checksum):
+    def verified_copy(self, month, older, sums):
         """Whether a file of an earlier run holds these very rows: its manifest says so and
-        the file is the one the manifest describes."""
+        the file is the one the manifest describes. `sums`: (rows, checksum) of the rows;
+        older(version): the same by the checksum of an older version's manifest."""
         for name, manifest in self.manifests():
             if f".{month}.run-" not in name:
                 continue
             try:
+                version = manifest.get("version")
+                if not known_version(version) or manifest["rows"] != sums[0]:
+                    continue
+                found = sums if version == VERSION else older(version)
                 data = os.path.join(self.directory, manifest["file"]["name"])
-                same = (manifest["rows"], manifest["checksum"]["rows"]) == (rows, checksum)
+                same = (manifest["rows"], manifest["checksum"]["rows"]) == found
                 if same and sha256_of(data)[0] == manifest["file"]["sha256"]:
                     return True
             except (OSError, ValueError, KeyError, TypeError):
@@ -665,9 +742,10 @@ def restore(target, path):
 
     use_fast_memory_pool()
     manifest = read_manifest(path)
+    version = manifest.get("version")
     table = read_parquet(path)
     columns = [(c["name"], c["type"]) for c in manifest["columns"]]
-    if file_checksum(table, columns) != (manifest["rows"], manifest["checksum"]["rows"]):
+    if file_checksum(table, columns, version) != (manifest["rows"], manifest["checksum"]["rows"]):
         raise MigrationError(f"{shown(path)} does not match its manifest: nothing was restored")
     ids = table.column("id").to_pylist()
     lowest, highest = min(ids, default=0), max(ids, default=0)
@@ -698,7 +776,7 @@ def restore(target, path):
                 psycopg2.extensions.set_wait_callback(wait)
         if signal_pending():
             raise KeyboardInterrupt
-        found = database.execute_sql(checksum_sql(columns, restored), params).fetchall()
+        found = database.execute_sql(checksum_sql(columns, restored, version), params).fetchall()
         rows = sum(row[1] for row in found)
         checksum = str(sum(int(row[2]) for row in found))
         if (rows, checksum) != (manifest["rows"], manifest["checksum"]["rows"]):
@@ -722,15 +800,24 @@ def read_manifest(path):
     try:
         with open(path.removesuffix(SUFFIX) + MANIFEST) as file:
             manifest = json.load(file)
-        if manifest.get("format") != FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ValueError("another format")
-        return manifest
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "strerror", None) or exc
         raise MigrationError(
             f"{shown(path)} has no readable manifest beside it ({shown(str(reason))}): an"
             " unverified file is never restored"
         ) from None
+    if not known_version(manifest.get("version")):
+        raise MigrationError(
+            f"{shown(path)} is an archive of version {shown(str(manifest.get('version')))},"
+            f" which this migrate.py (version {VERSION}) cannot check: nothing was restored"
+        )
+    return manifest
+
+
+def known_version(version):
+    return isinstance(version, int) and version in CHECKSUM_WORDS
 
 
 @contextlib.contextmanager
