@@ -38,6 +38,8 @@ version says which), on restore and when a run finds one holding the rows it wou
 """
 
 import array
+import bisect
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -220,38 +222,50 @@ def as_chunked(values):
     return values if isinstance(values, pa.ChunkedArray) else pa.chunked_array([values])
 
 
+PIECE_ROWS = 1 << 18  # rows whose texts are made at a time, in whole groups
+
+
 def file_checksum(table, columns, version=VERSION):
     """(rows, checksum) of an Arrow table, computed as checksum_sql computes them for
     `version`: the rows' texts in (id, created_at) order, one md5 per group of ids over a
-    contiguous buffer."""
+    contiguous buffer. Pieces of whole groups, a few at once: Arrow's kernels and md5 release
+    the GIL, and a piece's texts are all that is held of them."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if not len(table):
         return 0, "0"
     ids = table.column("id").combine_chunks()
-    # A partition is usually read in id order already: then no copy of its texts to sort them.
+    # A partition is usually read in id order already: then no copy of its rows to sort them.
     ordered = len(ids) < 2 or pc.all(pc.greater(pc.pairwise_diff(ids).slice(1), 0)).as_py()
     order = (
         None
         if ordered
         else pc.sort_indices(table, [("id", "ascending"), ("created_at", "ascending")])
     )
-    parts = []
-    for name, pg_type in columns:
-        parts += [canonical_arrow(table.column(name), pg_type, version), "|"]
-    parts[-1] = "\n"
-    texts = pc.binary_join_element_wise(*parts, "")
-    if order is not None:
-        # large_string: a month may hold more than the 2 GiB a string array's offsets address
-        texts = pc.take(pc.cast(texts, pa.large_string()), order)
-        ids = pc.take(ids, order)
-    groups = pc.shift_right(ids, GROUP_BITS)
-    starts = pc.indices_nonzero(pc.not_equal(groups[1:], groups[:-1])).to_pylist()
-    total = 0
-    for text in group_texts(texts, [0, *(at + 1 for at in starts), len(ids)]):
-        total += struct.unpack(">q", text.digest()[:8])[0]
-    return len(table), str(total)
+    groups = pc.shift_right(ids if order is None else pc.take(ids, order), GROUP_BITS)
+    changes = pc.indices_nonzero(pc.not_equal(groups[1:], groups[:-1])).to_pylist()
+    bounds = [0, *(at + 1 for at in changes), len(ids)]
+    pieces, low = [], 0
+    while low < len(ids):
+        high = bounds[bisect.bisect_left(bounds, min(low + PIECE_ROWS, len(ids)))]
+        pieces.append((low, high))
+        low = high
+
+    def piece_sum(piece):
+        low, high = piece
+        rows = table.slice(low, high - low) if order is None else table.take(order[low:high])
+        parts = []
+        for name, pg_type in columns:
+            parts += [canonical_arrow(rows.column(name), pg_type, version), "|"]
+        parts[-1] = "\n"
+        texts = pc.binary_join_element_wise(*parts, "")
+        inside = bounds[bisect.bisect_left(bounds, low) : bisect.bisect_right(bounds, high)]
+        digests = group_texts(texts, [at - low for at in inside])
+        return sum(struct.unpack(">q", digest.digest()[:8])[0] for digest in digests)
+
+    with concurrent.futures.ThreadPoolExecutor(min(pa.cpu_count(), 4)) as pool:
+        return len(table), str(sum(pool.map(piece_sum, pieces)))
 
 
 def group_texts(texts, bounds):
