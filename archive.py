@@ -544,6 +544,7 @@ def read_rows(relation, cutoff, columns, keys):
 
 def by_month(table, relation, keys):
     """(month, its rows without the helper columns), for each month of created_at (UTC)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     created = table.column("created_at")
@@ -557,7 +558,9 @@ def by_month(table, relation, keys):
         yield first, rows
         return
     # The wall clock in UTC: PostgreSQL's to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM').
-    months = pc.add(pc.multiply(pc.year(created), 100), pc.month(created))
+    # Without the zone first: Arrow reads the zone's rules from a database Windows lacks.
+    wall = pc.cast(created, pa.timestamp("us"))
+    months = pc.add(pc.multiply(pc.year(wall), 100), pc.month(wall))
     for month in sorted(pc.unique(months).to_pylist()):
         yield f"{month // 100:04d}-{month % 100:02d}", rows.filter(pc.equal(months, month))
 
