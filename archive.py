@@ -525,7 +525,8 @@ def rows_where(relation, cutoff):
 
 SESSION_SETTINGS = (
     "SELECT set_config('statement_timeout', '0', true), set_config('DateStyle', 'ISO', true),"
-    " set_config('idle_in_transaction_session_timeout', '0', true)"
+    " set_config('idle_in_transaction_session_timeout', '0', true),"
+    " set_config('max_parallel_workers_per_gather', '0', true)"
 )
 
 
