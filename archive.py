@@ -65,7 +65,7 @@ FORMAT = "request_logs archive"
 VERSION = 2  # 2: timestamps hashed as hex of PostgreSQL's binary form; 1 is still read
 SUFFIX, MANIFEST = ".parquet", ".manifest.json"
 NULL_TEXT = "\\N"  # NULL in a row's text, as COPY writes it
-ZSTD_LEVEL = 3  # BENCHMARKS.md, section 12: level 3 already beats gzip -6 several times over
+ZSTD_LEVEL = 3  # BENCHMARKS.md, section 15: level 3 already beats gzip -6 several times over
 # What a manifest's "checksum" {"of"} says, by the manifest's version.
 CHECKSUM_WORDS = {
     1: (
