@@ -363,14 +363,12 @@ class Archive:
                                 database.execute_sql(checksum_sql(columns, where, version))
                             )
                         )
+
+                        def by_scheme(month):
+                            return lambda version: older(version).get(month, (0, "0"))[:2]
+
                         if all(
-                            self.verified_copy(
-                                month,
-                                lambda version, month=month: older(version).get(month, (0, "0"))[
-                                    :2
-                                ],
-                                sums[month][:2],
-                            )
+                            self.verified_copy(month, by_scheme(month), sums[month][:2])
                             for month in sums
                         ):
                             return []
