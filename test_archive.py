@@ -423,3 +423,95 @@ def test_one_changed_value_in_any_row_changes_the_file_checksum():
     assert archive.file_checksum(shuffled, columns) == before  # order of the file is free
     assert archive.file_checksum(changed, columns) != before
     assert archive.file_checksum(changed, columns)[0] == before[0] == 20_000
+
+
+def as_version_1(directory):
+    """The manifests of DIR rewritten as version 1 wrote them: the checksum by its scheme."""
+    for path in glob.glob(os.path.join(directory, "*.manifest.json")):
+        with open(path) as file:
+            manifest = json.load(file)
+        table = archive.read_parquet(os.path.join(directory, manifest["file"]["name"]))
+        columns = [(c["name"], c["type"]) for c in manifest["columns"]]
+        rows, checksum = archive.file_checksum(table, columns, version=1)
+        assert rows == manifest["rows"] and checksum != manifest["checksum"]["rows"]
+        manifest.update(version=1, checksum={"rows": checksum, "of": archive.CHECKSUM_WORDS[1]})
+        with open(path, "w") as file:
+            json.dump(manifest, file)
+
+
+def test_an_archive_of_version_1_still_restores_checked_by_its_own_checksum(empty_db, tmp_path):
+    partitioned_with_logs(empty_db)
+    before = all_rows(empty_db)
+    assert (
+        run_migrate(
+            empty_db.url, "--retain-request-logs", str(DAYS), "--archive", str(tmp_path)
+        ).returncode
+        == 0
+    )
+    files = sorted(glob.glob(os.path.join(tmp_path, "*.parquet")))
+    as_version_1(tmp_path)
+    manifest_path = files[0].removesuffix(".parquet") + ".manifest.json"
+    with open(manifest_path) as file:
+        first = json.load(file)
+    with open(manifest_path, "w") as file:  # a version 1 manifest with another checksum
+        json.dump({**first, "checksum": {**first["checksum"], "rows": "12345"}}, file)
+    refused = run_migrate(empty_db.url, "--restore-request-logs", files[0])
+    with open(manifest_path, "w") as file:
+        json.dump(first, file)
+
+    restored = [run_migrate(empty_db.url, "--restore-request-logs", path) for path in files]
+
+    assert refused.returncode == 2
+    assert "does not match its manifest" in error_line(refused)
+    assert files and all(r.returncode == 0 for r in restored), restored[0].stderr
+    assert all_rows(empty_db) == before
+
+
+def test_rows_a_verified_file_of_version_1_holds_are_not_written_again(migrated_db, tmp_path):
+    plain_with_logs(migrated_db)
+    cutoff = datetime.now(UTC) - timedelta(days=30)
+    removed = all_rows(migrated_db, f"created_at < '{cutoff.isoformat()}'")
+    migrate_here(migrated_db.params)  # binds models.database to the test database
+    target = catalog.target_schema()
+    now = datetime.now(UTC)
+    archive.Archive(tmp_path, now).save(target, "request_logs", cutoff)
+    as_version_1(tmp_path)
+    files = sorted(os.listdir(tmp_path))
+
+    # Before any copy (PostgreSQL's checksum by version 1's scheme), and after one (the file
+    # read back, by that scheme): neither writes a second file of the same rows.
+    first = archive.Archive(tmp_path, now + timedelta(minutes=1)).save(
+        target, "request_logs", cutoff
+    )
+    keys = archive.Archive(tmp_path, now + timedelta(minutes=2)).save(
+        target, "request_logs", cutoff, keys=True
+    )
+
+    assert first == [] and len(keys) == len(removed) > 0
+    assert sorted(os.listdir(tmp_path)) == files
+
+
+def test_timestamps_are_hashed_as_postgresql_sends_them(empty_db):
+    import pyarrow as pa
+
+    moments = [
+        datetime(2026, 9, 1, 0, 0, 1, 393362, tzinfo=UTC),
+        datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),  # before PostgreSQL's epoch
+        datetime(1969, 7, 20, 20, 17, 40, tzinfo=UTC),  # before Unix's
+        None,
+        datetime(1, 1, 1, tzinfo=UTC),
+    ]
+    values = pa.array(moments, pa.timestamp("us", tz="UTC"))
+
+    sent = [
+        text
+        for text, _ in empty_db.rows(
+            "SELECT coalesce(encode(timestamptz_send(t), 'hex'), '\\N'), n"
+            " FROM unnest(%s::timestamptz[]) WITH ORDINALITY AS m(t, n) ORDER BY n",
+            moments,
+        )
+    ]
+
+    assert archive.send_hex(values).to_pylist() == sent
+    assert archive.send_hex(values.slice(1, 3)).to_pylist() == sent[1:4]
+    assert sent[3] == "\\N" and len(set(sent)) == 5
