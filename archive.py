@@ -45,6 +45,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import os
 import struct
 import sys
@@ -52,6 +53,7 @@ import tempfile
 import threading
 from datetime import UTC
 
+import psycopg2.errors
 import psycopg2.extensions
 from peewee import Entity, Value
 
@@ -61,6 +63,7 @@ from models import RequestLog, database
 from plan import render
 
 PARENT = RequestLog._meta.table_name
+log = logging.getLogger("migrate")
 FORMAT = "request_logs archive"
 VERSION = 2  # 2: timestamps hashed as hex of PostgreSQL's binary form; 1 is still read
 SUFFIX, MANIFEST = ".parquet", ".manifest.json"
@@ -303,6 +306,7 @@ class Archive:
     def __init__(self, directory, run):
         self.directory = os.path.abspath(directory)
         self.run = run.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+        self.written = []  # (path, rows) of each file this run verified and kept
         self.check_writable()
 
     def check_writable(self):
@@ -445,6 +449,8 @@ class Archive:
         write_atomically(
             path.removesuffix(SUFFIX) + MANIFEST, json.dumps(manifest, indent=2) + "\n"
         )
+        self.written.append((path, rows))
+        log.info("archived %s rows of %s to %s", f"{rows:,}", month, shown(path))
 
     def manifests(self):
         """(name, manifest) of each readable manifest of DIR; torn or foreign ones left out."""
@@ -788,6 +794,12 @@ def restore(target, path):
                 database.cursor().copy_expert(
                     f"COPY {parent} ({names}) FROM STDIN WITH (FORMAT csv)", buffer, size=1 << 20
                 )
+            except psycopg2.errors.ForeignKeyViolation as exc:
+                detail = shown(str(exc).splitlines()[0])
+                raise MigrationError(
+                    f"the rows of {shown(path)} reference users or API keys that are no longer"
+                    f" there ({detail}): restore those rows first; nothing was restored"
+                ) from None
             finally:
                 psycopg2.extensions.set_wait_callback(wait)
         if signal_pending():
@@ -813,6 +825,8 @@ def read_manifest(path):
     name = os.path.basename(path)
     if not name.endswith(SUFFIX):
         raise MigrationError(f"{shown(path)} is not an archive data file (*{SUFFIX})")
+    if not os.path.isfile(path):
+        raise MigrationError(f"{shown(path)}: no such file; nothing was restored")
     try:
         with open(path.removesuffix(SUFFIX) + MANIFEST) as file:
             manifest = json.load(file)

@@ -350,6 +350,16 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.stash[SERVERS] = []
+    try:
+        dbname = parse_dsn(TEST_DATABASE_URL).get("dbname", "")
+    except psycopg2.ProgrammingError:
+        raise pytest.UsageError("TEST_DATABASE_URL is not a connection string or URL") from None
+    if not dbname.endswith("_test"):
+        # The tests empty the schema of the database they are given: never a real one.
+        raise pytest.UsageError(
+            f"TEST_DATABASE_URL names the database {dbname!r}: the tests drop everything in it;"
+            " give one whose name ends in _test (made if missing)"
+        )
 
 
 class SessionServer:

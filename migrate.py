@@ -68,7 +68,7 @@ from apply import (
     stop_watching,
     watch_queries,
 )
-from archive import Archive, require_pyarrow, restore
+from archive import Archive, read_manifest, require_pyarrow, restore
 from catalog import describe_target, one_line, read_only_words, shown, shown_name, target_schema
 from connection import (
     DEFAULT_DATABASE_URL,
@@ -113,7 +113,8 @@ def seconds_up_to(maximum):
             raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
         if not math.isfinite(value) or not 0 <= value <= maximum:
             raise argparse.ArgumentTypeError(
-                f"{text} is out of range: give a number of seconds from 0 to {maximum:g}"
+                f"{text} is out of range: give a number of seconds from 0 to"
+                f" {f'{maximum:,.3f}'.rstrip('0').rstrip('.')}"
             )
         return value
 
@@ -227,8 +228,8 @@ def parse_args(argv):
         "--partition-request-logs",
         action="store_true",
         help="make request_logs partitioned by month (a fresh database), or convert it online"
-        " (its rows stay where they are); every plain run then keeps this and next month's"
-        " partitions ready",
+        " (its rows stay where they are); every plain run then keeps partitions ready for this"
+        " month and the three after it",
     )
     parser.add_argument(
         "--retain-request-logs",
@@ -469,7 +470,7 @@ def log_leftovers(plan):
         log.info("not in the models, left alone: %s", describe_unknown(item))
 
 
-def log_run(plan, done, started, retain_days=None):
+def log_run(plan, done, started, retain_days=None, archive=None):
     """After apply has logged each statement as it took effect: what is left, and the summary."""
     log_leftovers(plan)
     log_deferred()
@@ -479,6 +480,12 @@ def log_run(plan, done, started, retain_days=None):
     removed = sum(1 for statement in done if statement.removes)
     if done:
         what = f", {removed} of them removing old logs" if retain_days and removed else ""
+        if archive is not None and archive.written:
+            rows = sum(rows for _, rows in archive.written)
+            what += (
+                f", {plural(rows, 'row')} archived first in"
+                f" {plural(len(archive.written), 'file')} of {shown(archive.directory)}"
+            )
         log.info(
             "done: %s%s in %s%s",
             plural(len(done), "statement"),
@@ -687,6 +694,8 @@ def run(args, started):
         require_pyarrow()  # before connecting: nothing changes without it
     if args.archive is not None and not args.dry_run:
         archive = Archive(args.archive, now)
+    if args.restore_request_logs is not None:
+        read_manifest(args.restore_request_logs)  # a missing or unverified file: before connecting
     url = os.environ.get("DATABASE_URL")
     params = connection_params(DEFAULT_DATABASE_URL if url is None else url)
     default = " (the default: DATABASE_URL is not set)" if url is None else ""
@@ -755,7 +764,7 @@ def run(args, started):
         refuse_missing_needs(
             plan_with_retries(target, Planner(**layout), Budget(args.lock_timeout))
         )
-    log_run(plan, done, started, args.retain_request_logs)
+    log_run(plan, done, started, args.retain_request_logs, archive)
     return EXIT_OK
 
 

@@ -125,6 +125,23 @@ def test_archive_holds_every_removed_row_and_duckdb_reads_the_same_usage(empty_d
         assert min(data.column("created_at").to_pylist()).isoformat() == manifest["min_created_at"]
 
 
+def test_a_quiet_archive_run_says_how_many_rows_it_archived_and_where(empty_db, tmp_path):
+    cutoff = partitioned_with_logs(empty_db)
+    removed = len(all_rows(empty_db, f"created_at < '{cutoff.isoformat()}'::timestamptz"))
+
+    result = run_migrate(
+        empty_db.url, "-q", "--retain-request-logs", str(DAYS), "--archive", str(tmp_path)
+    )
+
+    files = glob.glob(os.path.join(tmp_path, "*.parquet"))
+    assert result.returncode == 0, result.stderr
+    [summary] = result.stderr.strip().splitlines()
+    files_words = f"{len(files)} file" + ("s" if len(files) != 1 else "")
+    assert f"{removed:,} rows archived first in {files_words} of {tmp_path}" in summary
+    loud = run_migrate(empty_db.url, "--retain-request-logs", str(DAYS), "--archive", str(tmp_path))
+    assert "archived" not in loud.stderr  # nothing left to archive: nothing said
+
+
 def test_a_plain_table_is_archived_by_month_before_its_batched_delete(migrated_db, tmp_path):
     plain_with_logs(migrated_db)
     removed = all_rows(migrated_db, "created_at < now() - interval '30 days'")
@@ -163,6 +180,33 @@ def test_restore_brings_back_the_same_rows_and_refuses_rows_already_present(empt
     empty_db.rows(RICH_LOGS, [0], 1)
     assert empty_db.value("SELECT count(*) FROM request_logs WHERE id > %s", top) == 3
     assert cutoff
+
+
+def test_restoring_a_file_that_is_not_there_says_so_before_connecting(tmp_path):
+    result = run_migrate(
+        "host=127.0.0.1 port=1 dbname=nowhere connect_timeout=1",
+        "--restore-request-logs",
+        str(tmp_path / "request_logs.2026-01.run-20260301T000000Z.parquet"),
+    )
+
+    assert result.returncode == 2
+    assert "no such file" in error_line(result) and "nothing was restored" in error_line(result)
+    assert "database" not in result.stderr  # it never got as far as naming the database
+
+
+def test_restoring_rows_whose_user_is_gone_names_what_to_restore_first(empty_db, tmp_path):
+    partitioned_with_logs(empty_db)
+    run_migrate(empty_db.url, "--retain-request-logs", str(DAYS), "--archive", str(tmp_path))
+    files = sorted(glob.glob(os.path.join(tmp_path, "*.parquet")))
+    empty_db.rows("DELETE FROM request_logs")
+    empty_db.rows("DELETE FROM api_keys")
+    empty_db.rows("DELETE FROM users")
+
+    result = run_migrate(empty_db.url, "--restore-request-logs", files[0])
+
+    assert result.returncode == 2
+    assert "restore those rows first; nothing was restored" in error_line(result)
+    assert empty_db.value("SELECT count(*) FROM request_logs") == 0
 
 
 def test_a_directory_that_cannot_be_written_is_refused_before_any_change(empty_db, tmp_path):

@@ -403,7 +403,7 @@ def test_negative_seconds_are_refused_with_a_usage_error():
     assert result.returncode == migrate.EXIT_ERROR
     assert error_line(result) == (
         "migrate: error: argument --lock-timeout: -1 is out of range:"
-        " give a number of seconds from 0 to 2.14748e+06 (see --help)"
+        " give a number of seconds from 0 to 2,147,483.647 (see --help)"
     )
 
 
