@@ -839,9 +839,10 @@ class LockHolds(logging.Handler):
             self.holds.append((step, float(message.rsplit(" for ", 1)[1].split()[0])))
 
 
-def with_inserts(scratch, action, since=None):
+def with_inserts(scratch, action, since=None, when=False):
     """action() while a session inserts this month's logs one at a time (and a reader counts
-    rows from `since`); returns (action's result, longest insert in s, the reader's drops)."""
+    rows from `since`); returns (action's result, longest insert in s, the reader's drops);
+    with `when`, the longest insert as (seconds, the perf_counter it began at)."""
     inserter = Inserter(scratch.url)
     reader = MonthReader(scratch.url, since) if since else None
     inserter.start()
@@ -856,8 +857,9 @@ def with_inserts(scratch, action, since=None):
         if thread:
             thread.stop.set()
             thread.join()
-    waits = [w for at, w in inserter.latencies if at >= started and at - w <= finished]
-    return result, max(waits), (reader.drops() if reader else None)
+    waits = [(w, at - w) for at, w in inserter.latencies if at >= started and at - w <= finished]
+    longest = max(waits) if when else max(waits)[0]
+    return result, longest, (reader.drops() if reader else None)
 
 
 def seed_users(scratch):
@@ -873,17 +875,30 @@ FILL_SPREAD = (
 )
 
 
-def run_migrate_logged(scratch, *args):
-    """migrate.py as operators run it; (seconds, exit code, its stderr lines)."""
+def run_migrate_logged(scratch, *args, printed=None):
+    """migrate.py as operators run it; (seconds, exit code, its stderr lines). `printed`, a
+    list, gets (perf_counter, line) as each line arrives."""
     started = time.perf_counter()
-    run = subprocess.run(
+    run = subprocess.Popen(
         [sys.executable, str(HERE / "migrate.py"), *args, "--progress", "0"],
         env={**os.environ, "DATABASE_URL": scratch.url},
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
-        check=False,
     )
-    return time.perf_counter() - started, run.returncode, run.stderr.splitlines()
+    lines = []
+    for line in run.stderr:
+        lines.append(line.rstrip("\n"))
+        if printed is not None:
+            printed.append((time.perf_counter(), lines[-1]))
+    run.wait()
+    return time.perf_counter() - started, run.returncode, lines
+
+
+def step_at(printed, moment):
+    """The step migrate.py was in at `moment`: the first line it printed after then."""
+    after = [line for when, line in printed if when >= moment]
+    return after[0].removeprefix("migrate: ").split(":")[0] if after else "the end"
 
 
 def held_ms(lines, prefix):
@@ -911,7 +926,7 @@ def bench_move_out_of_default(scratch, settings):
         if way == "switch":
 
             def action():
-                return run_migrate_logged(scratch, "--lock-timeout", "60")
+                return run_migrate_logged(scratch, "--lock-timeout", "60", printed=printed)
 
         else:
 
@@ -924,21 +939,26 @@ def bench_move_out_of_default(scratch, settings):
                 connection.close()
                 return time.perf_counter() - started, 0, []
 
-        (seconds, status, lines), longest, drops = with_inserts(scratch, action, since=this)
+        printed = []
+        (seconds, status, lines), (longest, began), drops = with_inserts(
+            scratch, action, since=this, when=True
+        )
         assert status == 0, "\n".join(lines)
         left = scratch.execute("SELECT count(*) FROM ONLY request_logs_default")[0][0]
-        results[way] = (seconds, longest, drops, held_ms(lines, "switch "), left)
+        step = step_at(printed, began) if printed else None
+        results[way] = (seconds, longest, drops, held_ms(lines, "switch "), left, step)
     for way, label in (
         ("switch", "migrate.py: copy beside, catch up, one switch"),
         ("share lock", "one transaction: LOCK SHARE, move the rows, ATTACH (before)"),
     ):
-        seconds, longest, drops, holds, left = results[way]
+        seconds, longest, drops, holds, left, step = results[way]
         add_row(
             f"12 upkeep: {count:,} rows of this month in the default partition, inserts running",
             label,
             f"longest insert {longest * 1000:.0f} ms; whole run {seconds:.1f} s"
             + (f"; switch held its locks {holds[0]:.0f} ms" if holds else ""),
-            f"the reader's count of the month dropped {drops} times; {left} rows left in default",
+            f"the reader's count of the month dropped {drops} times; {left} rows left in default"
+            + (f'; the longest insert fell in the step that printed "{step}"' if step else ""),
         )
 
 
