@@ -296,3 +296,80 @@ def test_rows_of_a_past_month_in_the_default_get_their_partition_from_a_plain_ru
     assert rows_of(empty_db, name) == 1_000 and rows_of(empty_db, default_of(empty_db)) == 0
     assert empty_db.rows(IDS) == before
     assert check.returncode == 0, check.stdout
+
+
+def a_move_killed_after_its_copy(db, start_migrate):
+    """A move out of the default stopped by kill -9 once its month's copy is filled."""
+    this = month(datetime.now(UTC))
+    fill(db, this, 2_000, spread=60)
+    name = partition.month_name(this)
+    run = start_migrate(db.url)
+    poll_until(
+        f"{name} is filled beside the layout",
+        lambda: db.value(
+            "SELECT obj_description(to_regclass(%s), 'pg_class') LIKE 'migrate.py move: rows copied%%'",
+            name,
+        ),
+        every=0.002,
+    )
+    run.send_signal(signal.SIGKILL)
+    run.communicate(timeout=60)
+    return name
+
+
+def indexes_not_of_request_logs(db, table):
+    """The indexes of `table` that are no partition of an index of request_logs."""
+    return db.rows(
+        "SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid"
+        " LEFT JOIN pg_inherits h ON h.inhrelid = i.oid WHERE x.indrelid = %s::regclass"
+        " AND h.inhparent IS NULL",
+        table,
+    )
+
+
+def test_an_expression_index_replaced_while_a_move_was_stopped_is_made_beside_not_under_the_switch(
+    empty_db, start_migrate
+):
+    layout_made_months_ago(empty_db, 4)
+    empty_db.rows("CREATE INDEX request_logs_model_dba ON request_logs (lower(model))")
+    name = a_move_killed_after_its_copy(empty_db, start_migrate)
+    # The DBA's index replaced by one of the same shape but another expression.
+    empty_db.rows("DROP INDEX request_logs_model_dba")
+    empty_db.rows("CREATE INDEX request_logs_path_dba ON request_logs (md5(path))")
+    before = empty_db.rows(IDS)
+
+    dry = run_migrate(empty_db.url, "--dry-run")
+    again = run_migrate(empty_db.url)
+
+    before_switch = dry.stdout[: dry.stdout.index("switch request_logs_default")]
+    assert f'DROP TABLE "{name}"' in before_switch, dry.stdout
+    assert again.returncode == 0, again.stderr
+    assert empty_db.rows(IDS) == before
+    assert rows_of(empty_db, name) == 2_000
+    assert indexes_not_of_request_logs(empty_db, name) == []
+
+
+def test_an_invalid_index_of_request_logs_made_while_a_move_was_stopped_is_in_the_copies(
+    empty_db, start_migrate
+):
+    layout_made_months_ago(empty_db, 4)
+    name = a_move_killed_after_its_copy(empty_db, start_migrate)
+    # A DBA's index built online: made ON ONLY request_logs (INVALID until every partition's
+    # index is attached), ATTACH PARTITION builds it on a table that lacks it.
+    empty_db.rows("CREATE INDEX request_logs_path_dba ON ONLY request_logs (path)")
+    before = empty_db.rows(IDS)
+
+    dry = run_migrate(empty_db.url, "--dry-run")
+    again = run_migrate(empty_db.url)
+
+    before_switch = dry.stdout[: dry.stdout.index("switch request_logs_default")]
+    assert f'DROP TABLE "{name}"' in before_switch, dry.stdout
+    assert again.returncode == 0, again.stderr
+    assert empty_db.rows(IDS) == before
+    assert rows_of(empty_db, name) == 2_000 and rows_of(empty_db, default_of(empty_db)) == 0
+    adopted = empty_db.value(
+        "SELECT count(*) FROM pg_index x JOIN pg_inherits h ON h.inhrelid = x.indexrelid"
+        " WHERE x.indrelid = %s::regclass AND h.inhparent = 'request_logs_path_dba'::regclass",
+        name,
+    )
+    assert adopted == 1
