@@ -373,3 +373,39 @@ def test_an_invalid_index_of_request_logs_made_while_a_move_was_stopped_is_in_th
         name,
     )
     assert adopted == 1
+
+
+def test_an_index_made_while_the_switch_waits_for_its_lock_makes_the_run_copy_again(
+    empty_db, start_migrate
+):
+    layout_made_months_ago(empty_db, 4)
+    this = month(datetime.now(UTC))
+    fill(empty_db, this, 2_000, spread=60)
+    name = partition.month_name(this)
+    holder = psycopg2.connect(empty_db.url)
+    try:
+        with holder.cursor() as cursor:  # a reader of the default: the switch waits for it
+            cursor.execute(f'SELECT count(*) FROM "{default_of(empty_db)}"')
+        run = start_migrate(empty_db.url, "--lock-timeout", "60")
+        wait_for_lock_wait(empty_db, "the switch waits", run=run, query="%DETACH PARTITION%")
+        # A DBA's index, made between two of the switch's lock attempts.
+        empty_db.rows("CREATE INDEX request_logs_path_dba ON request_logs (path)")
+        made = empty_db.value("SELECT clock_timestamp()")
+        poll_until(
+            "an attempt of the switch begun after the index was made waits",
+            lambda: empty_db.value(
+                "SELECT count(*) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
+                " AND NOT l.granted WHERE a.datname = current_database()"
+                " AND a.query LIKE '%%DETACH PARTITION%%' AND a.xact_start > %s",
+                made,
+            ),
+            every=0.002,
+        )
+    finally:
+        holder.close()
+    out, err = run.communicate(timeout=120)
+
+    assert run.returncode == 0, err
+    assert f"dropped the unfinished copy {name}" in out + err
+    assert rows_of(empty_db, name) == 2_000 and rows_of(empty_db, default_of(empty_db)) == 0
+    assert indexes_not_of_request_logs(empty_db, name) == []
