@@ -807,7 +807,10 @@ def execute_statement(statement):
             database.execute_sql(statement.sql)
     except peewee.DatabaseError as exc:
         if pgcode(exc) in RETRYABLE:
-            raise Blocked(statement.tables, statement.hazard.lock) from None
+            # The tables it locks besides, in the same mode: the switch's ATTACH waits for a
+            # reader of users as much as for one of the copy.
+            others = (t for t, mode in statement.hazard.others if mode == statement.hazard.lock)
+            raise Blocked((*statement.tables, *others), statement.hazard.lock) from None
         raise
 
 

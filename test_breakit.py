@@ -409,3 +409,20 @@ def test_an_index_made_while_the_switch_waits_for_its_lock_makes_the_run_copy_ag
     assert f"dropped the unfinished copy {name}" in out + err
     assert rows_of(empty_db, name) == 2_000 and rows_of(empty_db, default_of(empty_db)) == 0
     assert indexes_not_of_request_logs(empty_db, name) == []
+
+
+def test_a_move_held_off_by_a_transaction_on_users_names_it(empty_db):
+    layout_made_months_ago(empty_db, 4)
+    fill(empty_db, month(datetime.now(UTC)), 2_000, spread=60)
+    holder = psycopg2.connect(empty_db.url)
+    try:
+        with holder.cursor() as cursor:  # a report's transaction, idle, that read users
+            cursor.execute("SELECT count(*), pg_backend_pid() FROM users")
+            pid = cursor.fetchone()[1]
+        run = run_migrate(empty_db.url, "--lock-timeout", "1")
+    finally:
+        holder.close()
+
+    # The switch's ATTACH takes ACCESS EXCLUSIVE on users: the error names who holds it off.
+    assert run.returncode == 2
+    assert f"pid {pid} " in run.stderr and "ACCESS SHARE on users" in run.stderr, run.stderr
