@@ -296,3 +296,133 @@ def test_rows_of_a_past_month_in_the_default_get_their_partition_from_a_plain_ru
     assert rows_of(empty_db, name) == 1_000 and rows_of(empty_db, default_of(empty_db)) == 0
     assert empty_db.rows(IDS) == before
     assert check.returncode == 0, check.stdout
+
+
+def a_move_killed_after_its_copy(db, start_migrate):
+    """A move out of the default stopped by kill -9 once its month's copy is filled."""
+    this = month(datetime.now(UTC))
+    fill(db, this, 2_000, spread=60)
+    name = partition.month_name(this)
+    run = start_migrate(db.url)
+    poll_until(
+        f"{name} is filled beside the layout",
+        lambda: db.value(
+            "SELECT obj_description(to_regclass(%s), 'pg_class') LIKE 'migrate.py move: rows copied%%'",
+            name,
+        ),
+        every=0.002,
+    )
+    run.send_signal(signal.SIGKILL)
+    run.communicate(timeout=60)
+    return name
+
+
+def indexes_not_of_request_logs(db, table):
+    """The indexes of `table` that are no partition of an index of request_logs."""
+    return db.rows(
+        "SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid"
+        " LEFT JOIN pg_inherits h ON h.inhrelid = i.oid WHERE x.indrelid = %s::regclass"
+        " AND h.inhparent IS NULL",
+        table,
+    )
+
+
+def test_an_expression_index_replaced_while_a_move_was_stopped_is_made_beside_not_under_the_switch(
+    empty_db, start_migrate
+):
+    layout_made_months_ago(empty_db, 4)
+    empty_db.rows("CREATE INDEX request_logs_model_dba ON request_logs (lower(model))")
+    name = a_move_killed_after_its_copy(empty_db, start_migrate)
+    # The DBA's index replaced by one of the same shape but another expression.
+    empty_db.rows("DROP INDEX request_logs_model_dba")
+    empty_db.rows("CREATE INDEX request_logs_path_dba ON request_logs (md5(path))")
+    before = empty_db.rows(IDS)
+
+    dry = run_migrate(empty_db.url, "--dry-run")
+    again = run_migrate(empty_db.url)
+
+    before_switch = dry.stdout[: dry.stdout.index("switch request_logs_default")]
+    assert f'DROP TABLE "{name}"' in before_switch, dry.stdout
+    assert again.returncode == 0, again.stderr
+    assert empty_db.rows(IDS) == before
+    assert rows_of(empty_db, name) == 2_000
+    assert indexes_not_of_request_logs(empty_db, name) == []
+
+
+def test_an_invalid_index_of_request_logs_made_while_a_move_was_stopped_is_in_the_copies(
+    empty_db, start_migrate
+):
+    layout_made_months_ago(empty_db, 4)
+    name = a_move_killed_after_its_copy(empty_db, start_migrate)
+    # A DBA's index built online: made ON ONLY request_logs (INVALID until every partition's
+    # index is attached), ATTACH PARTITION builds it on a table that lacks it.
+    empty_db.rows("CREATE INDEX request_logs_path_dba ON ONLY request_logs (path)")
+    before = empty_db.rows(IDS)
+
+    dry = run_migrate(empty_db.url, "--dry-run")
+    again = run_migrate(empty_db.url)
+
+    before_switch = dry.stdout[: dry.stdout.index("switch request_logs_default")]
+    assert f'DROP TABLE "{name}"' in before_switch, dry.stdout
+    assert again.returncode == 0, again.stderr
+    assert empty_db.rows(IDS) == before
+    assert rows_of(empty_db, name) == 2_000 and rows_of(empty_db, default_of(empty_db)) == 0
+    adopted = empty_db.value(
+        "SELECT count(*) FROM pg_index x JOIN pg_inherits h ON h.inhrelid = x.indexrelid"
+        " WHERE x.indrelid = %s::regclass AND h.inhparent = 'request_logs_path_dba'::regclass",
+        name,
+    )
+    assert adopted == 1
+
+
+def test_an_index_made_while_the_switch_waits_for_its_lock_makes_the_run_copy_again(
+    empty_db, start_migrate
+):
+    layout_made_months_ago(empty_db, 4)
+    this = month(datetime.now(UTC))
+    fill(empty_db, this, 2_000, spread=60)
+    name = partition.month_name(this)
+    holder = psycopg2.connect(empty_db.url)
+    try:
+        with holder.cursor() as cursor:  # a reader of the default: the switch waits for it
+            cursor.execute(f'SELECT count(*) FROM "{default_of(empty_db)}"')
+        run = start_migrate(empty_db.url, "--lock-timeout", "60")
+        wait_for_lock_wait(empty_db, "the switch waits", run=run, query="%DETACH PARTITION%")
+        # A DBA's index, made between two of the switch's lock attempts.
+        empty_db.rows("CREATE INDEX request_logs_path_dba ON request_logs (path)")
+        made = empty_db.value("SELECT clock_timestamp()")
+        poll_until(
+            "an attempt of the switch begun after the index was made waits",
+            lambda: empty_db.value(
+                "SELECT count(*) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
+                " AND NOT l.granted WHERE a.datname = current_database()"
+                " AND a.query LIKE '%%DETACH PARTITION%%' AND a.xact_start > %s",
+                made,
+            ),
+            every=0.002,
+        )
+    finally:
+        holder.close()
+    out, err = run.communicate(timeout=120)
+
+    assert run.returncode == 0, err
+    assert f"dropped the unfinished copy {name}" in out + err
+    assert rows_of(empty_db, name) == 2_000 and rows_of(empty_db, default_of(empty_db)) == 0
+    assert indexes_not_of_request_logs(empty_db, name) == []
+
+
+def test_a_move_held_off_by_a_transaction_on_users_names_it(empty_db):
+    layout_made_months_ago(empty_db, 4)
+    fill(empty_db, month(datetime.now(UTC)), 2_000, spread=60)
+    holder = psycopg2.connect(empty_db.url)
+    try:
+        with holder.cursor() as cursor:  # a report's transaction, idle, that read users
+            cursor.execute("SELECT count(*), pg_backend_pid() FROM users")
+            pid = cursor.fetchone()[1]
+        run = run_migrate(empty_db.url, "--lock-timeout", "1")
+    finally:
+        holder.close()
+
+    # The switch's ATTACH takes ACCESS EXCLUSIVE on users: the error names who holds it off.
+    assert run.returncode == 2
+    assert f"pid {pid} " in run.stderr and "ACCESS SHARE on users" in run.stderr, run.stderr
