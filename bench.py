@@ -923,9 +923,10 @@ def bench_move_out_of_default(scratch, settings):
         seconds_so_far = max(60, int((now - this).total_seconds()) - 60)
         scratch.execute(FILL_SPREAD, {"start": this, "seconds": seconds_so_far, "count": count})
         scratch.execute("CHECKPOINT")
+        printed = []
         if way == "switch":
 
-            def action():
+            def action(printed=printed):
                 return run_migrate_logged(scratch, "--lock-timeout", "60", printed=printed)
 
         else:
@@ -939,7 +940,6 @@ def bench_move_out_of_default(scratch, settings):
                 connection.close()
                 return time.perf_counter() - started, 0, []
 
-        printed = []
         (seconds, status, lines), (longest, began), drops = with_inserts(
             scratch, action, since=this, when=True
         )
