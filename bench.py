@@ -817,8 +817,11 @@ class MonthReader(threading.Thread):
                 )
                 self.counts.append(cursor.fetchone()[0])
                 # A pause, as the gateway's readers have: a reader that never lets go of
-                # request_logs holds off every lock attempt of 50 ms (OPERATING.md).
-                time.sleep(0.05)
+                # request_logs holds off every lock attempt of 50 ms (OPERATING.md); and each
+                # count of a 2 M-row month is 0.1-0.2 s of a core: counting it back to back
+                # every 50 ms, with the copy, kept both cores busy and an insert took 144 ms
+                # in the copy step, which holds no lock any writer waits for.
+                time.sleep(0.25)
         self.connection.close()
 
     def drops(self):
@@ -830,10 +833,11 @@ class LockHolds(logging.Handler):
 
     def __init__(self):
         super().__init__()
-        self.holds = []
+        self.holds, self.printed = [], []
 
     def emit(self, record):
         message = record.getMessage()
+        self.printed.append((time.perf_counter(), f"migrate: {message}"))
         if "its transaction held its locks for" in message:
             step = message.split(": its transaction")[0]
             self.holds.append((step, float(message.rsplit(" for ", 1)[1].split()[0])))
@@ -976,12 +980,14 @@ def database_wal(scratch, action):
     # them, and pg_waldump then read only the tail (56 MiB counted of some 500).
     slot = f"{scratch.name}_wal"
     start = scratch.execute(
-        "SELECT restart_lsn::text FROM pg_create_physical_replication_slot(%s, true)", (slot,)
+        "SELECT lsn::text FROM pg_create_physical_replication_slot(%s, true)", (slot,)
     )[0][0]
     try:
         result = action()
-        scratch.execute("SELECT pg_switch_wal()")  # the records written so far are flushed
+        # The end before the switch: after it, the next segment may be a recycled file, which
+        # pg_waldump reads as an error ("unexpected pageaddr").
         end = scratch.execute("SELECT pg_current_wal_insert_lsn()")[0][0]
+        scratch.execute("SELECT pg_switch_wal()")  # the records written so far are on disk
         waldump = str(WALDUMP).format(major=major)
         try:
             run = subprocess.run(
@@ -1041,11 +1047,12 @@ def bench_legacy_retention(scratch, settings):
         fresh = scratch.execute("SELECT pg_total_relation_size('fresh')")[0][0]
         scratch.execute("DROP TABLE fresh")
         scratch.execute("CHECKPOINT")
+        printed = []
         if way == "keep":
 
-            def action():
+            def action(printed=printed):
                 return run_migrate_logged(
-                    scratch, "--retain-request-logs", "90", "--lock-timeout", "60"
+                    scratch, "--retain-request-logs", "90", "--lock-timeout", "60", printed=printed
                 )
 
         else:
@@ -1066,8 +1073,13 @@ def bench_legacy_retention(scratch, settings):
         def measured(holder=holder, action=action):
             holder["result"] = action()
 
-        (_, wal, how), longest, drops = with_inserts(
-            scratch, lambda: database_wal(scratch, measured), since=cutoff
+        # The inserts run during the action only: pg_switch_wal and pg_waldump after it once
+        # held an insert 3 s ("the end"), the harness's own doing.
+        (_, (longest, began), drops), wal, how = database_wal(
+            scratch,
+            lambda cutoff=cutoff, measured=measured: with_inserts(
+                scratch, measured, since=cutoff, when=True
+            ),
         )
         seconds, status, lines = holder["result"]
         assert status == 0, "\n".join(lines)
@@ -1088,12 +1100,13 @@ def bench_legacy_retention(scratch, settings):
             fresh,
             wal_fresh,
             how,
+            step_at(printed, began) if printed else None,
         )
     for way, label in (
         ("keep", "migrate.py: kept rows copied to months, legacy dropped"),
         ("batched DELETE", "batched DELETE, 5,000 rows a batch (before)"),
     ):
-        seconds, wal, size, longest, drops, holds, kept, fresh, wal_fresh, how = results[way]
+        seconds, wal, size, longest, drops, holds, kept, fresh, wal_fresh, how, step = results[way]
         add_row(
             f"13 retention: {count:,} logs over 12 months in request_logs_legacy, 90 days kept"
             f" ({kept:,} rows)",
@@ -1103,7 +1116,8 @@ def bench_legacy_retention(scratch, settings):
             f" rows loaded fresh); longest insert {longest * 1000:.0f} ms"
             + (f"; switch held its locks {holds[0]:.0f} ms" if holds else ""),
             f"the reader's count of kept rows dropped {drops} times; WAL by {how}; the"
-            " inserts' own rows are in the WAL and the space",
+            " inserts' own rows are in the WAL and the space"
+            + (f'; the longest insert fell in the step that printed "{step}"' if step else ""),
         )
 
 
@@ -1157,28 +1171,50 @@ def bench_drops(scratch, settings):
             days = (
                 now - partition.add_months(this, -(size - partition.MONTHS_AHEAD - 2) + 10)
             ).days
-            saved = apply.CHECKED_AFTER_COMMIT
-            handler = LockHolds()
-            logger = logging.getLogger("migrate")
-            level = logger.level
-            logger.setLevel(logging.INFO)
-            logger.addHandler(handler)
             if way == "inside":
+                # In process, to put back the old order (apply.CHECKED_AFTER_COMMIT); the
+                # inserter's thread then shares the planner's GIL, which lengthens its waits.
+                saved = apply.CHECKED_AFTER_COMMIT
+                handler = LockHolds()
+                logger = logging.getLogger("migrate")
+                level = logger.level
+                logger.setLevel(logging.INFO)
+                logger.addHandler(handler)
                 apply.CHECKED_AFTER_COMMIT = ("swap ",)
-            try:
-                _, longest, _ = with_inserts(
-                    scratch, lambda days=days: migrate_in_process(scratch, retain_days=days)
+                try:
+                    _, (longest, began), _ = with_inserts(
+                        scratch,
+                        lambda days=days: migrate_in_process(scratch, retain_days=days),
+                        when=True,
+                    )
+                finally:
+                    apply.CHECKED_AFTER_COMMIT = saved
+                    logger.removeHandler(handler)
+                    logger.setLevel(level)
+                printed = handler.printed
+                lines = [line for _, line in printed]
+            else:  # as operators run it: its own process
+                printed = []
+                (_, status, lines), (longest, began), _ = with_inserts(
+                    scratch,
+                    lambda days=days, printed=printed: run_migrate_logged(
+                        scratch,
+                        "--retain-request-logs",
+                        str(days),
+                        "--lock-timeout",
+                        "60",
+                        printed=printed,
+                    ),
+                    when=True,
                 )
-            finally:
-                apply.CHECKED_AFTER_COMMIT = saved
-                logger.removeHandler(handler)
-                logger.setLevel(level)
-            holds = [ms for step, ms in handler.holds if step.startswith("detach ")]
-            others = [ms for step, ms in handler.holds if step.startswith(("unlink ", "drop "))]
+                assert status == 0, "\n".join(lines)
+            holds = held_ms(lines, "detach ")
+            others = held_ms(lines, "unlink ") + held_ms(lines, "drop ")
             add_row(
                 f"14 retention: dropping {len(holds)} months beside a default, {size:,} partitions",
                 f"effects read {way}",
-                f"lock held per detach {spread(holds, 'ms')}; longest insert {longest * 1000:.0f} ms",
+                f"lock held per detach {spread(holds, 'ms')}; longest insert {longest * 1000:.0f} ms"
+                f' (in the step that printed "{step_at(printed, began)}")',
                 "the DETACH's transaction: ACCESS EXCLUSIVE on request_logs; then the foreign"
                 " keys' and the DROP's, each locking only the detached table (and users, api_keys"
                 f" for the first): {spread(others, 'ms')}",
