@@ -20,10 +20,11 @@ created_at, the rows' checksum, the file's sha256 and size, the columns with the
 Order of a month, so that a crash at any point leaves each row in the table or in a verified
 file: the rows and PostgreSQL's own count and checksum of them are read in one snapshot; the
 file goes to a hidden temporary name, is fsynced, read back from disk and its count and
-checksum compared with the database's; then renamed (directory fsynced), then the manifest
-(temporary name, fsync, rename, fsync). Only then does the caller remove the rows. A file
-without its manifest is never trusted; a month whose rows a verified file already holds (a
-run that was killed before its DROP) is not written again.
+checksum compared with the database's; then the manifest (temporary name, fsync, rename,
+fsync), then the file renamed (directory fsynced): no *.parquet is ever without its manifest,
+which a glob of DIR would read twice once the next run archives the same rows. Only then does
+the caller remove the rows. A file without its manifest is never trusted; a month whose rows a
+verified file already holds (a run that was killed before its DROP) is not written again.
 
 The checksum: the rows, ordered by (id, created_at), fall in groups of ids that share all but
 their low 12 bits (id >> 12); each group's text is its rows' canonical texts (each value's
@@ -333,7 +334,9 @@ class Archive:
         for attempt in range(1, 10_000):
             run = self.run if attempt == 1 else f"{self.run}-{attempt}"
             path = os.path.join(self.directory, f"{PARENT}.{month}.run-{run}{SUFFIX}")
-            if not os.path.exists(path):
+            if not os.path.exists(path) and not os.path.exists(
+                path.removesuffix(SUFFIX) + MANIFEST
+            ):
                 return path
         raise MigrationError(f"{shown(self.directory)} holds 10,000 files of {month} for one run")
 
@@ -425,11 +428,13 @@ class Archive:
         return temporary, file_checksum(read_parquet(temporary), columns)
 
     def keep(self, relation, month, temporary, columns, rows, checksum, first, last):
-        """The verified file under its name, then its manifest, each made durable."""
+        """The verified file's manifest, then the file under its name, each made durable. In
+        this order, so that no `*.parquet` is ever without its manifest: a full disk or a kill
+        between the two leaves a manifest whose file is missing (never trusted: its sha256
+        cannot be read) rather than a data file that a `*.parquet` glob (DuckDB, pandas)
+        would read beside the next run's copy of the same rows."""
         path = self.free_path(month)
         digest, size = sha256_of(temporary)
-        os.replace(temporary, path)
-        fsync_directory(self.directory)
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -449,6 +454,8 @@ class Archive:
         write_atomically(
             path.removesuffix(SUFFIX) + MANIFEST, json.dumps(manifest, indent=2) + "\n"
         )
+        os.replace(temporary, path)
+        fsync_directory(self.directory)
         self.written.append((path, rows))
         log.info("archived %s rows of %s to %s", f"{rows:,}", month, shown(path))
 
@@ -737,11 +744,16 @@ def sha256_of(path):
 def write_atomically(path, text):
     directory, name = os.path.split(path)
     temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    with open(temporary, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)  # a full disk: not left for the next run to clear
+        raise
     fsync_directory(os.path.dirname(path))
 
 

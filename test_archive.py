@@ -559,3 +559,38 @@ def test_timestamps_are_hashed_as_postgresql_sends_them(empty_db):
     assert archive.send_hex(values).to_pylist() == sent
     assert archive.send_hex(values.slice(1, 3)).to_pylist() == sent[1:4]
     assert sent[3] == "\\N" and len(set(sent)) == 5
+
+
+def test_a_manifest_that_cannot_be_written_leaves_no_data_file_a_glob_would_read(
+    migrated_db, tmp_path
+):
+    # A full disk between the data file and its manifest: a *.parquet without its manifest
+    # would be read by DuckDB's glob beside the next run's copy of the same rows.
+    plain_with_logs(migrated_db)
+    cutoff = datetime.now(UTC) - timedelta(days=30)
+    removed = all_rows(migrated_db, f"created_at < '{cutoff.isoformat()}'")
+    migrate_here(migrated_db.params)  # binds models.database to the test database
+    target = catalog.target_schema()
+    run = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    full = archive.Archive(tmp_path, run)
+    months = migrated_db.rows(
+        "SELECT DISTINCT to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM') FROM request_logs"
+        " WHERE created_at < %s",
+        cutoff,
+    )
+    for (month,) in months:  # the manifest's temporary name taken: its write fails
+        os.mkdir(
+            tmp_path / f".request_logs.{month}.run-20260102T030405Z.manifest.json.{os.getpid()}.tmp"
+        )
+
+    with pytest.raises(archive.MigrationError, match="nothing of it was removed"):
+        full.save(target, "request_logs", cutoff)
+    left = glob.glob(os.path.join(tmp_path, "*.parquet"))
+    for (month,) in months:
+        os.rmdir(
+            tmp_path / f".request_logs.{month}.run-20260102T030405Z.manifest.json.{os.getpid()}.tmp"
+        )
+    archive.Archive(tmp_path, run + timedelta(hours=1)).save(target, "request_logs", cutoff)
+
+    assert months and not left
+    assert as_tuples(archived(tmp_path), migrated_db) == removed  # each row once
