@@ -777,9 +777,15 @@ def restore(target, path):
     use_fast_memory_pool()
     manifest = read_manifest(path)
     version = manifest.get("version")
+    # The file's sha256 first: a truncated or overwritten file is refused in the words of a
+    # mismatch, before Arrow reads it (its own error names no file and restores nothing).
+    if sha256_of(path)[0] != manifest["file"]["sha256"]:
+        raise MigrationError(f"{shown(path)} does not match its manifest: nothing was restored")
     table = read_parquet(path)
     columns = [(c["name"], c["type"]) for c in manifest["columns"]]
-    if file_checksum(table, columns, version) != (manifest["rows"], manifest["checksum"]["rows"]):
+    if set(table.column_names) != {name for name, _ in columns} or file_checksum(
+        table, columns, version
+    ) != (manifest["rows"], manifest["checksum"]["rows"]):
         raise MigrationError(f"{shown(path)} does not match its manifest: nothing was restored")
     ids = table.column("id").to_pylist()
     lowest, highest = min(ids, default=0), max(ids, default=0)
@@ -855,11 +861,36 @@ def read_manifest(path):
             f"{shown(path)} is an archive of version {shown(str(manifest.get('version')))},"
             f" which this migrate.py (version {VERSION}) cannot check: nothing was restored"
         )
+    if not well_formed(manifest):
+        raise MigrationError(
+            f"{shown(path)} has a manifest without its rows, checksum, file or columns (edited?):"
+            " an unverified file is never restored"
+        )
     return manifest
 
 
+def well_formed(manifest):
+    """Whether a manifest has what a restore reads: rows, checksum, file and columns."""
+    columns, file = manifest.get("columns"), manifest.get("file")
+    return (
+        type(manifest.get("rows")) is int
+        and isinstance(file, dict)
+        and isinstance(file.get("sha256"), str)
+        and isinstance(manifest.get("checksum"), dict)
+        and isinstance(manifest["checksum"].get("rows"), str)
+        and isinstance(columns, list)
+        and bool(columns)
+        and all(
+            isinstance(c, dict)
+            and isinstance(c.get("name"), str)
+            and isinstance(c.get("type"), str)
+            for c in columns
+        )
+    )
+
+
 def known_version(version):
-    return isinstance(version, int) and version in CHECKSUM_WORDS
+    return type(version) is int and version in CHECKSUM_WORDS  # not true, which == 1
 
 
 @contextlib.contextmanager

@@ -594,3 +594,46 @@ def test_a_manifest_that_cannot_be_written_leaves_no_data_file_a_glob_would_read
 
     assert months and not left
     assert as_tuples(archived(tmp_path), migrated_db) == removed  # each row once
+
+
+def truncate_data(path, manifest):
+    with open(path, "rb") as file:
+        data = file.read()
+    with open(path, "wb") as file:
+        file.write(data[: len(data) // 2])
+
+
+EDITS = {
+    "columns removed": lambda path, manifest: manifest.pop("columns"),
+    "checksum as a string": lambda path, manifest: manifest.update(checksum="0"),
+    "rows as a string": lambda path, manifest: manifest.update(rows=str(manifest["rows"])),
+    "version true": lambda path, manifest: manifest.update(version=True),
+    "a column not in the file": lambda path, manifest: manifest["columns"][1].update(name="x"),
+    "data file truncated": truncate_data,
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_an_edited_manifest_or_damaged_file_is_refused_in_one_line_and_nothing_restored(
+    empty_db, tmp_path, edit
+):
+    plain_with_logs(empty_db)
+    assert (
+        run_migrate(empty_db.url, "--retain-request-logs", "30", "--archive", str(tmp_path))
+    ).returncode == 0
+    path = min(glob.glob(os.path.join(tmp_path, "*.parquet")))
+    manifest_path = path.removesuffix(".parquet") + ".manifest.json"
+    with open(manifest_path) as file:
+        manifest = json.load(file)
+    EDITS[edit](path, manifest)
+    with open(manifest_path, "w") as file:
+        json.dump(manifest, file)
+    before = all_rows(empty_db)
+
+    result = run_migrate(empty_db.url, "--restore-request-logs", path)
+
+    assert result.returncode == 2, result.stderr
+    assert "unexpected" not in result.stderr and "Traceback" not in result.stderr
+    line = error_line(result)
+    assert "nothing was restored" in line or "never restored" in line, line
+    assert all_rows(empty_db) == before
