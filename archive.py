@@ -301,6 +301,22 @@ def group_texts(texts, bounds):
 # --- The directory ----------------------------------------------------------------------
 
 
+def writing(name):
+    """Whether the temporary file `name` (its writer's pid last) is being written by a process
+    alive on this machine: another run sharing DIR (cron overlapping, a second database),
+    whose file removed under it would end that run."""
+    pid = name.removesuffix(".tmp").rsplit(".", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # alive, another user's
+    return True
+
+
 class Archive:
     """--archive DIR for one run: `run` (the run's fixed now) names its files."""
 
@@ -320,7 +336,7 @@ class Archive:
                 os.fsync(file.fileno())
             os.remove(probe)
             for name in os.listdir(self.directory):  # a run killed while writing left these
-                if name.startswith(f".{PARENT}.") and name.endswith(".tmp"):
+                if name.startswith(f".{PARENT}.") and name.endswith(".tmp") and not writing(name):
                     os.remove(os.path.join(self.directory, name))
         except OSError as exc:
             raise MigrationError(
@@ -422,7 +438,7 @@ class Archive:
     def write_month(self, relation, month, part, columns):
         """The month's rows in a temporary file of DIR, fsynced, read back from disk:
         (its path, (rows, checksum) of what was read)."""
-        name = f".{PARENT}.{month}.{os.getpid()}.{len(os.listdir(self.directory))}.tmp"
+        name = f".{PARENT}.{month}.{len(os.listdir(self.directory))}.{os.getpid()}.tmp"
         temporary = os.path.join(self.directory, name)
         write_parquet(part, temporary)
         return temporary, file_checksum(read_parquet(temporary), columns)

@@ -637,3 +637,27 @@ def test_an_edited_manifest_or_damaged_file_is_refused_in_one_line_and_nothing_r
     line = error_line(result)
     assert "nothing was restored" in line or "never restored" in line, line
     assert all_rows(empty_db) == before
+
+
+def test_a_run_leaves_the_temporary_files_of_a_run_still_writing_to_the_same_directory(
+    empty_db, tmp_path
+):
+    # A second run sharing DIR (cron overlapping, another database) removed the first's file
+    # as it was written: the first then failed with exit 2.
+    plain_with_logs(empty_db)
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    alive = tmp_path / f".request_logs.2026-01.3.{os.getpid()}.tmp"  # this test's process
+    dead = tmp_path / f".request_logs.2026-01.4.{ended.stdout.strip()}.tmp"
+    manifest = tmp_path / f".request_logs.2026-01.run-1.manifest.json.{ended.stdout.strip()}.tmp"
+    for path in (alive, dead, manifest):
+        path.write_bytes(b"PAR1")
+
+    result = run_migrate(empty_db.url, "--retain-request-logs", "30", "--archive", str(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    assert alive.exists() and not dead.exists() and not manifest.exists()
