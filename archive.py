@@ -331,13 +331,17 @@ class Archive:
         probe = os.path.join(self.directory, f".probe-{os.getpid()}")
         try:
             os.makedirs(self.directory, exist_ok=True)
-            with open(probe, "wb") as file:
-                file.write(b"probe")
-                os.fsync(file.fileno())
-            os.remove(probe)
+            # First: a file system a failed run filled frees that run's space for the probe.
             for name in os.listdir(self.directory):  # a run killed while writing left these
                 if name.startswith(f".{PARENT}.") and name.endswith(".tmp") and not writing(name):
                     os.remove(os.path.join(self.directory, name))
+            try:
+                with open(probe, "wb") as file:
+                    file.write(b"probe")
+                    os.fsync(file.fileno())
+            finally:
+                with contextlib.suppress(OSError):
+                    os.remove(probe)  # a full disk: created, not written
         except OSError as exc:
             raise MigrationError(
                 f"--archive {shown(self.directory)} cannot be written ({exc.strerror or exc}):"
@@ -440,8 +444,13 @@ class Archive:
         (its path, (rows, checksum) of what was read)."""
         name = f".{PARENT}.{month}.{len(os.listdir(self.directory))}.{os.getpid()}.tmp"
         temporary = os.path.join(self.directory, name)
-        write_parquet(part, temporary)
-        return temporary, file_checksum(read_parquet(temporary), columns)
+        try:
+            write_parquet(part, temporary)
+            return temporary, file_checksum(read_parquet(temporary), columns)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(temporary)  # a full disk: its space back at once, not at the next run
+            raise
 
     def keep(self, relation, month, temporary, columns, rows, checksum, first, last):
         """The verified file's manifest, then the file under its name, each made durable. In

@@ -661,3 +661,28 @@ def test_a_run_leaves_the_temporary_files_of_a_run_still_writing_to_the_same_dir
 
     assert result.returncode == 0, result.stderr
     assert alive.exists() and not dead.exists() and not manifest.exists()
+
+
+def test_a_file_too_large_to_write_leaves_no_temporary_file_behind(empty_db, tmp_path):
+    # On a full file system the half-written file held the space the next run's probe needed.
+    partitioned_with_logs(empty_db, per_key=300)  # 1,800 rows of a month: about 18 kB
+    limit = 8_000
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    full = subprocess.run(
+        [sys.executable, str(HERE / "migrate.py"), "--retain-request-logs", str(DAYS)]
+        + ["--archive", str(tmp_path)],
+        env={**os.environ, "DATABASE_URL": empty_db.url},
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+        timeout=60,
+        check=False,
+    )
+
+    assert full.returncode == 2, full.stderr
+    assert "File too large" in error_line(full)
+    assert not os.listdir(tmp_path)
