@@ -473,7 +473,8 @@ def open_side_connection():
     except (psycopg2.OperationalError, ServerSilent) as exc:
         raise MigrationError(
             connection_failure(exc, database.connect_params)
-            + " (another connection: a run needs two, and a third to watch a long statement)"
+            + " (another connection: a run needs two, three with --archive, and one more to watch"
+            " a long statement)"
         ) from None
     return connection
 

@@ -21,7 +21,7 @@ import archive
 import catalog
 import models
 import partition
-from conftest import HERE, error_line, migrate_here, run_migrate, wait_for_lock_wait
+from conftest import HERE, error_line, migrate_here, quoted, run_migrate, wait_for_lock_wait
 
 RICH_LOGS = """
 INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model, method, path,
@@ -686,3 +686,28 @@ def test_a_file_too_large_to_write_leaves_no_temporary_file_behind(empty_db, tmp
     assert full.returncode == 2, full.stderr
     assert "File too large" in error_line(full)
     assert not os.listdir(tmp_path)
+
+
+def test_a_refused_checksum_connection_ends_the_run_in_one_line_and_the_next_finishes(
+    empty_db, tmp_path
+):
+    # PostgreSQL's checksum runs on a connection of its own: a role allowed two gets none.
+    cutoff = partitioned_with_logs(empty_db)
+    removed = all_rows(empty_db, f"created_at < '{cutoff.isoformat()}'")
+    role = empty_db.no_create_role  # dropped by the fixture's reset
+    empty_db.rows(f"CREATE ROLE {quoted(role)} LOGIN CONNECTION LIMIT 2")
+    empty_db.rows(f"GRANT {quoted(empty_db.params['user'])} TO {quoted(role)}")  # the owner's
+
+    limited = run_migrate(
+        empty_db.url_with(user=role), "--retain-request-logs", str(DAYS), "--archive", str(tmp_path)
+    )
+    again = run_migrate(
+        empty_db.url, "--retain-request-logs", str(DAYS), "--archive", str(tmp_path)
+    )
+
+    assert limited.returncode == 2, limited.stderr
+    assert "too many connections" in error_line(limited), limited.stderr
+    assert "three with --archive" in error_line(limited)
+    assert "Traceback" not in limited.stderr
+    assert again.returncode == 0, again.stderr
+    assert as_tuples(archived(tmp_path), empty_db) == removed
