@@ -554,9 +554,26 @@ class Watch:
     connect_limit = CONNECT_TIMEOUT
     probe = None
     probe_every = 5.0
-    silence_limit = None
-    probing = False
     signals_handled = 0
+    # Per thread: archive's checksum waits on a thread of its own, and a probe there set the
+    # short limit of its own query for the main thread's wait too (a "lost connection").
+    _thread = threading.local()
+
+    @property
+    def silence_limit(self):
+        return getattr(self._thread, "silence_limit", None)
+
+    @silence_limit.setter
+    def silence_limit(self, seconds):
+        self._thread.silence_limit = seconds
+
+    @property
+    def probing(self):
+        return getattr(self._thread, "probing", False)
+
+    @probing.setter
+    def probing(self, value):
+        self._thread.probing = value
 
 
 watch = Watch()
