@@ -25,6 +25,24 @@ def publication_of_all_tables(db):
     return name
 
 
+def move_killed_once_its_copy_is_made(db, start_migrate):
+    """This month's 2,000 rows in the default partition, and a run killed (kill -9) once the
+    month's copy exists beside the layout: (the month's partition name, the month)."""
+    layout_made_months_ago(db, 4)
+    this = month(datetime.now(UTC))
+    fill(db, this, 2_000, spread=60)
+    name = partition.month_name(this)
+    run = start_migrate(db.url)
+    poll_until(
+        f"{name} is made beside the layout",
+        lambda: db.value("SELECT to_regclass(%s) IS NOT NULL", name),
+        every=0.002,
+    )
+    run.send_signal(signal.SIGKILL)
+    run.communicate(timeout=60)
+    return name, this
+
+
 def test_a_move_out_of_the_default_finishes_beside_a_publication_of_all_tables(empty_db):
     layout_made_months_ago(empty_db, 4)
     this = month(datetime.now(UTC))
@@ -61,18 +79,7 @@ def test_retention_on_a_converted_table_finishes_beside_a_publication_of_all_tab
 def test_a_column_added_while_a_move_was_stopped_is_in_the_copies_the_next_run_attaches(
     empty_db, start_migrate
 ):
-    layout_made_months_ago(empty_db, 4)
-    this = month(datetime.now(UTC))
-    fill(empty_db, this, 2_000, spread=60)
-    name = partition.month_name(this)
-    run = start_migrate(empty_db.url)
-    poll_until(
-        f"{name} is made beside the layout",
-        lambda: empty_db.value("SELECT to_regclass(%s) IS NOT NULL", name),
-        every=0.002,
-    )
-    run.send_signal(signal.SIGKILL)
-    run.communicate(timeout=60)
+    name, this = move_killed_once_its_copy_is_made(empty_db, start_migrate)
     # GORM's AutoMigrate, for a field the application's new version has.
     empty_db.rows("ALTER TABLE request_logs ADD COLUMN region text")
     fill(empty_db, this, 10, spread=60)
@@ -96,18 +103,7 @@ def test_a_column_added_while_a_move_was_stopped_is_in_the_copies_the_next_run_a
 def test_an_index_and_a_key_added_while_a_move_was_stopped_are_made_beside_not_under_the_switch(
     empty_db, start_migrate
 ):
-    layout_made_months_ago(empty_db, 4)
-    this = month(datetime.now(UTC))
-    fill(empty_db, this, 2_000, spread=60)
-    name = partition.month_name(this)
-    run = start_migrate(empty_db.url)
-    poll_until(
-        f"{name} is made beside the layout",
-        lambda: empty_db.value("SELECT to_regclass(%s) IS NOT NULL", name),
-        every=0.002,
-    )
-    run.send_signal(signal.SIGKILL)
-    run.communicate(timeout=60)
+    name, _ = move_killed_once_its_copy_is_made(empty_db, start_migrate)
     # A DBA's index and foreign key: PostgreSQL makes them on every partition, not on the copies.
     empty_db.rows(
         "CREATE TABLE dba_configs (id bigint PRIMARY KEY); INSERT INTO dba_configs VALUES (1)"
@@ -149,18 +145,7 @@ def test_an_index_and_a_key_added_while_a_move_was_stopped_are_made_beside_not_u
 def test_a_key_the_copies_cannot_be_given_does_not_keep_the_move_from_its_switch(
     empty_db, start_migrate
 ):
-    layout_made_months_ago(empty_db, 4)
-    this = month(datetime.now(UTC))
-    fill(empty_db, this, 2_000, spread=60)
-    name = partition.month_name(this)
-    run = start_migrate(empty_db.url)
-    poll_until(
-        f"{name} is made beside the layout",
-        lambda: empty_db.value("SELECT to_regclass(%s) IS NOT NULL", name),
-        every=0.002,
-    )
-    run.send_signal(signal.SIGKILL)
-    run.communicate(timeout=60)
+    name, _ = move_killed_once_its_copy_is_made(empty_db, start_migrate)
     # ON DELETE SET NULL of a column list (PostgreSQL 15+): a form the copies are not given.
     empty_db.rows(
         "CREATE TABLE dba_configs (id bigint PRIMARY KEY); INSERT INTO dba_configs VALUES (1)"
