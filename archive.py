@@ -59,7 +59,7 @@ import psycopg2.extensions
 from peewee import Entity, Value
 
 from catalog import guard_params, guard_sql, guarded, one_snapshot, shown, shown_name
-from connection import MigrationError, open_side_connection, signal_pending, wait
+from connection import MigrationError, execute_awaited, open_side_connection, signal_pending, wait
 from models import RequestLog, database
 from plan import render
 
@@ -620,21 +620,22 @@ class SideChecksum(threading.Thread):
         super().__init__(daemon=True)
         self.target, self.snapshot, self.sql = target, snapshot, sql
         self.rows, self.error, self.sums = None, None, None
-        self.connection = open_side_connection()
+        self.connection = open_side_connection(own_thread=True)
         self.start()
 
     def run(self):
         try:
             with self.connection.cursor() as cursor:
-                cursor.execute(
+                execute_awaited(
+                    cursor,
                     "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;"
                     f" SET TRANSACTION SNAPSHOT %(snapshot)s; {guard_sql()};"
                     f" {SESSION_SETTINGS}",
                     {**guard_params(self.target), "snapshot": self.snapshot},
                 )
-                cursor.execute(self.sql)
+                execute_awaited(cursor, self.sql)
                 self.rows = cursor.fetchall()
-                cursor.execute("COMMIT")
+                execute_awaited(cursor, "COMMIT")
         except BaseException as exc:  # noqa: BLE001 -- raised again by result(), in the main thread
             self.error = exc
 

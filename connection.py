@@ -460,15 +460,27 @@ def connect_guarded():
         database.connect(reuse_if_open=True)
 
 
-def open_side_connection():
+def open_side_connection(own_thread=False):
     """Another connection, in autocommit mode, opened as `database` opens its own.
 
     Peewee's _connect, not make_dsn: Peewee turns a postgresql:// database name
     into a connection string, and libpq would take it as a database's name.
+
+    own_thread: for statements run on another thread, through `execute_awaited`. Such a
+    connection is asynchronous and awaits its statements with `wait` itself: psycopg2's
+    wait callback is process-wide, archive turns it off for its COPY on the main thread,
+    and a statement another thread had started with it could then not await its end
+    ("wait callback not available").
     """
     try:
-        connection = database._connect()
-        connection.autocommit = True
+        if own_thread:
+            encoding = "LATIN1" if text_limits["raw_server_bytes"] else "UTF8"
+            params = {**database.connect_params, "client_encoding": encoding, "async_": True}
+            connection = database._adapter.connect(database, **params)
+            wait(connection)
+        else:
+            connection = database._connect()
+            connection.autocommit = True
         configure_session(connection)
     except (psycopg2.OperationalError, ServerSilent) as exc:
         raise MigrationError(
@@ -477,6 +489,13 @@ def open_side_connection():
             " a long statement)"
         ) from None
     return connection
+
+
+def execute_awaited(cursor, sql, params=None):
+    """cursor.execute, then its end awaited by `wait` when the connection is asynchronous."""
+    cursor.execute(sql, params)
+    if cursor.connection.async_:
+        wait(cursor.connection)
 
 
 # --- Our sessions' settings -------------------------------------------------------------
@@ -519,7 +538,7 @@ def configure_session(connection):
     )
     query = SESSION_QUERY.format(extra=extra if connection.server_version >= 140000 else "")
     with connection.cursor() as cursor:
-        cursor.execute(query)
+        execute_awaited(cursor, query)
         standby, read_only, source, role, dbname = cursor.fetchone()[:5]
     if connection.autocommit is False:
         connection.rollback()  # the query opened a transaction; a run starts outside one

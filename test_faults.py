@@ -219,3 +219,43 @@ def test_a_signal_that_arrives_before_the_wait_starts_still_cancels_the_statemen
         "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
         " AND datname = current_database()"
     )
+
+
+def test_a_thread_awaits_its_statements_while_the_main_thread_turns_the_wait_callback_off(empty_db):
+    # archive's checksum runs on a thread of its own while the main thread's COPY turns the
+    # process-wide wait callback off and on: a statement started with the callback on must
+    # still await its end ("wait callback not available" failed a retention run).
+    import threading
+
+    import psycopg2.extensions
+
+    import connection
+
+    migrate.connect(empty_db.params)
+    psycopg2.extensions.set_wait_callback(connection.wait)
+    side = connection.open_side_connection(own_thread=True)
+    failures, done = [], threading.Event()
+
+    def run_statements():
+        try:
+            with side.cursor() as cursor:
+                for number in range(500):
+                    connection.execute_awaited(cursor, "SELECT %s", (number,))
+                    assert cursor.fetchone() == (number,)
+        except Exception as exc:  # noqa: BLE001 -- checked below, in the test's thread
+            failures.append(exc)
+        finally:
+            done.set()
+
+    runner = threading.Thread(target=run_statements)
+    runner.start()
+    try:
+        while not done.is_set():
+            psycopg2.extensions.set_wait_callback(None)
+            psycopg2.extensions.set_wait_callback(connection.wait)
+    finally:
+        runner.join()
+        psycopg2.extensions.set_wait_callback(None)
+        side.close()
+        migrate.database.close()
+    assert failures == []
