@@ -59,7 +59,16 @@ import psycopg2.extensions
 from peewee import Entity, Value
 
 from catalog import guard_params, guard_sql, guarded, one_snapshot, shown, shown_name
-from connection import MigrationError, execute_awaited, open_side_connection, signal_pending, wait
+from connection import (
+    CANCEL_LIMIT,
+    MigrationError,
+    cancel_bounded,
+    execute_awaited,
+    join_watched,
+    open_side_connection,
+    signal_pending,
+    wait,
+)
 from models import RequestLog, database
 from plan import render
 
@@ -641,7 +650,7 @@ class SideChecksum(threading.Thread):
 
     def result(self):
         if self.sums is None:
-            self.join()
+            join_watched(self, self.connection)
             if getattr(self.error, "pgcode", None) == LOCK_NOT_AVAILABLE:
                 self.error, self.rows = None, database.execute_sql(self.sql).fetchall()
             if self.error is not None:
@@ -651,9 +660,10 @@ class SideChecksum(threading.Thread):
 
     def close(self):
         if self.is_alive():  # the main thread failed: the checksum is not wanted any more
-            with contextlib.suppress(psycopg2.Error):
-                self.connection.cancel()
-        self.join()
+            cancel_bounded(self.connection)
+        # Bounded: after a frozen path, the thread's wait only ends once the connection
+        # is closed under it (a daemon thread, it never holds the process).
+        self.join(CANCEL_LIMIT)
         if not self.connection.closed:
             self.connection.close()
 

@@ -32,6 +32,7 @@ module of the tool; models.py re-exports both, so `from models import
 database, bind_from_url` stays the way to reach them.
 """
 
+import contextlib
 import os
 import re
 import select
@@ -571,12 +572,21 @@ class Watch:
     wait outright (a probe's own)."""
 
     connect_limit = CONNECT_TIMEOUT
-    probe = None
     probe_every = 5.0
     signals_handled = 0
     # Per thread: archive's checksum waits on a thread of its own, and a probe there set the
-    # short limit of its own query for the main thread's wait too (a "lost connection").
+    # short limit of its own query for the main thread's wait too (a "lost connection"), and
+    # ran on the probe's connection beside the main thread. That thread's statement is
+    # probed from the main thread instead, by `join_watched`.
     _thread = threading.local()
+
+    @property
+    def probe(self):
+        return getattr(self._thread, "probe", None)
+
+    @probe.setter
+    def probe(self, function):
+        self._thread.probe = function
 
     @property
     def silence_limit(self):
@@ -648,15 +658,34 @@ def wait(connection):
         if limit is not None and now - started > limit:
             what = "a connection attempt" if connecting else "a query"
             raise ServerSilent(f"the server did not answer {what} within {limit:g} s")
-        if watch.probe and not watch.probing and not connecting and now >= next_probe:
+        if not connecting and now >= next_probe:
             next_probe = now + watch.probe_every
-            watch.probing = True
-            try:
-                watch.probe(connection, now - started)
-            finally:
-                watch.probing = False
+            probe_once(connection, now - started)
     if signal_pending():
         raise KeyboardInterrupt
+
+
+def probe_once(connection, elapsed):
+    """The probe's look at the statement running on `connection`, if this thread has one."""
+    if watch.probe and not watch.probing:
+        watch.probing = True
+        try:
+            watch.probe(connection, elapsed)
+        finally:
+            watch.probing = False
+
+
+def join_watched(thread, connection):
+    """thread.join(), for a thread awaiting a statement on `connection`: the statement is
+    probed from here as `wait` probes this thread's own (that thread acts on signals)."""
+    started = time.monotonic()
+    next_probe = started + watch.probe_every
+    while thread.is_alive():
+        thread.join(TICK)
+        now = time.monotonic()
+        if thread.is_alive() and now >= next_probe:
+            next_probe = now + watch.probe_every
+            probe_once(connection, now - started)
 
 
 def acting_on_signals():
@@ -667,9 +696,16 @@ def acting_on_signals():
 def cancel_bounded(connection):
     """Ask the server to cancel the running statement, waiting at most CANCEL_LIMIT:
     PQcancel blocks, and a frozen path would hold it forever."""
-    sender = threading.Thread(target=connection.cancel, daemon=True)
+    sender = threading.Thread(target=cancel_quietly, args=(connection,), daemon=True)
     sender.start()
     sender.join(CANCEL_LIMIT)
+
+
+def cancel_quietly(connection):
+    # A failed cancel (a closed connection, a refused path) changes nothing to do: the wait
+    # that asked for it has its own limit. Unsuppressed, the thread would print a traceback.
+    with contextlib.suppress(psycopg2.Error):
+        connection.cancel()
 
 
 # libpq's words for a server that is not (yet) there: --wait retries these.

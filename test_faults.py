@@ -259,3 +259,38 @@ def test_a_thread_awaits_its_statements_while_the_main_thread_turns_the_wait_cal
         side.close()
         migrate.database.close()
     assert failures == []
+
+
+def test_a_statement_awaited_on_another_thread_is_probed_from_the_main_thread(empty_db):
+    # The probe's connection is the main thread's: archive's checksum thread used it beside
+    # the main thread. Its statement is probed by the main thread while it joins.
+    import threading
+
+    import psycopg2.extensions
+
+    import connection
+
+    migrate.connect(empty_db.params)
+    psycopg2.extensions.set_wait_callback(connection.wait)
+    side = connection.open_side_connection(own_thread=True)
+    probes, every = [], connection.watch.probe_every
+    connection.watch.probe = lambda probed, elapsed: probes.append(
+        (threading.current_thread() is threading.main_thread(), probed)
+    )
+    connection.watch.probe_every = 0.2
+
+    def sleep_a_second():
+        with side.cursor() as cursor:
+            connection.execute_awaited(cursor, "SELECT pg_sleep(1)")
+
+    sleeper = threading.Thread(target=sleep_a_second)
+    try:
+        sleeper.start()
+        connection.join_watched(sleeper, side)
+    finally:
+        connection.watch.probe, connection.watch.probe_every = None, every
+        psycopg2.extensions.set_wait_callback(None)
+        side.close()
+        migrate.database.close()
+    assert probes
+    assert set(probes) == {(True, side)}
