@@ -83,7 +83,7 @@ from connection import (
 )
 from deploy import before_rollout
 from models import MODELS, database
-from moving import CATCH_UP_TAIL, COPY_BATCH_ROWS, COPY_PAUSE_RATIO
+from moving import CATCH_UP_TAIL
 from partition import (
     BATCH_ROWS,
     CHECKED_AFTER_COMMIT,
@@ -696,8 +696,7 @@ def run_batches(step, plan, target, planner, lock_timeout, statement_timeout, bu
     for statement in step.statements:
         started = last = time.monotonic()
         total = 0
-        if statement.description:
-            log.info("%s: started (%s)", ongoing(statement), statement.hazard.work)
+        log.info("%s: started (%s)", ongoing(statement), statement.hazard.work)
         # With --archive, only the rows archived, as they were archived (archive.deletions).
         archived = (
             archiving["archive"].deletions(target, *statement.removes[0], BATCH_ROWS)
@@ -708,12 +707,9 @@ def run_batches(step, plan, target, planner, lock_timeout, statement_timeout, bu
             sql, params = (statement.sql, None) if archived is None else next(archived, (None, 0))
             if sql is None:
                 break
-            batch_started = time.monotonic()
             with watching(statement):
                 rows = database.execute_sql(sql, params).rowcount
             check_same_backend(backend)
-            if rows < 0:  # a statement that changes no row (a copy's closing COMMENT): once
-                break
             total += rows
             now = time.monotonic()
             if watched["every"] and now - last >= watched["every"]:
@@ -724,30 +720,19 @@ def run_batches(step, plan, target, planner, lock_timeout, statement_timeout, bu
             # A catch-up stops at a batch that is not full: writers keep logging changes,
             # and the switch replays the last few under its lock.
             if archived is None and (
-                rows == 0
-                or (catching_up(statement) and rows < CATCH_UP_TAIL)
-                or (filling(statement) and rows < COPY_BATCH_ROWS)
+                rows == 0 or (catching_up(statement) and rows < CATCH_UP_TAIL)
             ):
                 break
-            if filling(statement):  # its WAL spread out: the application's commits wait less
-                pause((time.monotonic() - batch_started) * COPY_PAUSE_RATIO)
         reset_online_session()
-        # What a catch-up replays is never "made", and what a copy fills is confirmed by
-        # the COMMENT after its last batch: nothing to read back.
-        if not catching_up(statement) and not filling(statement):
+        if not catching_up(statement):  # what it replays is never "made": nothing to read back
             check_effects([statement], plan_with_retries(target, planner, budget))
-        if statement.description:
-            log.info("%s: %s rows", statement.description.rsplit(" (", 1)[0], f"{total:,}")
+        log.info("%s: %s rows", statement.description.rsplit(" (", 1)[0], f"{total:,}")
         done.append(statement)
     return done
 
 
 def catching_up(statement):
     return statement.effect[0] == "caught up"
-
-
-def filling(statement):
-    return statement.effect[0] == "filled"
 
 
 def check_effects(statements, after):
@@ -1096,8 +1081,7 @@ def script(plan, atomic, lock_timeout, statement_timeout):
                 search_path_line(target),
             ]
             for statement in step.statements:
-                # with the count of the rows it removes, or copies
-                if step.kind in ("batched", "copy") and statement.description:
+                if step.kind == "batched":  # with the count of the rows it removes
                     lines.append(f"-- {planned(statement)}")
                 lines += with_hazards([statement], tables)
             lines += [f"RESET {name};" for name in [*settings, "search_path"]]

@@ -26,12 +26,8 @@ next run with the same flags):
    model's foreign keys (made while empty: instant) and a CHECK of the month's range (so
    ATTACH adopts them and skips its scan); a change log and a trigger on the source partition
    that records the id of every row inserted, updated or deleted there from now on.
-2. copy (batched, blocks no writer): a month's rows COPY_BATCH_ROWS at a time, newest first,
-   each batch its own transaction followed by a pause as long as it took (the copy's WAL
-   spread out, so the application's commits do not queue behind it), then a COMMENT saying
-   the copy is done. A copy stopped part way goes on from its oldest row. The new default
-   (rows of no month: few) is copied in one statement: TRUNCATE + INSERT ... SELECT + the
-   COMMENT.
+2. copy (one statement per table, its own transaction): TRUNCATE (a killed copy leaves dead
+   rows) + INSERT ... SELECT + a COMMENT saying the copy is done. Blocks no writer.
 3. catch up (batched): the logged ids, a batch at a time: their rows deleted from the copies
    and copied again as the source holds them now. Stops when a batch is not full.
 4. switch (one short transaction, ACCESS EXCLUSIVE on request_logs): DETACH the source, catch
@@ -67,10 +63,6 @@ RETIRED_FORM = re.compile(
     r"migrate\.py retention: rows before (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\+00 removed"
 )
 CATCH_UP_ROWS = 5_000  # logged changes a catch-up batch replays
-# Rows a copy's batch inserts; apply pauses as long as each batch took (COPY_PAUSE_RATIO)
-# so that the WAL of the copy leaves room for the application's commits (BENCHMARKS.md, 12).
-COPY_BATCH_ROWS = 10_000
-COPY_PAUSE_RATIO = 1.0
 # A catch-up ends at a batch this small: the switch replays what is left under its lock.
 CATCH_UP_TAIL = 50
 
@@ -90,14 +82,6 @@ COPY = Hazard(
     " no writer",
     "copies the rows: grows with them, its own transaction",
 )
-COPY_BATCH = Hazard(
-    "RowExclusiveLock",
-    "nothing: the table is not attached yet; its ACCESS SHARE on the partition it reads blocks"
-    " no writer",
-    "copies a batch of rows, its own transaction; a pause as long as the batch after each",
-)
-COPY_MARK = Hazard("ShareUpdateExclusiveLock", "nothing: the table is not attached yet", "instant")
-COPY_EMPTIED = Hazard("AccessExclusiveLock", "nothing: the table is not attached yet", "instant")
 CATCH_UP = Hazard(
     "RowExclusiveLock",
     "nothing; its ACCESS SHARE on the partition it reads blocks no writer",
@@ -306,10 +290,7 @@ def work_steps(snapshot, work):
         prepare += [drop_table(name) for name in sorted(filling)]
         prepare += [stop_logging(work.kind, source), *drop_log(work.kind)]
         filling, source, logging = {}, None, False
-    # Copies filled while no trigger logged the writes cannot be trusted: emptied, and
-    # marked as not copied in the same transaction that starts the trigger.
-    untrusted = sorted(filling) if source is None else []
-    if source is None:
+    if source is None:  # copies made while no trigger logged the writes cannot be trusted
         filling = dict.fromkeys(filling, "prepared")
     wanted = {name for name, _ in targets(work)}
     # A copy made before the application altered request_logs (GORM's ADD COLUMN) can be
@@ -322,12 +303,6 @@ def work_steps(snapshot, work):
     }
     prepare += [drop_table(name) for name in sorted(filling) if name not in wanted or name in stale]
     filling = {name: state for name, state in filling.items() if name not in stale}
-    prepare += [
-        statement
-        for name in untrusted
-        if name in filling and name in wanted
-        for statement in empty_copy(work.kind, name)
-    ]
     for piece in work.pieces:
         if piece[0] not in filling:
             prepare += make_copy_table(snapshot, work.kind, piece)
@@ -347,20 +322,13 @@ def work_steps(snapshot, work):
         )
     for name, predicate in targets(work):
         if filling.get(name) != "copied":
-            again = name in stale
-            if name == REST:  # rows of no month (few): one statement, as it needs no order
-                step = Step(
+            steps.append(
+                Step(
                     f"copy rows into {shown_name(name)}",
                     "online",
-                    [copy_rows(snapshot, work, name, predicate, again)],
+                    [copy_rows(snapshot, work, name, predicate, again=name in stale)],
                 )
-            else:
-                step = Step(
-                    f"copy rows into {shown_name(name)}",
-                    "copy",
-                    [copy_batch(snapshot, work, name, predicate), mark_copied(work, name, again)],
-                )
-            steps.append(step)
+            )
     steps.append(
         Step(f"catch up the {work.kind}", "catch-up", [replay(snapshot, work, CATCH_UP_ROWS)])
     )
@@ -572,60 +540,6 @@ def copy_rows(snapshot, work, name, predicate, again=False):
         COPY._replace(
             others=((work.source, "AccessShareLock"), *referenced(snapshot, "RowShareLock"))
         ),
-        ("copied", PARENT, f"{name} (made again)" if again else name),
-    )
-
-
-def empty_copy(kind, name):
-    key = ("copy table", PARENT, name)
-    return [
-        Statement(sql_text("TRUNCATE", Entity(name)), "", (name,), COPY_EMPTIED, key),
-        Statement(
-            sql_text("COMMENT ON TABLE", Entity(name), "IS", Value(PREPARED.format(kind=kind))),
-            "",
-            (),
-            NEW,
-            key,
-        ),
-    ]
-
-
-def copy_batch(snapshot, work, name, predicate):
-    """The next COPY_BATCH_ROWS rows of a month, newest first: those below the oldest the
-    copy holds, by (created_at, id), the month's index read backwards from there. Rows
-    written after a batch ran are in the change log, which the catch-up replays; so a run
-    stopped part way is carried on from the copy's oldest row, and rows the application
-    inserts meanwhile (newer than every row copied) are never chased."""
-    table, source = render(Entity(name)), render(Entity(work.source))
-    created, ident = render(Entity("created_at")), render(Entity("id"))
-    cols = columns(snapshot)
-    oldest = f"(SELECT {created}, {ident} FROM {table} ORDER BY {created}, {ident} LIMIT 1)"
-    below = (
-        f"({created}, {ident}) < (coalesce((SELECT {created} FROM oldest), 'infinity'),"
-        f" coalesce((SELECT {ident} FROM oldest), 0))"
-    )
-    return Statement(
-        f"WITH oldest AS {oldest} INSERT INTO {table} ({cols}) SELECT {cols} FROM ONLY {source}"
-        f" WHERE {predicate} AND {below} ORDER BY {created} DESC, {ident} DESC"
-        f" LIMIT {COPY_BATCH_ROWS}",
-        f"copied the rows of {shown_name(work.source)} for {shown_name(name)}",
-        (name,),
-        COPY_BATCH._replace(
-            others=((work.source, "AccessShareLock"), *referenced(snapshot, "RowShareLock"))
-        ),
-        ("filled", PARENT, name),
-    )
-
-
-def mark_copied(work, name, again):
-    """The COMMENT that says a copy is complete, after its last batch. `again`: into a copy
-    made again (stale): its own effect, so that the copy that went stale right after it
-    ran is not taken for one that had no effect."""
-    return Statement(
-        sql_text("COMMENT ON TABLE", Entity(name), "IS", Value(COPIED.format(kind=work.kind))),
-        "",
-        (name,),
-        COPY_MARK,
         ("copied", PARENT, f"{name} (made again)" if again else name),
     )
 

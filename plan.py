@@ -1321,8 +1321,6 @@ STEP_KINDS = {
     "transaction": "in one short transaction",
     "online": "one statement at a time",
     "batched": "repeated until it changes no row, each batch its own transaction",
-    "copy": "a batch of rows at a time until one is not full, each its own transaction and"
-    " followed by a pause as long as it took; then the COMMENT that marks the copy done",
     "catch-up": "repeated until a batch replays fewer than 50 changes, each its own transaction",
 }
 

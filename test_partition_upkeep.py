@@ -14,7 +14,6 @@ import psycopg2
 import apply
 import migrate
 import models
-import moving
 import partition
 from catalog import target_schema
 from conftest import migrate_here, poll_until, run_migrate, wait_for_lock_wait
@@ -27,8 +26,6 @@ FILL = (
     " + (g::float8 * {spread} / {count}) * interval '1 second', k.user_id, k.id, 1, 'm', 'POST', '/', 200, 5"
     " FROM generate_series(1, {count}) g, (SELECT * FROM api_keys LIMIT 1) k"
 )
-# Every row once, as it is: id, month and content.
-IDS = "SELECT id, created_at, model FROM request_logs ORDER BY id"
 
 
 def layout_made_months_ago(db, months):
@@ -293,58 +290,6 @@ def test_a_move_killed_part_way_is_named_by_check_and_finished_by_the_next_run(
     assert (
         empty_db.value("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'request_logs_%%'") == 0
     )
-
-
-def a_move_killed_between_copy_batches(db, start_migrate):
-    """A move out of the default stopped by kill -9 once its month's copy holds a batch or
-    more (moving.COPY_BATCH_ROWS each): (month, its copy's committed xmins, their rows)."""
-    this = month(datetime.now(UTC))
-    fill(db, this, 2 * moving.COPY_BATCH_ROWS + 5_000, spread=60)
-    name = partition.month_name(this)
-    run = start_migrate(db.url)
-    poll_until(
-        f"{name} holds a batch",
-        lambda: (
-            db.value("SELECT to_regclass(%s) IS NOT NULL", name)
-            and rows_of(db, name) >= moving.COPY_BATCH_ROWS
-        ),
-        every=0.002,
-    )
-    run.send_signal(signal.SIGKILL)
-    run.communicate(timeout=60)
-    xmins = [x for (x,) in db.rows(f'SELECT DISTINCT xmin::text FROM "{name}"')]
-    return name, xmins, rows_of(db, name)
-
-
-def test_a_copy_stopped_between_batches_is_carried_on_from_its_oldest_row(empty_db, start_migrate):
-    layout_made_months_ago(empty_db, 4)
-    name, xmins, copied = a_move_killed_between_copy_batches(empty_db, start_migrate)
-    before = empty_db.rows(IDS)
-
-    again = run_migrate(empty_db.url)
-
-    assert again.returncode == 0, again.stderr
-    assert 0 < copied < len(before)
-    assert empty_db.rows(IDS) == before
-    # The rows the killed run copied are still the same row versions: not copied again.
-    kept = empty_db.value(f'SELECT count(*) FROM "{name}" WHERE xmin::text = ANY (%s)', xmins)
-    assert kept == copied
-
-
-def test_a_copy_filled_while_its_trigger_was_gone_is_filled_again(empty_db, start_migrate):
-    layout_made_months_ago(empty_db, 4)
-    name, _, _ = a_move_killed_between_copy_batches(empty_db, start_migrate)
-    default = default_of(empty_db)
-    # Someone drops the trigger; a row already copied then changes, and nothing logs it.
-    empty_db.rows(f'DROP TRIGGER request_logs_moving ON "{default}"')
-    changed = empty_db.value(f'SELECT max(id) FROM "{name}"')
-    empty_db.rows("UPDATE request_logs SET model = 'changed' WHERE id = %s", changed)
-
-    again = run_migrate(empty_db.url)
-
-    assert again.returncode == 0, again.stderr
-    assert empty_db.value(f'SELECT model FROM "{name}" WHERE id = %s', changed) == "changed"
-    assert rows_of(empty_db, name) == 2 * moving.COPY_BATCH_ROWS + 5_000
 
 
 def test_a_retention_stopped_part_way_is_drift_until_the_next_retention_run(
