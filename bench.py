@@ -863,7 +863,12 @@ def with_inserts(scratch, action, since=None, when=False):
             thread.join()
     waits = [(w, at - w) for at, w in inserter.latencies if at >= started and at - w <= finished]
     longest = max(waits) if when else max(waits)[0]
+    inserts_seen.update(count=len(waits), over_100_ms=sum(w > 0.1 for w, _ in waits))
     return result, longest, (reader.drops() if reader else None)
+
+
+# The inserts of with_inserts' last action: how many, and how many waited over 100 ms.
+inserts_seen = {"count": 0, "over_100_ms": 0}
 
 
 def seed_users(scratch):
@@ -920,7 +925,7 @@ def bench_move_out_of_default(scratch, settings):
     now = datetime.now(UTC)
     this = partition.month_start(now)
     results = {}
-    for way in ("switch", "share lock"):
+    for way in ("switch", "one-statement copy", "share lock"):
         scratch.reset()
         migrate_in_process(scratch, partition=True, now=partition.add_months(this, -4))
         seed_users(scratch)
@@ -932,6 +937,11 @@ def bench_move_out_of_default(scratch, settings):
 
             def action(printed=printed):
                 return run_migrate_logged(scratch, "--lock-timeout", "60", printed=printed)
+
+        elif way == "one-statement copy":
+
+            def action():
+                return copy_in_one_statement(scratch, this)
 
         else:
 
@@ -950,20 +960,42 @@ def bench_move_out_of_default(scratch, settings):
         assert status == 0, "\n".join(lines)
         left = scratch.execute("SELECT count(*) FROM ONLY request_logs_default")[0][0]
         step = step_at(printed, began) if printed else None
-        results[way] = (seconds, longest, drops, held_ms(lines, "switch "), left, step)
+        over = f"{inserts_seen['over_100_ms']:,} of {inserts_seen['count']:,} inserts over 100 ms"
+        results[way] = (seconds, longest, drops, held_ms(lines, "switch "), left, step, over)
     for way, label in (
         ("switch", "migrate.py: copy beside, catch up, one switch"),
+        (
+            "one-statement copy",
+            (
+                "the copy alone as one INSERT ... SELECT, into a table LIKE request_logs with"
+                " its indexes and foreign keys"
+            ),
+        ),
         ("share lock", "one transaction: LOCK SHARE, move the rows, ATTACH (before)"),
     ):
-        seconds, longest, drops, holds, left, step = results[way]
+        seconds, longest, drops, holds, left, step, over = results[way]
         add_row(
             f"12 upkeep: {count:,} rows of this month in the default partition, inserts running",
             label,
-            f"longest insert {longest * 1000:.0f} ms; whole run {seconds:.1f} s"
+            f"longest insert {longest * 1000:.0f} ms ({over}); whole run {seconds:.1f} s"
             + (f"; switch held its locks {holds[0]:.0f} ms" if holds else ""),
             f"the reader's count of the month dropped {drops} times; {left} rows left in default"
             + (f'; the longest insert fell in the step that printed "{step}"' if step else ""),
         )
+
+
+def copy_in_one_statement(scratch, this):
+    """The month's rows copied as moving.py copied them before its batches: one statement."""
+    scratch.execute(
+        "CREATE TABLE copied (LIKE request_logs INCLUDING DEFAULTS INCLUDING CONSTRAINTS"
+        " INCLUDING INDEXES); ALTER TABLE copied ADD FOREIGN KEY (user_id) REFERENCES users (id),"
+        " ADD FOREIGN KEY (api_key_id) REFERENCES api_keys (id)"
+    )
+    started = time.perf_counter()
+    scratch.execute(
+        "INSERT INTO copied SELECT * FROM ONLY request_logs_default WHERE created_at >= %s", (this,)
+    )
+    return time.perf_counter() - started, 0, []
 
 
 WALDUMP = Path("/usr/lib/postgresql") / "{major}" / "bin" / "pg_waldump"
