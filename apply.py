@@ -364,7 +364,9 @@ def probe(connection, elapsed):
     if watched["probe"] is None or watched["probe"].closed:
         try:
             watched["probe"] = open_side_connection()
-        except MigrationError:
+        except MigrationError as exc:
+            if not getattr(exc, "unreachable", True):
+                raise  # refused by a server that answered: CONNECTION LIMIT, not silence
             raise ServerSilent(
                 f"the server did not answer while a statement ran ({elapsed:.0f} s): a new"
                 " connection to watch it got no answer"

@@ -484,11 +484,15 @@ def open_side_connection(own_thread=False):
             connection.autocommit = True
         configure_session(connection)
     except (psycopg2.OperationalError, ServerSilent) as exc:
-        raise MigrationError(
+        refused = MigrationError(
             connection_failure(exc, database.connect_params)
             + " (another connection: a run needs two, three with --archive, and one more to watch"
             " a long statement)"
-        ) from None
+        )
+        # A server that answered with a refusal (too many connections) is not a silent one:
+        # the probe says what the server said instead.
+        refused.unreachable = is_unreachable(exc)
+        raise refused from None
     return connection
 
 

@@ -294,3 +294,24 @@ def test_a_statement_awaited_on_another_thread_is_probed_from_the_main_thread(em
         migrate.database.close()
     assert probes
     assert set(probes) == {(True, side)}
+
+
+def test_a_probe_refused_for_too_many_connections_names_the_limit_not_a_silent_server(empty_db):
+    # The probe watching a long statement (archive's checksum among them) is one connection
+    # more: a CONNECTION LIMIT refusing it came from a server that answered, yet the run
+    # ended saying the server did not answer (a stopped server, a dead load balancer?).
+    import apply
+    from conftest import quoted
+
+    role = empty_db.no_create_role  # dropped by the fixture's reset
+    empty_db.rows(f"CREATE ROLE {quoted(role)} LOGIN CONNECTION LIMIT 1")
+    migrate.connect({**empty_db.params, "user": role})
+    apply.watch_queries(0)
+    try:
+        with pytest.raises(migrate.MigrationError) as refused:
+            apply.probe(migrate.database.connection(), 6.0)
+    finally:
+        apply.stop_watching()
+        migrate.database.close()
+    assert "too many connections" in str(refused.value)
+    assert "did not answer" not in str(refused.value)
