@@ -569,6 +569,20 @@ TICK = 0.2  # seconds between looks at the clock (and at signals) while waiting
 CANCEL_LIMIT = 5.0  # how long a cancel request and the answer to it may take
 
 
+class PerThread:
+    """An attribute whose value each thread sets for itself (threading.local), `default`
+    until it does."""
+
+    def __init__(self, default):
+        self.default, self.values = default, threading.local()
+
+    def __get__(self, owner, owner_type=None):
+        return getattr(self.values, "value", self.default)
+
+    def __set__(self, owner, value):
+        self.values.value = value
+
+
 class Watch:
     """What `wait` does while a statement runs: connect_limit bounds a connection attempt;
     `probe(connection, elapsed)`, set by apply for its statements, runs every probe_every seconds of a
@@ -582,31 +596,9 @@ class Watch:
     # short limit of its own query for the main thread's wait too (a "lost connection"), and
     # ran on the probe's connection beside the main thread. That thread's statement is
     # probed from the main thread instead, by `join_watched`.
-    _thread = threading.local()
-
-    @property
-    def probe(self):
-        return getattr(self._thread, "probe", None)
-
-    @probe.setter
-    def probe(self, function):
-        self._thread.probe = function
-
-    @property
-    def silence_limit(self):
-        return getattr(self._thread, "silence_limit", None)
-
-    @silence_limit.setter
-    def silence_limit(self, seconds):
-        self._thread.silence_limit = seconds
-
-    @property
-    def probing(self):
-        return getattr(self._thread, "probing", False)
-
-    @probing.setter
-    def probing(self, value):
-        self._thread.probing = value
+    probe = PerThread(None)
+    silence_limit = PerThread(None)
+    probing = PerThread(False)
 
 
 watch = Watch()
