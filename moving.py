@@ -581,6 +581,38 @@ def replay(snapshot, work, limit):
     )
 
 
+# Raised by the switch when request_logs gained an index or a foreign key after its plan was
+# read: the lock error's code, so that the attempt is rolled back and planned again like one
+# that waited too long (apply.with_lock_retries), and the stale copies are made again.
+CHANGED_MEANWHILE = "request_logs gained an index or a foreign key while the switch waited"
+
+
+def unchanged_since_planned(snapshot, key):
+    """A check run right after the DETACH, which holds ACCESS EXCLUSIVE on request_logs: a
+    DBA's CREATE INDEX (or ADD FOREIGN KEY) that committed while the DETACH waited for its
+    lock, after the plan was read, would otherwise be built (or validated) on a copy by
+    ATTACH, under that lock. Counts, not names: catalog text never goes into SQL."""
+    indexes = sum(1 for i in snapshot.indexes.values() if i.table == PARENT)
+    keys = sum(1 for c in snapshot.constraints if c.table == PARENT and c.kind == "f")
+    parent = (
+        f"(SELECT oid FROM pg_class WHERE relnamespace = {int(snapshot.target.oid)}"
+        f" AND relname = {render(Value(PARENT))})"
+    )
+    body = (
+        f"BEGIN IF (SELECT count(*) FROM pg_index WHERE indrelid = {parent}) <> {indexes}"
+        f" OR (SELECT count(*) FROM pg_constraint WHERE conrelid = {parent} AND contype = 'f')"
+        f" <> {keys} THEN RAISE EXCEPTION {render(Value(CHANGED_MEANWHILE))}"
+        " USING ERRCODE = 'lock_not_available'; END IF; END"
+    )
+    return Statement(
+        "DO " + render(Value(body)),
+        "",
+        (PARENT,),
+        SWITCH_CATALOG._replace(work="instant: reads request_logs' indexes and keys"),
+        key,
+    )
+
+
 def switch(snapshot, work):
     """The one short transaction: detach the source, replay the last changes, attach the copies."""
     key = ("switched", PARENT, work.source)
@@ -593,6 +625,7 @@ def switch(snapshot, work):
             SWITCH_DETACH._replace(others=referenced(snapshot, "ShareRowExclusiveLock")),
             key,
         ),
+        unchanged_since_planned(snapshot, key),
         replay(snapshot, work, None)._replace(effect=key, description=""),
     ]
     for name, lower, upper in work.pieces:

@@ -396,6 +396,46 @@ def test_an_index_made_while_the_switch_waits_for_its_lock_makes_the_run_copy_ag
     assert indexes_not_of_request_logs(empty_db, name) == []
 
 
+def test_an_index_committed_while_a_switch_attempt_waits_makes_the_run_copy_again(
+    empty_db, start_migrate
+):
+    layout_made_months_ago(empty_db, 4)
+    this = month(datetime.now(UTC))
+    fill(empty_db, this, 2_000, spread=60)
+    name = partition.month_name(this)
+    holder, dba = psycopg2.connect(empty_db.url), psycopg2.connect(empty_db.url)
+    try:
+        with holder.cursor() as cursor:  # a reader of the default: the switch waits for it
+            cursor.execute(f'SELECT count(*) FROM "{default_of(empty_db)}"')
+        run = start_migrate(empty_db.url, "--lock-timeout", "60")
+        wait_for_lock_wait(empty_db, "the switch waits", run=run, query="%DETACH PARTITION%")
+        with dba.cursor() as cursor:  # holds SHARE on request_logs until its COMMIT
+            cursor.execute("CREATE INDEX request_logs_path_dba ON request_logs (path)")
+        holder.close()  # from here the switch waits for the DBA's transaction only
+
+        def attempt_just_begun():
+            # An attempt of the switch that planned before the index existed and waits: the
+            # COMMIT lands inside its 50 ms, so the DETACH is granted right after it.
+            return empty_db.value(
+                "SELECT count(*) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
+                " AND NOT l.granted WHERE a.datname = current_database()"
+                " AND a.query LIKE '%%DETACH PARTITION%%'"
+                " AND clock_timestamp() - a.query_start < interval '15 ms'"
+            )
+
+        poll_until("an attempt of the switch begins to wait", attempt_just_begun, every=0.001)
+        dba.commit()
+    finally:
+        holder.close()
+        dba.close()
+    out, err = run.communicate(timeout=120)
+
+    assert run.returncode == 0, err
+    assert f"dropped the unfinished copy {name}" in out + err
+    assert rows_of(empty_db, name) == 2_000 and rows_of(empty_db, default_of(empty_db)) == 0
+    assert indexes_not_of_request_logs(empty_db, name) == []
+
+
 def test_a_move_held_off_by_a_transaction_on_users_names_it(empty_db):
     layout_made_months_ago(empty_db, 4)
     fill(empty_db, month(datetime.now(UTC)), 2_000, spread=60)
