@@ -439,23 +439,42 @@ class Inserter(threading.Thread):
 
     def __init__(self, url):
         super().__init__(daemon=True)
+        self.url = url
         self.connection = psycopg2.connect(url)
         self.connection.autocommit = True
         self.stop = threading.Event()
         self.latencies = []  # (finished at, seconds)
+        self.failure = None  # an insert's error, with request_logs' partitions at that moment
 
     def run(self):
-        with self.connection.cursor() as cursor:
-            while not self.stop.is_set():
-                started = time.perf_counter()
-                cursor.execute(
-                    "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id, model,"
-                    " method, path, status_code, response_time)"
-                    " VALUES (now(), 1, 1, 1, 'model-1', 'POST', '/', 200, 10)"
-                )
-                finished = time.perf_counter()
-                self.latencies.append((finished, finished - started))
-        self.connection.close()
+        try:
+            with self.connection.cursor() as cursor:
+                while not self.stop.is_set():
+                    started = time.perf_counter()
+                    cursor.execute(
+                        "INSERT INTO request_logs (created_at, user_id, api_key_id, api_config_id,"
+                        " model, method, path, status_code, response_time)"
+                        " VALUES (now(), 1, 1, 1, 'model-1', 'POST', '/', 200, 10)"
+                    )
+                    finished = time.perf_counter()
+                    self.latencies.append((finished, finished - started))
+        except psycopg2.Error as exc:
+            # An insert the application would have lost: what the layout was, for the report.
+            self.failure = f"{exc.pgerror or exc}".strip() + f"; partitions then: {self.layout()}"
+        finally:
+            self.connection.close()
+
+    def layout(self):
+        connection = psycopg2.connect(self.url)
+        with contextlib.closing(connection), connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT now(), array_agg(c.relname || ' ' || pg_get_expr(c.relpartbound, c.oid)"
+                " ORDER BY c.relname DESC) FILTER (WHERE c.relname IS NOT NULL)"
+                " FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid"
+                " WHERE h.inhparent = to_regclass('request_logs')"
+            )
+            moment, partitions = cursor.fetchone()
+        return f"at {moment}: {(partitions or [])[:4]} ({len(partitions or [])} in all)"
 
 
 def build_while_inserting(scratch, *flags):
@@ -852,15 +871,19 @@ def with_inserts(scratch, action, since=None, when=False):
     inserter.start()
     if reader:
         reader.start()
-    time.sleep(0.3)
-    started = time.perf_counter()
-    result = action()
-    finished = time.perf_counter()
-    time.sleep(0.2)
-    for thread in (inserter, reader):
-        if thread:
-            thread.stop.set()
-            thread.join()
+    try:
+        time.sleep(0.3)
+        started = time.perf_counter()
+        result = action()
+        finished = time.perf_counter()
+        time.sleep(0.2)
+    finally:  # the action failed: its inserter must not go on into the next section
+        for thread in (inserter, reader):
+            if thread:
+                thread.stop.set()
+                thread.join()
+        if inserter.failure:
+            raise AssertionError(f"an insert failed during the action: {inserter.failure}")
     waits = [(w, at - w) for at, w in inserter.latencies if at >= started and at - w <= finished]
     longest = max(waits) if when else max(waits)[0]
     inserts_seen.update(count=len(waits), over_100_ms=sum(w > 0.1 for w, _ in waits))
