@@ -616,6 +616,10 @@ def interrupted_line():
     return f"interrupted by {name} during the {progress['stage']} stage: {state_words()}"
 
 
+ADMIN_SHUTDOWN = "57P01"
+ADMIN_SHUTDOWN_TEXT = "terminating connection due to administrator command"
+
+
 def lost_connection(exc):
     """A session that died under us: the server rolled back whatever was open."""
     reason = str(getattr(exc, "orig", exc)).strip().splitlines()
@@ -625,6 +629,16 @@ def lost_connection(exc):
             f"the connection refuses transactions ({detail}): DATABASE_URL goes through a"
             " statement pooler (pgbouncer pool_mode=statement); point it at the server or a"
             f" session-mode pool; {state_words()}"
+        )
+    if (
+        getattr(getattr(exc, "orig", exc), "pgcode", None) == ADMIN_SHUTDOWN
+        or ADMIN_SHUTDOWN_TEXT in detail  # a FATAL read as the socket closed carries no code
+    ):
+        # pg_terminate_backend and a server shutdown both end a session this way.
+        return (
+            f"the server ended a session of this run ({detail}: pg_terminate_backend, or a"
+            f" shutdown) during the {progress['stage']} stage: {state_words()}; rerun it"
+            " (once the server accepts connections again)"
         )
     return (
         f"lost the connection to the server ({detail}) during the {progress['stage']} stage:"

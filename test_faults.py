@@ -120,7 +120,7 @@ def test_missing_peewee_is_one_line_saying_how_to_install(tmp_path):
 # --- Faults -----------------------------------------------------------------------------------
 
 
-def test_a_connection_killed_mid_run_is_one_line_and_exit_2(migrated_db, start_migrate):
+def test_a_session_terminated_mid_run_is_one_line_naming_it_and_exit_2(migrated_db, start_migrate):
     migrated_db.rows("DROP INDEX idx_request_logs_model")
     writer = open_write_transaction(migrated_db)  # the online build waits for it
     run = start_migrate(migrated_db.url, "--lock-timeout", "60")
@@ -134,7 +134,8 @@ def test_a_connection_killed_mid_run_is_one_line_and_exit_2(migrated_db, start_m
     assert run.returncode == migrate.EXIT_ERROR, stderr
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("migrate: error: ") and "connection" in last
+    assert last.startswith("migrate: error: the server ended a session of this run")
+    assert "pg_terminate_backend" in last and "server is back" not in last
     assert (
         "index idx_request_logs_model was left INVALID: the next run drops and rebuilds it" in last
     )
