@@ -511,7 +511,12 @@ def foreign_keys_of(snapshot, table):
     version = database.server_version or 0
     query = FOREIGN_KEYS_QUERY.format(
         enforced="k.conenforced" if version >= 180000 else "true",
-        set_columns="k.confdelsetcols IS NOT NULL" if version >= 150000 else "false",
+        set_columns=(
+            "ARRAY(SELECT a.attname FROM unnest(k.confdelsetcols) WITH ORDINALITY u(n, i)"
+            " JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n ORDER BY u.i)"
+            if version >= 150000
+            else "ARRAY[]::name[]"
+        ),
     )
     return [
         ForeignKey(*row)
@@ -521,7 +526,7 @@ def foreign_keys_of(snapshot, table):
 
 def carriable(key):
     """Whether a key of the table can be made on another table from its facts."""
-    return key.outgoing and key.valid and not key.set_columns and key.match in MATCH
+    return key.outgoing and key.valid and key.match in MATCH
 
 
 def foreign_key_sql(key, table, not_valid=False):
@@ -532,6 +537,8 @@ def foreign_key_sql(key, table, not_valid=False):
         + render(Entity(key.ref_schema, key.ref_table))
         + f" ({', '.join(render(Entity(c)) for c in key.ref_columns)}) {MATCH[key.match]}"
         + f" ON UPDATE {ACTIONS[key.on_update]} ON DELETE {ACTIONS[key.on_delete]}"
+        # ON DELETE SET NULL (columns), PostgreSQL 15+: only those columns are set.
+        + (f" ({', '.join(render(Entity(c)) for c in key.set_columns)})" if key.set_columns else "")
         + (" DEFERRABLE" if key.deferrable else "")
         + (" INITIALLY DEFERRED" if key.deferred else "")
         + (" NOT VALID" if not_valid else "")
@@ -542,6 +549,7 @@ def same_key(a, b):
     """Whether two keys check the same thing (ATTACH PARTITION adopts the one for the other)."""
     fields = (
         "columns ref_schema ref_table ref_columns on_update on_delete match deferrable deferred"
+        " set_columns"
     )
     return all(getattr(a, f) == getattr(b, f) for f in fields.split())
 
@@ -579,7 +587,7 @@ def carried_foreign_keys(snapshot, model, twin):
             continue
         if key.name in declared:
             continue  # the swap makes the models' own
-        if not key.valid or key.set_columns or key.match not in MATCH:
+        if not key.valid or key.match not in MATCH:
             cannot.append(
                 Cannot(
                     f"the foreign key {shown_name(key.name)} of {parent}, which is"

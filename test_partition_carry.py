@@ -491,3 +491,23 @@ def test_a_publication_of_some_columns_of_request_logs_blocks_the_conversion(
         error_line(result)
     )
     assert catalog(migrated_db) == before
+
+
+def test_a_dbas_key_that_sets_some_columns_null_is_carried_by_the_conversion(migrated_db):
+    add_dated_logs(migrated_db, 10)
+    migrated_db.rows("CREATE TABLE dba_configs (id bigint PRIMARY KEY)")
+    migrated_db.rows("ALTER TABLE request_logs ADD COLUMN config_ref bigint")
+    # ON DELETE SET NULL of a column list, PostgreSQL 15+.
+    migrated_db.rows(
+        "ALTER TABLE request_logs ADD CONSTRAINT config_dba FOREIGN KEY (config_ref)"
+        " REFERENCES dba_configs (id) ON DELETE SET NULL (config_ref)"
+    )
+
+    result = run_migrate(migrated_db.url, "--partition-request-logs")
+
+    assert result.returncode == 0, result.stderr
+    assert is_partitioned(migrated_db)
+    assert migrated_db.value(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint"
+        " WHERE conrelid = 'request_logs'::regclass AND conname = 'config_dba'"
+    ) == ("FOREIGN KEY (config_ref) REFERENCES dba_configs(id) ON DELETE SET NULL (config_ref)")
