@@ -595,12 +595,12 @@ def unchanged_since_planned(snapshot, key):
     indexes = sum(1 for i in snapshot.indexes.values() if i.table == PARENT)
     keys = sum(1 for c in snapshot.constraints if c.table == PARENT and c.kind == "f")
     parent = (
-        f"(SELECT oid FROM pg_class WHERE relnamespace = {int(snapshot.target.oid)}"
+        f"(SELECT oid FROM pg_catalog.pg_class WHERE relnamespace = {int(snapshot.target.oid)}"
         f" AND relname = {render(Value(PARENT))})"
     )
     body = (
-        f"BEGIN IF (SELECT count(*) FROM pg_index WHERE indrelid = {parent}) <> {indexes}"
-        f" OR (SELECT count(*) FROM pg_constraint WHERE conrelid = {parent} AND contype = 'f')"
+        f"BEGIN IF (SELECT count(*) FROM pg_catalog.pg_index WHERE indrelid = {parent}) <> {indexes}"
+        f" OR (SELECT count(*) FROM pg_catalog.pg_constraint WHERE conrelid = {parent} AND contype = 'f')"
         f" <> {keys} THEN RAISE EXCEPTION {render(Value(CHANGED_MEANWHILE))}"
         " USING ERRCODE = 'lock_not_available'; END IF; END"
     )
