@@ -248,14 +248,18 @@ CONFLICTS = {
 }
 # Granted locks first (they are the cause), then requests queued ahead of ours.
 BLOCKERS_QUERY = """
-SELECT a.pid, a.application_name, a.state, l.mode, l.granted, c.relname,
+SELECT a.pid, a.application_name, a.state, l.mode, l.granted,
+       CASE WHEN c.relnamespace = %(schema)s THEN c.relname ELSE c.oid::regclass::text END,
        extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))
 FROM pg_locks l
 JOIN pg_class c ON c.oid = l.relation
 JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.pid <> pg_backend_pid() AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND c.relnamespace = %(schema)s
-  AND (%(tables)s::text[] IS NULL OR c.relname = ANY(%(tables)s)) AND l.mode = ANY(%(modes)s)
+  AND (%(tables)s::text[] IS NULL AND c.relnamespace = %(schema)s
+       OR c.relnamespace = %(schema)s AND c.relname = ANY(%(tables)s)
+       -- a table of another schema (a foreign key's): named as regclass prints it
+       OR c.oid::regclass::text = ANY(%(tables)s))
+  AND l.mode = ANY(%(modes)s)
 ORDER BY l.granted DESC, a.xact_start
 LIMIT 1
 """

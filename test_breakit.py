@@ -467,3 +467,25 @@ def test_a_move_held_off_by_a_transaction_on_users_names_it(empty_db):
     # The switch's ATTACH takes ACCESS EXCLUSIVE on users: the error names who holds it off.
     assert run.returncode == 2
     assert f"pid {pid} " in run.stderr and "ACCESS SHARE on users" in run.stderr, run.stderr
+
+
+def test_a_move_held_off_by_a_transaction_on_a_table_of_another_schema_names_it(empty_db):
+    layout_made_months_ago(empty_db, 4)
+    fill(empty_db, month(datetime.now(UTC)), 2_000, spread=60)
+    # A DBA's key from request_logs into a table of another schema (the fixture drops it).
+    empty_db.rows("CREATE SCHEMA audit; CREATE TABLE audit.configs (id bigint PRIMARY KEY)")
+    empty_db.rows(
+        "ALTER TABLE request_logs ADD COLUMN config_ref bigint,"
+        " ADD CONSTRAINT config_dba FOREIGN KEY (config_ref) REFERENCES audit.configs (id)"
+    )
+    holder = psycopg2.connect(empty_db.url)
+    try:
+        with holder.cursor() as cursor:  # a report's transaction, idle, that read audit.configs
+            cursor.execute("SELECT count(*), pg_backend_pid() FROM audit.configs")
+            pid = cursor.fetchone()[1]
+        run = run_migrate(empty_db.url, "--lock-timeout", "1")
+    finally:
+        holder.close()
+
+    assert run.returncode == 2
+    assert f"pid {pid} " in run.stderr and "ACCESS SHARE on audit.configs" in run.stderr, run.stderr
