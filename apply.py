@@ -323,7 +323,11 @@ def state_words():
     """What a failed or interrupted run leaves behind, as far as the catalog shows it."""
     committed = "the transaction was committed; " if progress["committed"] else ""
     if progress["stage"] not in ("read", "transaction", "online") and progress["left"]:
-        return committed + progress["left"]  # a step: its own words
+        # A step: its own words; what the run committed before it is not "the transaction".
+        earlier = (
+            "what this run committed before this step stays; " if progress["committed"] else ""
+        )
+        return earlier + progress["left"]
     if progress["stage"] == "online":
         left = progress["left"] or (
             "an index build or foreign key validation cut short leaves an INVALID index or a"

@@ -489,3 +489,6 @@ def test_a_move_held_off_by_a_transaction_on_a_table_of_another_schema_names_it(
 
     assert run.returncode == 2
     assert f"pid {pid} " in run.stderr and "ACCESS SHARE on audit.configs" in run.stderr, run.stderr
+    # The prepare step committed earlier; the switch is not "the transaction".
+    assert "the transaction was committed" not in run.stderr
+    assert "what this run committed before this step stays" in run.stderr
