@@ -173,8 +173,8 @@ def index_shape(index, details):
 
 
 def lacks(snapshot, name, parent_keys):
-    """What a copy lacks of the parent's indexes and foreign keys (added after the copy was
-    made): ATTACH would build each under its ACCESS EXCLUSIVE on request_logs (159 ms at
+    """What a copy lacks of the parent's indexes, foreign keys and CHECKs (added after the
+    copy was made): ATTACH would build each under its ACCESS EXCLUSIVE on request_logs (159 ms at
     400,000 rows for one index), so such a copy is made again, LIKE the parent as it is now.
     An INVALID index of the parent counts (a DBA's CREATE INDEX ON ONLY, its partitions'
     indexes not all attached yet): ATTACH builds it on the copy all the same."""
@@ -194,6 +194,11 @@ def lacks(snapshot, name, parent_keys):
                 have.remove(index_shape(index, details))
             else:
                 missing.append(index.name)
+    # ATTACH refuses a table without each of the parent's CHECKs ("child table is missing
+    # constraint"): one added since the copy was made would fail every run's switch.
+    checks = {c.name for c in snapshot.constraints if c.table == PARENT and c.kind == "c"}
+    checks -= {c.name for c in snapshot.constraints if c.table == name and c.kind == "c"}
+    missing += sorted(checks)
     if parent_keys:  # those make_copy_table makes: a key it cannot make is no reason
         have_keys = [key for key in foreign_keys_of(snapshot, name) if key.outgoing]
         missing += [k.name for k in parent_keys if not any(same_key(k, h) for h in have_keys)]
@@ -594,10 +599,8 @@ def unchanged_since_planned(snapshot, key):
     ATTACH, under that lock. Counts, not names: catalog text never goes into SQL."""
     indexes = sum(1 for i in snapshot.indexes.values() if i.table == PARENT)
     keys = sum(1 for c in snapshot.constraints if c.table == PARENT and c.kind == "f")
-    parent = (
-        f"(SELECT oid FROM pg_catalog.pg_class WHERE relnamespace = {int(snapshot.target.oid)}"
-        f" AND relname = {render(Value(PARENT))})"
-    )
+    # Found by the run's search_path, as the DETACH before it found it.
+    parent = f"{render(Value(render(Entity(PARENT))))}::pg_catalog.regclass"
     body = (
         f"BEGIN IF (SELECT count(*) FROM pg_catalog.pg_index WHERE indrelid = {parent}) <> {indexes}"
         f" OR (SELECT count(*) FROM pg_catalog.pg_constraint WHERE conrelid = {parent} AND contype = 'f')"

@@ -142,6 +142,27 @@ def test_an_index_and_a_key_added_while_a_move_was_stopped_are_made_beside_not_u
     assert key == [(True, "request_logs_config_dba")]
 
 
+def test_a_check_added_while_a_move_was_stopped_is_on_the_copies_made_again(
+    empty_db, start_migrate
+):
+    name, _ = move_killed_once_its_copy_is_made(empty_db, start_migrate)
+    # ATTACH refuses a copy without it: every later run's switch failed.
+    empty_db.rows("ALTER TABLE request_logs ADD CONSTRAINT dba_positive CHECK (id > 0)")
+
+    again = run_migrate(empty_db.url)
+
+    assert again.returncode == 0, again.stderr
+    assert f"dropped the unfinished copy {name}" in again.stderr
+    assert layout(empty_db)[name].startswith("FOR VALUES FROM")
+    assert rows_of(empty_db, name) == 2_000 and rows_of(empty_db, default_of(empty_db)) == 0
+    assert empty_db.value(
+        "SELECT conislocal OR coninhcount > 0 FROM pg_constraint"
+        " WHERE conrelid = %s::regclass AND conname = 'dba_positive'",
+        name,
+    )
+    assert run_migrate(empty_db.url, "--check").returncode == 0
+
+
 def test_a_key_that_sets_some_columns_null_is_made_on_the_copies_not_validated_by_the_switch(
     empty_db, start_migrate
 ):
