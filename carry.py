@@ -587,7 +587,7 @@ def carried_foreign_keys(snapshot, model, twin):
             continue
         if key.name in declared:
             continue  # the swap makes the models' own
-        if not key.valid or key.match not in MATCH:
+        if not carriable(key):  # outgoing here: NOT VALID (or NOT ENFORCED), or MATCH PARTIAL
             cannot.append(
                 Cannot(
                     f"the foreign key {shown_name(key.name)} of {parent}, which is"

@@ -622,7 +622,8 @@ ADMIN_SHUTDOWN_TEXT = "terminating connection due to administrator command"
 
 def lost_connection(exc):
     """A session that died under us: the server rolled back whatever was open."""
-    reason = str(getattr(exc, "orig", exc)).strip().splitlines()
+    original = getattr(exc, "orig", exc)
+    reason = str(original).strip().splitlines()
     detail = shown(reason[0]) if reason else type(exc).__name__
     if "statement pooling" in detail or "transaction blocks not allowed" in detail:
         return (
@@ -631,7 +632,7 @@ def lost_connection(exc):
             f" session-mode pool; {state_words()}"
         )
     if (
-        getattr(getattr(exc, "orig", exc), "pgcode", None) == ADMIN_SHUTDOWN
+        getattr(original, "pgcode", None) == ADMIN_SHUTDOWN
         or ADMIN_SHUTDOWN_TEXT in detail  # a FATAL read as the socket closed carries no code
     ):
         # pg_terminate_backend and a server shutdown both end a session this way.

@@ -473,17 +473,23 @@ def test_an_index_committed_while_a_switch_attempt_waits_makes_the_run_copy_agai
     assert indexes_not_of_request_logs(empty_db, name) == []
 
 
+def move_held_off_by_a_reader_of(db, table):
+    """(pid, run): a run with a 1 s budget while a report's transaction, idle, has read
+    `table` (the switch's ATTACH takes ACCESS EXCLUSIVE on what request_logs' keys reference)."""
+    holder = psycopg2.connect(db.url)
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute(f"SELECT count(*), pg_backend_pid() FROM {table}")
+            pid = cursor.fetchone()[1]
+        return pid, run_migrate(db.url, "--lock-timeout", "1")
+    finally:
+        holder.close()
+
+
 def test_a_move_held_off_by_a_transaction_on_users_names_it(empty_db):
     layout_made_months_ago(empty_db, 4)
     fill(empty_db, month(datetime.now(UTC)), 2_000, spread=60)
-    holder = psycopg2.connect(empty_db.url)
-    try:
-        with holder.cursor() as cursor:  # a report's transaction, idle, that read users
-            cursor.execute("SELECT count(*), pg_backend_pid() FROM users")
-            pid = cursor.fetchone()[1]
-        run = run_migrate(empty_db.url, "--lock-timeout", "1")
-    finally:
-        holder.close()
+    pid, run = move_held_off_by_a_reader_of(empty_db, "users")
 
     # The switch's ATTACH takes ACCESS EXCLUSIVE on users: the error names who holds it off.
     assert run.returncode == 2
@@ -499,14 +505,7 @@ def test_a_move_held_off_by_a_transaction_on_a_table_of_another_schema_names_it(
         "ALTER TABLE request_logs ADD COLUMN config_ref bigint,"
         " ADD CONSTRAINT config_dba FOREIGN KEY (config_ref) REFERENCES audit.configs (id)"
     )
-    holder = psycopg2.connect(empty_db.url)
-    try:
-        with holder.cursor() as cursor:  # a report's transaction, idle, that read audit.configs
-            cursor.execute("SELECT count(*), pg_backend_pid() FROM audit.configs")
-            pid = cursor.fetchone()[1]
-        run = run_migrate(empty_db.url, "--lock-timeout", "1")
-    finally:
-        holder.close()
+    pid, run = move_held_off_by_a_reader_of(empty_db, "audit.configs")
 
     assert run.returncode == 2
     assert f"pid {pid} " in run.stderr and "ACCESS SHARE on audit.configs" in run.stderr, run.stderr
