@@ -168,6 +168,14 @@ WHERE t.relnamespace = %(schema)s AND t.relname = ANY (%(tables)s)
 """
 
 
+# The CHECKs ATTACH PARTITION matches by name and compares by expression.
+CHECKS_QUERY = """
+SELECT t.relname, k.conname, pg_get_expr(k.conbin, k.conrelid)
+FROM pg_constraint k JOIN pg_class t ON t.oid = k.conrelid
+WHERE k.contype = 'c' AND t.relnamespace = %(schema)s AND t.relname = ANY (%(tables)s)
+"""
+
+
 def index_shape(index, details):
     return (index.unique, index.method, index.keys, index.included, details.get(index.name))
 
@@ -194,11 +202,16 @@ def lacks(snapshot, name, parent_keys):
                 have.remove(index_shape(index, details))
             else:
                 missing.append(index.name)
-    # ATTACH refuses a table without each of the parent's CHECKs ("child table is missing
-    # constraint"): one added since the copy was made would fail every run's switch.
-    checks = {c.name for c in snapshot.constraints if c.table == PARENT and c.kind == "c"}
-    checks -= {c.name for c in snapshot.constraints if c.table == name and c.kind == "c"}
-    missing += sorted(checks)
+    # ATTACH refuses a table without each of the parent's CHECKs, by name and expression
+    # ("child table is missing constraint", "... has different definition for check
+    # constraint"): one added or replaced since the copy was made would fail every run's switch.
+    # A NOT VALID CHECK of the parent is valid on the copy (LIKE), which ATTACH accepts.
+    checks = {}
+    for table, check, expression in guarded(
+        snapshot.target, CHECKS_QUERY, {"schema": snapshot.target.oid, "tables": [PARENT, name]}
+    ):
+        checks.setdefault(table, set()).add((check, expression))
+    missing += sorted({c for c, _ in checks.get(PARENT, set()) - checks.get(name, set())})
     if parent_keys:  # those make_copy_table makes: a key it cannot make is no reason
         have_keys = [key for key in foreign_keys_of(snapshot, name) if key.outgoing]
         missing += [k.name for k in parent_keys if not any(same_key(k, h) for h in have_keys)]
@@ -586,25 +599,31 @@ def replay(snapshot, work, limit):
     )
 
 
-# Raised by the switch when request_logs gained an index or a foreign key after its plan was
-# read: the lock error's code, so that the attempt is rolled back and planned again like one
-# that waited too long (apply.with_lock_retries), and the stale copies are made again.
-CHANGED_MEANWHILE = "request_logs gained an index or a foreign key while the switch waited"
+# Raised by the switch when request_logs gained (or validated) an index or a foreign key after
+# its plan was read: the lock error's code, so that the attempt is rolled back and planned again
+# like one that waited too long (apply.with_lock_retries), and the stale copies are made again.
+CHANGED_MEANWHILE = (
+    "request_logs gained or validated an index or a foreign key while the switch waited"
+)
 
 
 def unchanged_since_planned(snapshot, key):
     """A check run right after the DETACH, which holds ACCESS EXCLUSIVE on request_logs: a
-    DBA's CREATE INDEX (or ADD FOREIGN KEY) that committed while the DETACH waited for its
-    lock, after the plan was read, would otherwise be built (or validated) on a copy by
-    ATTACH, under that lock. Counts, not names: catalog text never goes into SQL."""
+    DBA's CREATE INDEX (or ADD FOREIGN KEY, or on 18 VALIDATE CONSTRAINT of a NOT VALID key,
+    which copies do not carry) that committed while the DETACH waited for its lock, after the plan
+    was read, would otherwise be built (or validated) on a copy by ATTACH, under that lock.
+    Counts, not names: catalog text never goes into SQL."""
     indexes = sum(1 for i in snapshot.indexes.values() if i.table == PARENT)
-    keys = sum(1 for c in snapshot.constraints if c.table == PARENT and c.kind == "f")
+    keys = [c for c in snapshot.constraints if c.table == PARENT and c.kind == "f"]
+    valid = sum(1 for c in keys if c.validated)  # a NOT VALID or NOT ENFORCED key (18) is not
     # Found by the run's search_path, as the DETACH before it found it.
     parent = f"{render(Value(render(Entity(PARENT))))}::pg_catalog.regclass"
+    keys_of = f"FROM pg_catalog.pg_constraint WHERE conrelid = {parent} AND contype = 'f'"
     body = (
         f"BEGIN IF (SELECT count(*) FROM pg_catalog.pg_index WHERE indrelid = {parent}) <> {indexes}"
-        f" OR (SELECT count(*) FROM pg_catalog.pg_constraint WHERE conrelid = {parent} AND contype = 'f')"
-        f" <> {keys} THEN RAISE EXCEPTION {render(Value(CHANGED_MEANWHILE))}"
+        f" OR (SELECT count(*) {keys_of}) <> {len(keys)}"
+        f" OR (SELECT count(*) {keys_of} AND convalidated) <> {valid}"
+        f" THEN RAISE EXCEPTION {render(Value(CHANGED_MEANWHILE))}"
         " USING ERRCODE = 'lock_not_available'; END IF; END"
     )
     return Statement(

@@ -9,6 +9,7 @@ import threading
 from datetime import UTC, datetime
 
 import psycopg2
+import pytest
 
 import partition
 from conftest import poll_until, run_migrate, wait_for_lock_wait
@@ -25,12 +26,15 @@ def publication_of_all_tables(db):
     return name
 
 
-def move_killed_once_its_copy_is_made(db, start_migrate):
-    """This month's 2,000 rows in the default partition, and a run killed (kill -9) once the
-    month's copy exists beside the layout: (the month's partition name, the month)."""
+def move_killed_once_its_copy_is_made(db, start_migrate, before=None):
+    """This month's 2,000 rows in the default partition (and `before`, SQL, run), and a run
+    killed (kill -9) once the month's copy exists beside the layout: (the month's partition
+    name, the month)."""
     layout_made_months_ago(db, 4)
     this = month(datetime.now(UTC))
     fill(db, this, 2_000, spread=60)
+    if before:
+        db.rows(before)
     name = partition.month_name(this)
     run = start_migrate(db.url)
     poll_until(
@@ -161,6 +165,51 @@ def test_a_check_added_while_a_move_was_stopped_is_on_the_copies_made_again(
         name,
     )
     assert run_migrate(empty_db.url, "--check").returncode == 0
+
+
+def test_a_check_replaced_while_a_move_was_stopped_is_on_the_copies_made_again(
+    empty_db, start_migrate
+):
+    name, _ = move_killed_once_its_copy_is_made(
+        empty_db,
+        start_migrate,
+        before="ALTER TABLE request_logs ADD CONSTRAINT dba_positive CHECK (id > 0)",
+    )
+    # The same name, another expression: ATTACH refused the old copy ("different definition").
+    empty_db.rows(
+        "ALTER TABLE request_logs DROP CONSTRAINT dba_positive,"
+        " ADD CONSTRAINT dba_positive CHECK (id >= 1)"
+    )
+
+    again = run_migrate(empty_db.url)
+
+    assert again.returncode == 0, again.stderr
+    assert f"dropped the unfinished copy {name}" in again.stderr
+    assert rows_of(empty_db, name) == 2_000 and rows_of(empty_db, default_of(empty_db)) == 0
+    assert (
+        empty_db.value(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint"
+            " WHERE conrelid = %s::regclass AND conname = 'dba_positive'",
+            name,
+        )
+        == "CHECK ((id >= 1))"
+    )
+
+
+def test_a_not_valid_check_of_request_logs_leaves_a_move_s_copy_as_it_is(empty_db, start_migrate):
+    # The copy's CHECK is valid (LIKE), the parent's NOT VALID: ATTACH accepts it, so the copy
+    # is kept, not made again by every run.
+    name, _ = move_killed_once_its_copy_is_made(
+        empty_db,
+        start_migrate,
+        before="ALTER TABLE request_logs ADD CONSTRAINT dba_positive CHECK (id > 0) NOT VALID",
+    )
+
+    again = run_migrate(empty_db.url)
+
+    assert again.returncode == 0, again.stderr
+    assert "dropped the unfinished copy" not in again.stderr
+    assert rows_of(empty_db, name) == 2_000 and rows_of(empty_db, default_of(empty_db)) == 0
 
 
 def test_a_key_that_sets_some_columns_null_is_made_on_the_copies_not_validated_by_the_switch(
@@ -433,27 +482,31 @@ def test_an_index_made_while_the_switch_waits_for_its_lock_makes_the_run_copy_ag
     assert indexes_not_of_request_logs(empty_db, name) == []
 
 
-def test_an_index_committed_while_a_switch_attempt_waits_makes_the_run_copy_again(
-    empty_db, start_migrate
-):
-    layout_made_months_ago(empty_db, 4)
+def switch_attempt_meets_a_commit_of(db, start_migrate, dba_sql, before=None):
+    """A run with this month's 2,000 rows in the default whose switch waits (a reader of the
+    default), while a DBA's `dba_sql` commits inside one 50 ms attempt of it, after that attempt
+    read its plan: (the month's partition name, the run's output)."""
+    layout_made_months_ago(db, 4)
     this = month(datetime.now(UTC))
-    fill(empty_db, this, 2_000, spread=60)
+    fill(db, this, 2_000, spread=60)
+    if before:
+        db.rows(before)
     name = partition.month_name(this)
-    holder, dba = psycopg2.connect(empty_db.url), psycopg2.connect(empty_db.url)
+    holder, dba = psycopg2.connect(db.url), psycopg2.connect(db.url)
     try:
         with holder.cursor() as cursor:  # a reader of the default: the switch waits for it
-            cursor.execute(f'SELECT count(*) FROM "{default_of(empty_db)}"')
-        run = start_migrate(empty_db.url, "--lock-timeout", "60")
-        wait_for_lock_wait(empty_db, "the switch waits", run=run, query="%DETACH PARTITION%")
-        with dba.cursor() as cursor:  # holds SHARE on request_logs until its COMMIT
-            cursor.execute("CREATE INDEX request_logs_path_dba ON request_logs (path)")
+            cursor.execute(f'SELECT count(*) FROM "{default_of(db)}"')
+        run = start_migrate(db.url, "--lock-timeout", "60")
+        wait_for_lock_wait(db, "the switch waits", run=run, query="%DETACH PARTITION%")
+        with dba.cursor() as cursor:  # holds a lock on request_logs until its COMMIT
+            cursor.execute("SET lock_timeout = '30s'")  # a test that fails, not one that hangs
+            cursor.execute(dba_sql)
         holder.close()  # from here the switch waits for the DBA's transaction only
 
         def attempt_just_begun():
-            # An attempt of the switch that planned before the index existed and waits: the
-            # COMMIT lands inside its 50 ms, so the DETACH is granted right after it.
-            return empty_db.value(
+            # An attempt of the switch that planned before the change and waits: the COMMIT
+            # lands inside its 50 ms, so the DETACH is granted right after it.
+            return db.value(
                 "SELECT count(*) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
                 " AND NOT l.granted WHERE a.datname = current_database()"
                 " AND a.query LIKE '%%DETACH PARTITION%%'"
@@ -466,11 +519,46 @@ def test_an_index_committed_while_a_switch_attempt_waits_makes_the_run_copy_agai
         holder.close()
         dba.close()
     out, err = run.communicate(timeout=120)
-
     assert run.returncode == 0, err
-    assert f"dropped the unfinished copy {name}" in out + err
+    return name, out + err
+
+
+def test_an_index_committed_while_a_switch_attempt_waits_makes_the_run_copy_again(
+    empty_db, start_migrate
+):
+    name, output = switch_attempt_meets_a_commit_of(
+        empty_db, start_migrate, "CREATE INDEX request_logs_path_dba ON request_logs (path)"
+    )
+
+    assert f"dropped the unfinished copy {name}" in output
     assert rows_of(empty_db, name) == 2_000 and rows_of(empty_db, default_of(empty_db)) == 0
     assert indexes_not_of_request_logs(empty_db, name) == []
+
+
+def test_a_key_validated_while_a_switch_attempt_waits_makes_the_run_copy_again(
+    empty_db, start_migrate, pg_server
+):
+    if pg_server.major < 18:
+        pytest.skip("NOT VALID foreign keys of a partitioned table exist from PostgreSQL 18")
+    # A NOT VALID key is not carried to the copies. VALIDATE takes SHARE UPDATE EXCLUSIVE,
+    # which an attempt's ACCESS SHARE lets commit; ATTACH would then make and validate the key
+    # on the filled copy under the switch's lock.
+    name, output = switch_attempt_meets_a_commit_of(
+        empty_db,
+        start_migrate,
+        "ALTER TABLE request_logs VALIDATE CONSTRAINT request_logs_config_dba",
+        before="CREATE TABLE dba_configs (id bigint PRIMARY KEY); INSERT INTO dba_configs"
+        " VALUES (1); ALTER TABLE request_logs ADD CONSTRAINT request_logs_config_dba"
+        " FOREIGN KEY (api_config_id) REFERENCES dba_configs (id) NOT VALID",
+    )
+
+    assert f"dropped the unfinished copy {name}" in output
+    assert rows_of(empty_db, name) == 2_000 and rows_of(empty_db, default_of(empty_db)) == 0
+    assert empty_db.value(
+        "SELECT convalidated AND conparentid <> 0 FROM pg_constraint"
+        " WHERE conrelid = %s::regclass AND conname = 'request_logs_config_dba'",
+        name,
+    )
 
 
 def move_held_off_by_a_reader_of(db, table):
