@@ -83,7 +83,7 @@ from connection import (
 )
 from deploy import before_rollout
 from models import MODELS, database
-from moving import CATCH_UP_TAIL
+from moving import CATCH_UP_TAIL, CHANGED_MEANWHILE
 from partition import (
     BATCH_ROWS,
     CHECKED_AFTER_COMMIT,
@@ -181,9 +181,10 @@ def pgcode(exc):
 class Blocked(Exception):
     """A lock of `mode` on `tables` (None: any table) was not granted within LOCK_ATTEMPT."""
 
-    def __init__(self, tables, mode):
+    def __init__(self, tables, mode, changed=False):
         super().__init__(tables, mode)
         self.tables, self.mode = tables, mode
+        self.changed = changed  # not a lock: the switch found request_logs changed (moving.py)
 
 
 def with_lock_retries(attempt, budget, target):
@@ -287,6 +288,12 @@ def session_words(pid, application, state, seconds):
 
 
 def blocked_message(blocked, budget, target):
+    if blocked.changed:
+        return (
+            f"{CHANGED_MEANWHILE}, on its last attempt within the --lock-timeout of"
+            f" {budget.seconds:g} s (another session's DDL); {state_words()}: rerun, the copies"
+            " are made again beside the layout"
+        )
     tables = ", ".join(blocked.tables) if blocked.tables else "a table"
     row = database.execute_sql(
         BLOCKERS_QUERY,
@@ -820,7 +827,8 @@ def execute_statement(statement):
             # The tables it locks besides, in the same mode: the switch's ATTACH waits for a
             # reader of users as much as for one of the copy.
             others = (t for t, mode in statement.hazard.others if mode == statement.hazard.lock)
-            raise Blocked((*statement.tables, *others), statement.hazard.lock) from None
+            changed = getattr(exc, "orig", exc).diag.message_primary == CHANGED_MEANWHILE
+            raise Blocked((*statement.tables, *others), statement.hazard.lock, changed) from None
         raise
 
 

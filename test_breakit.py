@@ -482,6 +482,22 @@ def test_an_index_made_while_the_switch_waits_for_its_lock_makes_the_run_copy_ag
     assert indexes_not_of_request_logs(empty_db, name) == []
 
 
+def commit_inside_a_switch_attempt(db, dba):
+    """`dba`'s COMMIT once an attempt of the switch, planned before it, waits for its lock:
+    the COMMIT lands inside the attempt's 50 ms, so the DETACH is granted right after it."""
+
+    def attempt_just_begun():
+        return db.value(
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
+            " AND NOT l.granted WHERE a.datname = current_database()"
+            " AND a.query LIKE '%%DETACH PARTITION%%'"
+            " AND clock_timestamp() - a.query_start < interval '15 ms'"
+        )
+
+    poll_until("an attempt of the switch begins to wait", attempt_just_begun, every=0.001)
+    dba.commit()
+
+
 def switch_attempt_meets_a_commit_of(db, start_migrate, dba_sql, before=None):
     """A run with this month's 2,000 rows in the default whose switch waits (a reader of the
     default), while a DBA's `dba_sql` commits inside one 50 ms attempt of it, after that attempt
@@ -502,19 +518,7 @@ def switch_attempt_meets_a_commit_of(db, start_migrate, dba_sql, before=None):
             cursor.execute("SET lock_timeout = '30s'")  # a test that fails, not one that hangs
             cursor.execute(dba_sql)
         holder.close()  # from here the switch waits for the DBA's transaction only
-
-        def attempt_just_begun():
-            # An attempt of the switch that planned before the change and waits: the COMMIT
-            # lands inside its 50 ms, so the DETACH is granted right after it.
-            return db.value(
-                "SELECT count(*) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
-                " AND NOT l.granted WHERE a.datname = current_database()"
-                " AND a.query LIKE '%%DETACH PARTITION%%'"
-                " AND clock_timestamp() - a.query_start < interval '15 ms'"
-            )
-
-        poll_until("an attempt of the switch begins to wait", attempt_just_begun, every=0.001)
-        dba.commit()
+        commit_inside_a_switch_attempt(db, dba)
     finally:
         holder.close()
         dba.close()
@@ -533,6 +537,35 @@ def test_an_index_committed_while_a_switch_attempt_waits_makes_the_run_copy_agai
     assert f"dropped the unfinished copy {name}" in output
     assert rows_of(empty_db, name) == 2_000 and rows_of(empty_db, default_of(empty_db)) == 0
     assert indexes_not_of_request_logs(empty_db, name) == []
+
+
+def test_a_switch_whose_last_attempt_meets_a_new_index_says_so_and_the_next_run_finishes(
+    empty_db, start_migrate
+):
+    layout_made_months_ago(empty_db, 4)
+    this = month(datetime.now(UTC))
+    fill(empty_db, this, 2_000, spread=60)
+    name = partition.month_name(this)
+    dba = psycopg2.connect(empty_db.url)
+    try:
+        with dba.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '30s'")
+            # ON ONLY: SHARE on request_logs alone, which only the switch's DETACH waits for.
+            cursor.execute("CREATE INDEX request_logs_path_dba ON ONLY request_logs (path)")
+        run = start_migrate(empty_db.url, "--lock-timeout", "0.01")  # one attempt
+        commit_inside_a_switch_attempt(empty_db, dba)
+    finally:
+        dba.close()
+    _, err = run.communicate(timeout=120)
+
+    # Not "stayed locked": the lock was granted, and the check after it failed.
+    assert run.returncode == 2, err
+    assert "a foreign key while the switch waited, on its last attempt within" in err, err
+    assert "Traceback" not in err
+    again = run_migrate(empty_db.url)
+    assert again.returncode == 0, again.stderr
+    assert f"dropped the unfinished copy {name}" in again.stderr
+    assert rows_of(empty_db, name) == 2_000 and rows_of(empty_db, default_of(empty_db)) == 0
 
 
 def test_a_key_validated_while_a_switch_attempt_waits_makes_the_run_copy_again(
