@@ -277,7 +277,7 @@ def parse_args(argv):
     ):
         parser.error(
             "--retain-request-logs goes alone (with upkeep), with --post-deploy or with --dry-run"
-            " (--check ignores retention)"
+            "; --check reports no retention: run --dry-run with it to see what it would remove"
         )
     if args.archive is not None and args.retain_request_logs is None:
         parser.error("--archive goes with --retain-request-logs")

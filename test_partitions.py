@@ -611,7 +611,7 @@ def test_a_concurrent_detach_stopped_part_way_is_named_and_finished_by_the_next_
 def test_check_ignores_retention_and_refuses_the_flag(migrated_db):
     result = run_migrate(migrated_db.url, "--check", "--retain-request-logs", "30")
     assert result.returncode == migrate.EXIT_ERROR
-    assert "--check ignores retention" in result.stderr
+    assert "--check reports no retention: run --dry-run with it" in result.stderr
 
 
 # --- The Go backend --------------------------------------------------------------------------
