@@ -120,6 +120,9 @@ REJECTIONS = {
     "P0001": "an event trigger or function raised an error",
     "0A000": "the server does not support it",
     "2BP01": "objects depend on it",
+    # A move's copy enforces each CHECK of request_logs, a NOT VALID one too (LIKE makes it
+    # valid): a row of the default partition that breaks it stops every copy until it is fixed.
+    "23514": "a row breaks a CHECK constraint (fix the row, or drop or VALIDATE the constraint)",
 }
 # A watched statement: the probe looks every PROBE_EVERY seconds and gives the
 # server PROBE_LIMIT seconds to answer it.
@@ -291,8 +294,7 @@ def blocked_message(blocked, budget, target):
     if blocked.changed:
         return (
             f"{CHANGED_MEANWHILE}, on its last attempt within the --lock-timeout of"
-            f" {budget.seconds:g} s (another session's DDL); {state_words()}: rerun, the copies"
-            " are made again beside the layout"
+            f" {budget.seconds:g} s; {state_words()}; the next run makes the copies again"
         )
     tables = ", ".join(blocked.tables) if blocked.tables else "a table"
     row = database.execute_sql(

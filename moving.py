@@ -212,6 +212,10 @@ def lacks(snapshot, name, parent_keys):
     ):
         checks.setdefault(table, set()).add((check, expression))
     missing += sorted({c for c, _ in checks.get(PARENT, set()) - checks.get(name, set())})
+    # One the parent no longer has (dropped while the move was stopped) would refuse rows it
+    # takes, in the copy and, once attached, in the month.
+    extra = checks.get(name, set()) - checks.get(PARENT, set())
+    missing += sorted({c for c, _ in extra if c != check_name(name)})
     if parent_keys:  # those make_copy_table makes: a key it cannot make is no reason
         have_keys = [key for key in foreign_keys_of(snapshot, name) if key.outgoing]
         missing += [k.name for k in parent_keys if not any(same_key(k, h) for h in have_keys)]
@@ -614,11 +618,18 @@ def unchanged_since_planned(snapshot, key):
     was read, would otherwise be built (or validated) on a copy by ATTACH, under that lock.
     Counts, not names: catalog text never goes into SQL."""
     indexes = sum(1 for i in snapshot.indexes.values() if i.table == PARENT)
-    keys = [c for c in snapshot.constraints if c.table == PARENT and c.kind == "f"]
+    # Its own keys: a key referencing request_logs itself has a row per partition it
+    # references besides (conparentid), one of them the default's, gone with the DETACH.
+    keys = [
+        c for c in snapshot.constraints if c.table == PARENT and c.kind == "f" and not c.inherited
+    ]
     valid = sum(1 for c in keys if c.validated)  # a NOT VALID or NOT ENFORCED key (18) is not
     # Found by the run's search_path, as the DETACH before it found it.
     parent = f"{render(Value(render(Entity(PARENT))))}::pg_catalog.regclass"
-    keys_of = f"FROM pg_catalog.pg_constraint WHERE conrelid = {parent} AND contype = 'f'"
+    keys_of = (
+        f"FROM pg_catalog.pg_constraint WHERE conrelid = {parent} AND contype = 'f'"
+        " AND conparentid = 0"
+    )
     body = (
         f"BEGIN IF (SELECT count(*) FROM pg_catalog.pg_index WHERE indrelid = {parent}) <> {indexes}"
         f" OR (SELECT count(*) {keys_of}) <> {len(keys)}"

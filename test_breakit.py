@@ -196,6 +196,56 @@ def test_a_check_replaced_while_a_move_was_stopped_is_on_the_copies_made_again(
     )
 
 
+def test_a_check_dropped_while_a_move_was_stopped_is_not_on_the_copies_made_again(
+    empty_db, start_migrate
+):
+    name, _ = move_killed_once_its_copy_is_made(
+        empty_db,
+        start_migrate,
+        before="ALTER TABLE request_logs ADD CONSTRAINT small_status CHECK (status_code < 600)",
+    )
+    # A row the parent now takes and the old copy's CHECK refuses.
+    empty_db.rows("ALTER TABLE request_logs DROP CONSTRAINT small_status")
+    empty_db.rows(
+        "UPDATE request_logs SET status_code = 700 WHERE id = (SELECT max(id) FROM request_logs)"
+    )
+
+    again = run_migrate(empty_db.url)
+
+    assert again.returncode == 0, again.stderr
+    assert f"dropped the unfinished copy {name}" in again.stderr
+    assert rows_of(empty_db, name) == 2_000 and rows_of(empty_db, default_of(empty_db)) == 0
+    assert not empty_db.value(
+        "SELECT count(*) FROM pg_constraint WHERE conrelid = %s::regclass"
+        " AND conname = 'small_status'",
+        name,
+    )
+
+
+def test_a_row_breaking_a_not_valid_check_stops_a_move_saying_so_until_it_is_fixed(empty_db):
+    layout_made_months_ago(empty_db, 4)
+    this = month(datetime.now(UTC))
+    fill(empty_db, this, 2_000, spread=60)
+    empty_db.rows(
+        "UPDATE request_logs SET response_time = -1 WHERE id = (SELECT min(id) FROM request_logs)"
+    )
+    # NOT VALID: the old row stays; the copy, made LIKE request_logs, enforces it on every row.
+    empty_db.rows(
+        "ALTER TABLE request_logs ADD CONSTRAINT dba_time CHECK (response_time >= 0) NOT VALID"
+    )
+
+    stopped = run_migrate(empty_db.url)
+    empty_db.rows("UPDATE request_logs SET response_time = 0 WHERE response_time < 0")
+    again = run_migrate(empty_db.url)
+
+    assert stopped.returncode == 2
+    assert "rejected: a row breaks a CHECK constraint (fix the row" in stopped.stderr
+    assert '"dba_time"' in stopped.stderr and "Traceback" not in stopped.stderr
+    assert again.returncode == 0, again.stderr
+    name = partition.month_name(this)
+    assert rows_of(empty_db, name) == 2_000 and rows_of(empty_db, default_of(empty_db)) == 0
+
+
 def test_a_not_valid_check_of_request_logs_leaves_a_move_s_copy_as_it_is(empty_db, start_migrate):
     # The copy's CHECK is valid (LIKE), the parent's NOT VALID: ATTACH accepts it, so the copy
     # is kept, not made again by every run.
