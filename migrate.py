@@ -60,6 +60,7 @@ from apply import (
     in_lock_order,
     migrate,
     ongoing,
+    pgcode,
     plan_with_retries,
     planned,
     progress,
@@ -632,7 +633,7 @@ def lost_connection(exc):
             f" session-mode pool; {state_words()}"
         )
     if (
-        getattr(original, "pgcode", None) == ADMIN_SHUTDOWN
+        pgcode(exc) == ADMIN_SHUTDOWN
         or ADMIN_SHUTDOWN_TEXT in detail  # a FATAL read as the socket closed carries no code
     ):
         # pg_terminate_backend and a server shutdown both end a session this way.
@@ -650,7 +651,7 @@ def lost_connection(exc):
 def database_failure(exc):
     """One line for a database error outside the stages' own messages."""
     original = getattr(exc, "orig", exc)
-    code = getattr(original, "pgcode", None)
+    code = pgcode(exc)
     text = str(original).strip()
     detail = shown(text.splitlines()[0]) if text else type(exc).__name__
     if code == "42501":
